@@ -1,0 +1,17 @@
+// Every pyrebasin op's schema, in one place. Kernels register per device in csrc/cpu and csrc/cuda.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare module so that `import pyrebasin._C` loads this library and runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pyrebasin, m) {
+  // Gathers every tensor along all of its permuted axes in one pass: indices[k] is applied to
+  // tensors[owners[k]] along axis axes[k] (out = in.index_select(axis, index) for every such pair).
+  m.def("permute_multi(Tensor[] tensors, Tensor[] indices, int[] owners, int[] axes) -> Tensor[]");
+}

@@ -1,0 +1,273 @@
+"""PermutationSpec: which axes of which parameters each permutation group acts on (plain data),
+with validation against a state dict, and apply / random / invert / compose of permutations.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+
+__all__ = [
+    "Blocked",
+    "PermutationSpec",
+    "apply_permutation",
+    "random_permutation",
+    "identity_permutation",
+    "invert_permutation",
+    "compose_permutations",
+    "check_permutations",
+    "axis_index",
+]
+
+Perms = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """An axis that is the row-major flattening of `shape`; `perms[i]` permutes factor i (None: not).
+
+    conv -> flatten -> linear: the linear input axis is Blocked((C, H*W), ("P_conv", None));
+    attention heads: q_proj's output axis is Blocked((heads, head_dim), ("P_heads", "P_qk")).
+    """
+
+    shape: tuple[int, ...]
+    perms: tuple[str | None, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "perms", tuple(self.perms))
+        if len(self.shape) != len(self.perms):
+            raise ValueError(f"Blocked: shape {self.shape} and perms {self.perms} differ in length")
+        named = [p for p in self.perms if p is not None]
+        if len(set(named)) != len(named):
+            raise ValueError(f"Blocked: a perm appears twice in {self.perms}")
+
+
+AxisEntry = str | Blocked | None
+
+
+def _entry_perms(entry: AxisEntry) -> list[tuple[str, int]]:
+    """(perm name, factor) pairs of one axis entry."""
+    if entry is None:
+        return []
+    if isinstance(entry, str):
+        return [(entry, 0)]
+    return [(p, f) for f, p in enumerate(entry.perms) if p is not None]
+
+
+@dataclass
+class PermutationSpec:
+    """Permutation symmetries of a model, as plain data.
+
+    `axes_to_perm[param]` has one entry per axis of that parameter (or buffer): a perm name, a
+    `Blocked` factorisation, or None. A key whose entries are all None is declared *fixed*; every
+    key of the state dict must appear, so nothing is left out by accident. `fixed_reasons` may say
+    why a key is fixed (shown in reports).
+    """
+
+    axes_to_perm: dict[str, tuple[AxisEntry, ...]]
+    fixed_reasons: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.axes_to_perm = {k: tuple(v) for k, v in self.axes_to_perm.items()}
+        for key, entries in self.axes_to_perm.items():
+            for entry in entries:
+                if entry is not None and not isinstance(entry, (str, Blocked)):
+                    raise TypeError(f"spec entry for {key!r}: expected str, Blocked or None, got {entry!r}")
+
+    @property
+    def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
+        """perm name -> [(param name, axis)] (the inverse map), in spec order."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for key, entries in self.axes_to_perm.items():
+            for axis, entry in enumerate(entries):
+                for perm, _ in _entry_perms(entry):
+                    out.setdefault(perm, []).append((key, axis))
+        return out
+
+    @property
+    def perm_names(self) -> list[str]:
+        return list(self.perm_to_axes)
+
+    @property
+    def fixed(self) -> list[str]:
+        """Keys that no permutation touches."""
+        return [k for k, e in self.axes_to_perm.items() if all(x is None for x in e)]
+
+    def factor(self, param: str, axis: int, perm: str) -> int:
+        """Which factor of (param, axis) the perm acts on (0 unless the axis is Blocked)."""
+        for p, f in _entry_perms(self.axes_to_perm[param][axis]):
+            if p == perm:
+                return f
+        raise KeyError(f"perm {perm!r} does not act on {param!r} axis {axis}")
+
+    def unit_matrix(self, tensor: torch.Tensor, param: str, axis: int, perm: str) -> torch.Tensor:
+        """View `tensor` (the value of `param`) as [units of `perm`, everything else] (a reshape +
+        movedim; copies only if needed). Row i holds every entry that unit i owns on that axis."""
+        entry = self.axes_to_perm[param][axis]
+        if isinstance(entry, Blocked):
+            f = self.factor(param, axis, perm)
+            shape = tensor.shape[:axis] + entry.shape + tensor.shape[axis + 1:]
+            return tensor.reshape(shape).movedim(axis + f, 0).reshape(entry.shape[f], -1)
+        return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+
+    def perm_sizes(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Validate the spec against a state dict and return each perm's number of units.
+
+        Raises ValueError naming the key, axis and sizes on: a spec key missing from the state dict,
+        a state dict key the spec does not declare, a rank mismatch, a Blocked shape that does not
+        multiply to the axis size, or two axes of one perm that disagree in size.
+        """
+        missing = [k for k in self.axes_to_perm if k not in state_dict]
+        if missing:
+            raise ValueError(f"spec names keys absent from the state dict: {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}")
+        undeclared = [k for k in state_dict if k not in self.axes_to_perm]
+        if undeclared:
+            raise ValueError(
+                f"state dict keys not declared in the spec (declare them, with None axes if fixed): "
+                f"{undeclared[:8]}{' ...' if len(undeclared) > 8 else ''}")
+        sizes: dict[str, tuple[int, str, int]] = {}
+        for key, entries in self.axes_to_perm.items():
+            shape = tuple(state_dict[key].shape)
+            if len(entries) != len(shape):
+                raise ValueError(f"spec gives {len(entries)} axes for {key!r} but its shape is {list(shape)}")
+            for axis, entry in enumerate(entries):
+                if isinstance(entry, Blocked) and math.prod(entry.shape) != shape[axis]:
+                    raise ValueError(f"{key!r} axis {axis} has size {shape[axis]} but its Blocked shape "
+                                     f"{entry.shape} multiplies to {math.prod(entry.shape)}")
+                for perm, f in _entry_perms(entry):
+                    n = entry.shape[f] if isinstance(entry, Blocked) else shape[axis]
+                    if perm in sizes and sizes[perm][0] != n:
+                        n0, k0, a0 = sizes[perm]
+                        raise ValueError(f"perm {perm!r}: {key!r} axis {axis} has {n} units but "
+                                         f"{k0!r} axis {a0} has {n0}")
+                    sizes.setdefault(perm, (n, key, axis))
+        return {p: n for p, (n, _, _) in sizes.items()}
+
+    # --- serialisation (plain JSON) ---
+    def to_dict(self) -> dict:
+        def enc(e):
+            return {"shape": list(e.shape), "perms": list(e.perms)} if isinstance(e, Blocked) else e
+        return {"axes_to_perm": {k: [enc(e) for e in v] for k, v in self.axes_to_perm.items()},
+                "fixed_reasons": dict(self.fixed_reasons)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "PermutationSpec":
+        def dec(e):
+            return Blocked(tuple(e["shape"]), tuple(e["perms"])) if isinstance(e, dict) else e
+        return cls({k: tuple(dec(e) for e in v) for k, v in d["axes_to_perm"].items()},
+                   dict(d.get("fixed_reasons", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PermutationSpec":
+        return cls.from_dict(json.loads(text))
+
+    def __repr__(self) -> str:
+        return (f"PermutationSpec({len(self.perm_to_axes)} perms over {len(self.axes_to_perm)} keys, "
+                f"{len(self.fixed)} fixed)")
+
+
+def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
+                       sizes: Mapping[str, int]) -> None:
+    """Every perm of the spec present, 1-D integer, of its group's size, and a true permutation."""
+    missing = [p for p in sizes if p not in perms]
+    if missing:
+        raise ValueError(f"permutations missing for perm groups {missing}")
+    extra = [p for p in perms if p not in sizes]
+    if extra:
+        raise ValueError(f"permutations given for names the spec does not have: {extra}")
+    for name, n in sizes.items():
+        p = perms[name]
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"perm {name!r} must be a 1-D int64 tensor, got "
+                             f"{getattr(p, 'dtype', type(p))} of shape {list(getattr(p, 'shape', []))}")
+        if p.numel() != n:
+            raise ValueError(f"perm {name!r} has {p.numel()} entries but its group has {n} units")
+        seen = torch.zeros(n, dtype=torch.bool, device=p.device)
+        if n and (int(p.min()) < 0 or int(p.max()) >= n):
+            raise ValueError(f"perm {name!r} has values outside [0, {n})")
+        seen[p.long()] = True
+        if not bool(seen.all()):
+            dup = torch.bincount(p.long().cpu(), minlength=n).gt(1).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"perm {name!r} is not a permutation: duplicated indices {dup}")
+
+
+def axis_index(entry: AxisEntry, perms: Mapping[str, torch.Tensor], size: int,
+               device: torch.device | None = None) -> torch.Tensor | None:
+    """The flat gather index of one axis (None when nothing permutes it)."""
+    if entry is None:
+        return None
+    if isinstance(entry, str):
+        return perms[entry].to(device=device, dtype=torch.long)
+    if all(p is None for p in entry.perms):
+        return None
+    idx = torch.arange(size, device=device).reshape(entry.shape)
+    for f, p in enumerate(entry.perms):
+        if p is not None:
+            idx = idx.index_select(f, perms[p].to(device=device, dtype=torch.long))
+    return idx.reshape(-1)
+
+
+def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
+                      state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state dict with every permuted axis gathered: `new = old.index_select(axis, perm)`.
+
+    The input is untouched; all tensors go through one fused `permute_multi` call per device.
+    Fixed tensors are copied so the result never aliases the input.
+    """
+    sizes = spec.perm_sizes(state_dict)
+    check_permutations(spec, perms, sizes)
+    keys = list(state_dict)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_device.setdefault(state_dict[k].device, []).append(i)
+    out: dict[str, torch.Tensor] = {}
+    for device, members in by_device.items():
+        tensors, indices, owners, axes = [], [], [], []
+        for j, i in enumerate(members):
+            key = keys[i]
+            t = state_dict[key]
+            tensors.append(t.resolve_conj().resolve_neg())
+            for axis, entry in enumerate(spec.axes_to_perm[key]):
+                idx = axis_index(entry, perms, t.shape[axis], device)
+                if idx is not None:
+                    indices.append(idx)
+                    owners.append(j)
+                    axes.append(axis)
+        results = ops.permute_multi(tensors, indices, owners, axes)
+        for i, r in zip(members, results):
+            out[keys[i]] = r
+    return {k: out[k] for k in keys}
+
+
+def identity_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> Perms:
+    return {p: torch.arange(n) for p, n in spec.perm_sizes(state_dict).items()}
+
+
+def random_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
+                       generator: torch.Generator | int | None = None) -> Perms:
+    """A uniformly random permutation of every perm group (seeded by a Generator or an int)."""
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    return {p: torch.randperm(n, generator=generator) for p, n in spec.perm_sizes(state_dict).items()}
+
+
+def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Perms:
+    """π⁻¹ for every group: applying perms then their inverse is the identity."""
+    return {k: torch.argsort(p) for k, p in perms.items()}
+
+
+def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> Perms:
+    """The single permutation equal to applying `first`, then `second` (= first[second])."""
+    if set(first) != set(second):
+        raise ValueError(f"cannot compose perms over different groups: {sorted(set(first) ^ set(second))}")
+    return {k: first[k][second[k]] for k in first}

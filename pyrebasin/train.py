@@ -1,0 +1,100 @@
+"""A small deterministic trainer for the zoo models (seed -> identical weights), with a cache of
+trained checkpoints so tests and the demo train each configuration once per machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import zoo
+
+__all__ = ["TrainConfig", "train_", "train_zoo", "evaluate"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"          # "adam" (AdamW) or "sgd" (momentum 0.9)
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+
+def train_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig = TrainConfig(),
+          *, progress: bool = True) -> nn.Module:
+    """Train `model` in place (one-cycle LR schedule, seeded batch order); returns it in eval mode."""
+    g = torch.Generator().manual_seed(config.seed)
+    if config.optimizer == "adam":
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"TrainConfig.optimizer={config.optimizer!r}; expected 'adam' or 'sgd'")
+    steps_per_epoch = max(1, len(y) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    model.train()
+    for _ in tqdm(range(config.epochs), desc=f"train seed={config.seed}", disable=not progress, leave=False):
+        order = torch.randperm(len(y), generator=g)
+        for s in range(steps_per_epoch):
+            idx = order[s * config.batch_size:(s + 1) * config.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of a model in eval mode."""
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += nn.functional.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
+        correct += (out.argmax(-1) == y[i:i + batch_size]).sum().item()
+    model.train(was)
+    return loss / len(y), correct / len(y)
+
+
+def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: TrainConfig | None = None,
+              cache: bool = True, progress: bool = True, **arch_kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Build zoo model `arch` with `torch.manual_seed(seed)`, train it on `dataset` (cached on disk),
+    and return (model in eval mode, its state dict). Same arguments -> identical weights."""
+    config = config or TrainConfig(seed=seed)
+    config = TrainConfig(**{**asdict(config), "seed": seed})
+    key = json.dumps({"arch": arch, "dataset": dataset, "kw": arch_kwargs, "cfg": asdict(config),
+                      "torch": torch.__version__.split("+")[0], "v": 1}, sort_keys=True)
+    path = data_mod.cache_dir() / "models" / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+    torch.manual_seed(seed)
+    model = zoo.build(arch, **arch_kwargs)
+    if cache and path.exists():
+        try:
+            model.load_state_dict(load_file(path))
+            model.eval()
+            return model, {k: v.clone() for k, v in model.state_dict().items()}
+        except Exception:
+            path.unlink(missing_ok=True)
+    x, y, _, _ = data_mod.load(dataset)
+    with torch.random.fork_rng():
+        train_(model, x, y, config, progress=progress)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(state, str(tmp), metadata={"config": key})
+        os.replace(tmp, path)
+    return model, state

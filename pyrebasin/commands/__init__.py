@@ -1,0 +1,1 @@
+"""Subcommands of the `pyrebasin` CLI, one module each (see pyrebasin/cli.py)."""

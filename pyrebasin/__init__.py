@@ -1,5 +1,16 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
 from . import data, ops, reference, train, zoo
+from . import rng
+from .combine import (
+    CoefficientLayout,
+    Coefficients,
+    CombinationResult,
+    Distribution,
+    coefficient_layout,
+    combine_states,
+    evaluate_combinations,
+    sample_coefficients,
+)
 from ._backend import backend, native_available, use_backend
 from .spec import (
     Blocked,
@@ -15,6 +26,15 @@ from .spec import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoefficientLayout",
+    "Coefficients",
+    "CombinationResult",
+    "Distribution",
+    "coefficient_layout",
+    "combine_states",
+    "evaluate_combinations",
+    "rng",
+    "sample_coefficients",
     "Blocked",
     "PermutationSpec",
     "apply_permutation",

@@ -1,5 +1,5 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data, ops, reference, train, zoo
+from . import data, ops, reference, shards, train, zoo
 from ._backend import backend, native_available, use_backend
 from .spec import (
     Blocked,
@@ -28,6 +28,7 @@ __all__ = [
     "ops",
     "random_permutation",
     "reference",
+    "shards",
     "train",
     "use_backend",
     "zoo",

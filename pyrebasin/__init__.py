@@ -1,6 +1,7 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data, ops, reference, train, zoo
+from . import data, matching, ops, reference, train, zoo
 from ._backend import backend, native_available, use_backend
+from .matching import MatchResult, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blocked",
+    "MatchResult",
     "PermutationSpec",
     "apply_permutation",
     "backend",
@@ -24,11 +26,13 @@ __all__ = [
     "data",
     "identity_permutation",
     "invert_permutation",
+    "matching",
     "native_available",
     "ops",
     "random_permutation",
     "reference",
     "train",
     "use_backend",
+    "weight_matching",
     "zoo",
 ]

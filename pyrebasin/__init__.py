@@ -1,6 +1,13 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data, ops, reference, shards, train, zoo
+from . import data  # noqa: I001  (one import per line keeps merges clean)
+from . import matching
+from . import ops
+from . import reference
+from . import shards
+from . import train
+from . import zoo
 from ._backend import backend, native_available, use_backend
+from .matching import MatchResult, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -16,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blocked",
+    "MatchResult",
     "PermutationSpec",
     "apply_permutation",
     "backend",
@@ -24,6 +32,7 @@ __all__ = [
     "data",
     "identity_permutation",
     "invert_permutation",
+    "matching",
     "native_available",
     "ops",
     "random_permutation",
@@ -31,5 +40,6 @@ __all__ = [
     "shards",
     "train",
     "use_backend",
+    "weight_matching",
     "zoo",
 ]

@@ -1,5 +1,6 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
 from . import data  # noqa: I001  (one import per line keeps merges clean)
+from . import distributed
 from . import matching
 from . import ops
 from . import reference
@@ -30,6 +31,7 @@ __all__ = [
     "check_permutations",
     "compose_permutations",
     "data",
+    "distributed",
     "identity_permutation",
     "invert_permutation",
     "matching",

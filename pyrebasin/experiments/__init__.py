@@ -1,0 +1,1 @@
+"""The studies, as functions returning dataclasses (with table/JSON/PNG helpers)."""

@@ -14,23 +14,29 @@ from .. import combine as cmb
 from ..spec import PermutationSpec, apply_permutation
 
 __all__ = ["CombinabilityStudy", "combinability", "plot_combinability", "combinability_section", "linear_curve",
-           "barrier_of", "mnist1d_mlps", "align", "DEFAULT_DISTRIBUTIONS"]
+           "barrier_of", "mnist1d_mlps", "zoo_models", "align", "DEFAULT_DISTRIBUTIONS"]
 
 DEFAULT_DISTRIBUTIONS = ("uniform", "uniform(-0.25, 1.25)", "bernoulli(0.5)", "beta(0.5, 0.5)",
                          "gaussian(0.5, 0.15, clip)")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def mnist1d_mlps(n_models: int = 2, *, width: int = 128, depth: int = 3, epochs: int = 10, progress: bool = False):
-    """(model, spec, [state per seed 0..n-1], (x_test, y_test)): MLPs trained on mnist1d (cached)."""
+def zoo_models(arch: str = "mlp", n_models: int = 2, *, dataset: str = "mnist1d", epochs: int = 10,
+               progress: bool = False, **arch_kwargs):
+    """(model, spec, [state per seed 0..n-1], (x_test, y_test)): zoo models trained on `dataset` (cached)."""
     from .. import data, train
     cfg = train.TrainConfig(epochs=epochs)
     states, model = [], None
     for seed in range(n_models):
-        model, st = train.train_zoo("mlp", seed=seed, config=cfg, width=width, depth=depth, progress=progress)
+        model, st = train.train_zoo(arch, dataset=dataset, seed=seed, config=cfg, progress=progress, **arch_kwargs)
         states.append(st)
-    _, _, x, y = data.mnist1d()
+    _, _, x, y = data.load(dataset)
     return model, model.permutation_spec(), states, (x, y)
+
+
+def mnist1d_mlps(n_models: int = 2, *, width: int = 128, depth: int = 3, epochs: int = 10, progress: bool = False):
+    """`zoo_models` for MLPs on mnist1d (the configuration the tests and the CLI default use)."""
+    return zoo_models("mlp", n_models, epochs=epochs, progress=progress, width=width, depth=depth)
 
 
 def align(spec: PermutationSpec, state_a, state_b, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -134,7 +140,8 @@ def plot_combinability(study: CombinabilityStudy, path: str | Path, metric: str 
         ax.axhline(study.endpoints[f"mean_{metric}"], ls="--", c="k", lw=0.8)
         ax.set_xticks(range(len(grans)), grans, rotation=30)
         ax.set_title(dist, fontsize=9)
-    axes[0][0].set_ylabel(f"{metric} (grey: naive, blue: aligned; dashed: endpoints' mean)")
+    axes[0][0].set_ylabel(metric)
+    fig.suptitle("grey: naive · blue: aligned · dashed: endpoints' mean", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,12 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data, matching, ops, reference, train, zoo
+from . import data  # noqa: I001  (one import per line keeps merges clean)
+from . import distributed
+from . import matching
+from . import ops
+from . import reference
+from . import shards
+from . import train
+from . import zoo
 from ._backend import backend, native_available, use_backend
 from .matching import MatchResult, weight_matching
 from .spec import (
@@ -24,6 +31,7 @@ __all__ = [
     "check_permutations",
     "compose_permutations",
     "data",
+    "distributed",
     "identity_permutation",
     "invert_permutation",
     "matching",
@@ -31,6 +39,7 @@ __all__ = [
     "ops",
     "random_permutation",
     "reference",
+    "shards",
     "train",
     "use_backend",
     "weight_matching",

@@ -8,7 +8,7 @@ from . import shards
 from . import train
 from . import zoo
 from ._backend import backend, native_available, use_backend
-from .matching import MatchResult, weight_matching
+from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -26,6 +26,7 @@ __all__ = [
     "Blocked",
     "MatchResult",
     "PermutationSpec",
+    "activation_matching",
     "apply_permutation",
     "backend",
     "check_permutations",

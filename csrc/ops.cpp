@@ -19,4 +19,8 @@ TORCH_LIBRARY(pyrebasin, m) {
   // drawn in-kernel from (seed, sample_begin + k, index) by Philox-4x32-10 (see philox.h).
   m.def("combine_batched(Tensor[] a, Tensor[] b, int[] coef_base, int[] coef_div, int[] coef_mod, "
         "str distribution, float[] params, int seed, int sample_begin, int num_samples) -> Tensor[]");
+  // Streaming moments of two activation streams (features along channel_dim, every other position
+  // a sample; y=None: x with itself), added into float64 accumulators: count, Σx, Σy, Σx², Σy², Σxyᵀ.
+  m.def("corr_accumulate(Tensor x, Tensor? y, int channel_dim, Tensor(a!) count, Tensor(b!) sum_x, "
+        "Tensor(c!) sum_y, Tensor(d!) sum_xx, Tensor(e!) sum_yy, Tensor(f!) sum_xy) -> ()");
 }

@@ -19,7 +19,7 @@ from .combine import (
     sample_coefficients,
 )
 from ._backend import backend, native_available, use_backend
-from .matching import MatchResult, weight_matching
+from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -46,6 +46,7 @@ __all__ = [
     "Blocked",
     "MatchResult",
     "PermutationSpec",
+    "activation_matching",
     "apply_permutation",
     "backend",
     "check_permutations",

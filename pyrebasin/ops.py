@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._backend import native_available, use_native
 
-__all__ = ["permute_multi", "combine_batched"]
+__all__ = ["permute_multi", "corr_accumulate", "combine_batched"]
 
 
 def permute_multi(
@@ -58,6 +58,25 @@ def combine_batched(
             int(sample_begin), int(num_samples))
     return reference.combine_batched(a, b, coef_base, coef_div, coef_mod, distribution, params, seed,
                                      sample_begin, num_samples)
+def corr_accumulate(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    channel_dim: int,
+    count: torch.Tensor,
+    sum_x: torch.Tensor,
+    sum_y: torch.Tensor,
+    sum_xx: torch.Tensor,
+    sum_yy: torch.Tensor,
+    sum_xy: torch.Tensor,
+) -> None:
+    """Add one batch to float64 moment accumulators (in place): count += samples, Σx, Σy, Σx², Σy²
+    and Σxyᵀ [C_x, C_y]. Features lie along `channel_dim` of x and y (which agree on every other
+    dim); every other position (batch, conv position, token) is a sample. y=None: x with itself.
+    Conv maps are read in place (no NHWC copy); Σxyᵀ is one float64 BLAS GEMM per chunk."""
+    if use_native("corr_accumulate", x.device):
+        torch.ops.pyrebasin.corr_accumulate(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy)
+        return
+    reference.corr_accumulate(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy)
 
 
 if native_available():
@@ -80,3 +99,14 @@ if native_available():
         for x, y in zip(a, b):
             torch._check(x.shape == y.shape and x.dtype == y.dtype, lambda: "a[i] and b[i] differ")
         return [x.new_empty((num_samples, *x.shape)) for x in a]
+
+    @torch.library.register_fake("pyrebasin::corr_accumulate")
+    def _corr_accumulate_fake(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy):
+        torch._check(x.dim() >= 1, lambda: "corr_accumulate: x must have at least one dim")
+        cd = channel_dim % x.dim()
+        torch._check(sum_x.shape == (x.shape[cd],), lambda: "corr_accumulate: sum_x shape")
+        c_y = (y if y is not None else x).shape[cd]
+        torch._check(sum_xy.shape == (x.shape[cd], c_y), lambda: "corr_accumulate: sum_xy shape")
+        for t in (count, sum_x, sum_y, sum_xx, sum_yy, sum_xy):
+            torch._check(t.dtype == torch.float64, lambda: "corr_accumulate: accumulators must be float64")
+        return None

@@ -291,7 +291,7 @@ class CombinationResult:
     accuracy: torch.Tensor
     chunk: int
     chunk_param_bytes: int           # stacked parameters of one chunk (the op's output)
-    peak_memory_bytes: int | None    # measured on CUDA; None on CPU
+    peak_memory_bytes: int | None    # CUDA: max_memory_allocated during the call; CPU: the process's peak RSS
     seconds: float
     coefficients: dict = field(default_factory=dict)
     logits: torch.Tensor | None = None   # [n, N, classes] when return_logits=True
@@ -300,6 +300,16 @@ class CombinationResult:
         return {"loss": self.loss.tolist(), "accuracy": self.accuracy.tolist(), "chunk": self.chunk,
                 "chunk_param_bytes": self.chunk_param_bytes, "peak_memory_bytes": self.peak_memory_bytes,
                 "seconds": self.seconds, "coefficients": self.coefficients}
+
+
+def _peak_rss() -> int | None:
+    try:
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):
+        return None
 
 
 def _batches(data, batch_size: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -316,7 +326,7 @@ def _batches(data, batch_size: int | None) -> list[tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State, coefficients, data, *,
-                          chunk: int = 64, batch_size: int | None = 1000, return_logits: bool = False,
+                          chunk: int = 16, batch_size: int | None = 1000, return_logits: bool = False,
                           progress: bool = False) -> CombinationResult:
     """Loss and accuracy of every combination θ_B + λ_k ⊙ (θ_A − θ_B), `chunk` models at a time.
 
@@ -373,7 +383,7 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     if on_cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak = int(torch.cuda.max_memory_allocated(device)) if on_cuda else None
+    peak = int(torch.cuda.max_memory_allocated(device)) if on_cuda else _peak_rss()
     desc = coefficients.describe() if isinstance(coefficients, Coefficients) else {"n": n}
     empty = torch.zeros(0, dtype=torch.float64)
     return CombinationResult(torch.cat(losses).cpu() if losses else empty, torch.cat(accs).cpu() if accs else empty,

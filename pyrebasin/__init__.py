@@ -1,5 +1,6 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
 from . import data, ops, reference, train, zoo
+from . import experiments, similarity, stitching
 from ._backend import backend, native_available, use_backend
 from .spec import (
     Blocked,
@@ -22,12 +23,15 @@ __all__ = [
     "check_permutations",
     "compose_permutations",
     "data",
+    "experiments",
     "identity_permutation",
     "invert_permutation",
     "native_available",
     "ops",
     "random_permutation",
     "reference",
+    "similarity",
+    "stitching",
     "train",
     "use_backend",
     "zoo",

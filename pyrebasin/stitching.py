@@ -391,6 +391,10 @@ def stitch(model_front: nn.Module, model_end: nn.Module, front_layer: str, end_l
         raise ValueError(f"front activation {list(a.shape)} and end activation {list(b.shape)} differ in rank")
     if channel_dim is None:
         channel_dim = _default_channel_dim(model_front, a.dim())
+    rest = lambda t: t.shape[:channel_dim % t.dim()] + t.shape[channel_dim % t.dim() + 1:]  # noqa: E731
+    if rest(a) != rest(b):
+        raise ValueError(f"front activation {list(a.shape)} and end activation {list(b.shape)} must agree "
+                         f"on every dim but the channel dim {channel_dim} (positions are the samples)")
     layer = StitchLayer(a.shape[channel_dim], b.shape[channel_dim], kind=kind, rank=rank, channel_dim=channel_dim)
     if moments is None:  # one streamed pass; it also gives the least-squares R² whatever the init
         moments, _ = _stream(front, end, data, channel_dim, batch_size)

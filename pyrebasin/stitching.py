@@ -169,6 +169,9 @@ def _batches(data, batch_size: int, *, shuffle: torch.Generator | None = None):
         return
     if not isinstance(data, Iterable):
         raise TypeError(f"data must be a tensor, an (x, y) pair or an iterable of batches, got {type(data).__name__}")
+    if iter(data) is data:  # moments, training epochs and metrics each take a full pass
+        raise TypeError(f"data is a one-shot iterator ({type(data).__name__}); pass a re-iterable "
+                        "(a list of batches, a DataLoader) or tensors")
     for batch in data:
         if isinstance(batch, torch.Tensor):
             yield batch, None
@@ -212,8 +215,8 @@ def stitch(model_front: nn.Module, model_end: nn.Module, front_layer: str, end_l
     "semi_match" (each end unit reads its most correlated front unit).
     init: "random" (seeded), "identity", "permutation" (the LAP matching), "least_squares" (closed
     form from streamed XᵀX, XᵀY and means; see `similarity.linear_fit`) or "procrustes" (SVD of the
-    centred XᵀY, with a global scale). `data` (tensor x, (x, y), or an iterable of batches) probes
-    the shapes and feeds the moments; pass precomputed `moments` (from `layer_moments`) to reuse them.
+    centred XᵀY, with a global scale). `data` (tensor x, (x, y), or a re-iterable of batches such as
+    a DataLoader) probes the shapes and feeds the moments; pass precomputed `moments` (from `layer_moments`) to reuse them.
     channel_dim defaults to 1 for conv maps, -1 for [B, C] features and transformer tokens.
     """
     if kind not in KINDS:
@@ -288,7 +291,7 @@ class StitchMetrics:
     agreement: float           # top-1 agreement of stitched and end model
     soft_cross_entropy: float  # −Σ softmax(end) · log softmax(stitched), mean over samples (nats)
     cross_entropy: float       # on the labels
-    r2: float | None           # R² of the least-squares fit at the stitch (None without data moments)
+    r2: float | None           # R² of the least-squares fit at the stitch (from the init data)
 
     def to_dict(self) -> dict:
         return asdict(self)

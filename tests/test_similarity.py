@@ -92,6 +92,19 @@ def test_cka_matches_gram_reference(dtype):
     assert S.linear_cka(x, x) == pytest.approx(1.0, rel=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_indices_agree_under_both_backends(backend):
+    # PairMoments streams through CrossMoments, whose update may run natively: native = reference.
+    if backend == "native" and not prb.native_available():
+        pytest.skip("native extension not built")
+    x = rand(257, 9, seed=30, dtype=torch.float32)
+    y = x[:, :5] * 2 + rand(257, 5, seed=31, dtype=torch.float32)
+    with prb.use_backend(backend):
+        m = S.PairMoments.of(x, y, batch_size=64)
+    assert S.linear_cka(m) == pytest.approx(cka_gram_reference(x, y), rel=1e-9)
+    torch.testing.assert_close(S.canonical_correlations(m, ridge=0.0), cca_qr_reference(x, y), rtol=1e-7, atol=1e-7)
+
+
 def test_cka_streamed_in_uneven_batches_equals_one_shot():
     x, y = rand(301, 11, seed=4), rand(301, 5, seed=5) + rand(301, 11, seed=4)[:, :5]
     m = S.PairMoments(11, 5)

@@ -197,6 +197,18 @@ def test_errors(mlp_pair, x40):
         st.train_stitch_(s, x40, targets="mse", progress=False)
     with pytest.raises(TypeError, match="int"):
         st.stitch(a, b, "norms.0", data=3)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        st.stitch(a, b, "norms.0", data=iter([x40]))
+
+
+def test_batch_lists_and_tensors_give_the_same_stitch(mlp_pair, x40):
+    a, b, _ = mlp_pair
+    y = torch.randint(0, 10, (256,))
+    s1 = st.stitch(a, b, "norms.1", data=(x40, y))
+    s2 = st.stitch(a, b, "norms.1", data=[(x40[i:i + 50], y[i:i + 50]) for i in range(0, 256, 50)])
+    torch.testing.assert_close(s1.layer.weight, s2.layer.weight, rtol=1e-5, atol=1e-6)
+    m1, m2 = st.evaluate_stitch(s1, (x40, y)).to_dict(), st.evaluate_stitch(s2, [(x40, y)]).to_dict()
+    assert m1 == pytest.approx(m2, rel=1e-5)
 
 
 def test_candidate_layers_cover_the_zoo():
@@ -239,3 +251,13 @@ def test_least_squares_1x1_conv_stitching_between_vgg_seeds():
     m0 = st.evaluate_stitch(s, (xt, yt))
     ident = st.evaluate_stitch(st.stitch(a, b, "features.9", data=x[:256], init="identity"), (xt, yt))
     assert m0.relative_accuracy > 0.9 and ident.relative_accuracy < 0.5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stitch_on_cuda_matches_cpu(mlp_pair, x40):
+    a, b, _ = mlp_pair
+    cpu = st.stitch(a, b, "norms.1", data=x40, kind="orthogonal", init="procrustes")
+    gpu = st.stitch(a.cuda(), b.cuda(), "norms.1", data=x40.cuda(), kind="orthogonal", init="procrustes")
+    a.cpu(), b.cpu()
+    torch.testing.assert_close(gpu(x40.cuda()).cpu(), cpu(x40), atol=1e-4, rtol=1e-4)

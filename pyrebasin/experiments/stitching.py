@@ -7,7 +7,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from .. import data as data_mod
 from .. import similarity, train
 from .. import stitching as st

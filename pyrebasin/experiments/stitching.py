@@ -59,6 +59,11 @@ class StitchingStudy:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "StitchingStudy":
+        """Inverse of `to_dict` (e.g. from a stitching.json written by `pyrebasin stitch`)."""
+        return cls(**{**d, "seeds": tuple(d["seeds"])})
+
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +80,7 @@ class StitchingStudy:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         xs = range(len(self.layers))
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 2]})
         for c, (k, i) in enumerate(self.configs()):
             color = f"C{c}"
             ax.plot(xs, self.relative_accuracy(k, i, True), "-o", color=color, label=f"{k} / {i}")
@@ -84,12 +89,12 @@ class StitchingStudy:
         ax.set(xticks=list(xs), ylabel="relative accuracy (stitched / end model)", ylim=(0, 1.1),
                title=f"{self.arch} seed {self.seeds[0]} → seed {self.seeds[1]} (solid: trained, dashed: init)")
         ax.set_xticklabels(self.layers, rotation=30, ha="right")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
         for name, vals in (("linear CKA", self.cka), ("mean CCA (SVCCA)", self.cca), ("least-squares R²", self.r2)):
             ax2.plot(xs, [vals[l] for l in self.layers], "-o", label=name)
         ax2.set(xticks=list(xs), ylim=(0, 1.05), title="representation similarity per layer")
         ax2.set_xticklabels(self.layers, rotation=30, ha="right")
-        ax2.legend(fontsize=8, loc="lower left")
+        ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -40,7 +40,8 @@ def test_study_least_squares_keeps_accuracy_identity_does_not(study):
     assert 0.4 < study.accuracy_end < 1
     table = study.table()
     assert table.count("\n") == 2 + len(study.layers) - 1 and "`norms.1`" in table and "→" in table
-    json.dumps(study.to_dict())  # JSON-able as is
+    back = prb.experiments.StitchingStudy.from_dict(json.loads(json.dumps(study.to_dict())))  # JSON round trip
+    assert back == study
 
 
 @pytest.mark.slow

@@ -1,7 +1,17 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data, ops, reference, train, zoo
-from . import experiments, similarity, stitching
+from . import data  # noqa: I001  (one import per line keeps merges clean)
+from . import distributed
+from . import matching
+from . import ops
+from . import reference
+from . import shards
+from . import similarity
+from . import stitching
+from . import train
+from . import zoo
+from . import experiments
 from ._backend import backend, native_available, use_backend
+from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -17,22 +27,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blocked",
+    "MatchResult",
     "PermutationSpec",
+    "activation_matching",
     "apply_permutation",
     "backend",
     "check_permutations",
     "compose_permutations",
     "data",
+    "distributed",
     "experiments",
     "identity_permutation",
     "invert_permutation",
+    "matching",
     "native_available",
     "ops",
     "random_permutation",
     "reference",
+    "shards",
     "similarity",
     "stitching",
     "train",
     "use_backend",
+    "weight_matching",
     "zoo",
 ]

@@ -92,9 +92,13 @@ def _match(corr: torch.Tensor, kind: str) -> torch.Tensor:
     """source[j] for every end unit j: LAP on the correlation (one-to-one) or its argmax (semi-match)."""
     if kind == "semi_match":
         return corr.argmax(0)
+    if corr.shape[0] == corr.shape[1]:  # the project's LAP (lapx when installed, else scipy)
+        from .matching.lap import solve_lap
+
+        return solve_lap(corr.T).to(corr.device)
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)  # n_x >= n_y: every column gets a row
+    rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)  # n_x > n_y: every column gets a row
     source = torch.empty(corr.shape[1], dtype=torch.long)
     source[torch.as_tensor(cols)] = torch.as_tensor(rows)
     return source.to(corr.device)

@@ -185,6 +185,8 @@ def test_errors(mlp_pair, x40):
     with pytest.raises(ValueError, match="32 -> 64"):
         st.stitch(a, wide, "norms.0", data=x40, kind="permutation")
     st.stitch(a, wide, "norms.0", data=x40, kind="semi_match")  # many-to-one is fine
+    s = st.stitch(wide, a, "norms.0", data=x40, kind="permutation")  # 64 -> 32: rectangular LAP
+    assert len(set(s.layer.source.tolist())) == 32
     with pytest.raises(ValueError, match="differ in rank"):
         st.stitch(a, build(prb.zoo.VGG), "norms.0", "features.2", data=x40)
     vgg = build(prb.zoo.VGG)

@@ -136,6 +136,7 @@ def _init_dense(init: str, c_in: int, c_out: int, m: PairMoments | None, fit: Li
 
 
 def initialise(layer: StitchLayer, init: str, m: PairMoments | None, fit: LinearFit | None, seed: int) -> None:
+    """Set `layer`'s parameters (in place, under no_grad) for `init` from the moments and the LS fit."""
     gen = torch.Generator().manual_seed(seed)
     c_in, c_out, kind = layer.c_in, layer.c_out, layer.kind
     if kind in ("permutation", "semi_match"):
@@ -146,7 +147,7 @@ def initialise(layer: StitchLayer, init: str, m: PairMoments | None, fit: Linear
         scale, bias = torch.ones(c_out, dtype=torch.float64), torch.zeros(c_out, dtype=torch.float64)
         if init == "least_squares":  # per-unit fit y_j ≈ s_j x_source[j] + b_j
             var = m.xy.var_x[source]
-            scale = torch.where(var > 0, m.cov_xy()[source, torch.arange(c_out)] / var.clamp_min(1e-300), 0.0)
+            scale = torch.where(var > 0, m.cov_xy()[source, torch.arange(c_out, device=source.device)] / var.clamp_min(1e-300), 0.0)
             bias = m.xy.mean_y - scale * m.xy.mean_x[source]
         layer.source.copy_(source)
         layer.scale.copy_(scale)

@@ -105,6 +105,20 @@ def test_indices_agree_under_both_backends(backend):
     torch.testing.assert_close(S.canonical_correlations(m, ridge=0.0), cca_qr_reference(x, y), rtol=1e-7, atol=1e-7)
 
 
+def test_cka_accepts_bfloat16_and_non_contiguous_inputs():
+    x = rand(300, 10, seed=32, dtype=torch.float32)
+    y = rand(300, 8, seed=33, dtype=torch.float32) + x[:, :8]
+    ref = S.linear_cka(x, y)
+    assert S.linear_cka(x.bfloat16(), y.bfloat16()) == pytest.approx(ref, abs=1e-2)
+    xt = x.T.contiguous().T  # same values, transposed strides
+    assert not xt.is_contiguous() and S.linear_cka(xt, y) == pytest.approx(ref, rel=1e-10)
+    conv = rand(12, 6, 30, seed=34, dtype=torch.float32)[:, :, ::3]  # strided conv maps
+    flat = conv.movedim(1, -1).reshape(-1, 6)
+    assert S.linear_cka(conv, conv * 2 + 1, channel_dim=1) == pytest.approx(1.0, rel=1e-9)
+    assert S.linear_cka(conv, conv.pow(2), channel_dim=1) == pytest.approx(
+        cka_gram_reference(flat, flat.pow(2)), rel=1e-8)
+
+
 def test_cka_streamed_in_uneven_batches_equals_one_shot():
     x, y = rand(301, 11, seed=4), rand(301, 5, seed=5) + rand(301, 11, seed=4)[:, :5]
     m = S.PairMoments(11, 5)

@@ -5,8 +5,11 @@ from . import matching
 from . import ops
 from . import reference
 from . import shards
+from . import similarity
+from . import stitching
 from . import train
 from . import zoo
+from . import experiments
 from ._backend import backend, native_available, use_backend
 from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
@@ -33,6 +36,7 @@ __all__ = [
     "compose_permutations",
     "data",
     "distributed",
+    "experiments",
     "identity_permutation",
     "invert_permutation",
     "matching",
@@ -41,6 +45,8 @@ __all__ = [
     "random_permutation",
     "reference",
     "shards",
+    "similarity",
+    "stitching",
     "train",
     "use_backend",
     "weight_matching",

@@ -1,6 +1,7 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
 from . import data, ops, reference, train, zoo
 from ._backend import backend, native_available, use_backend
+from .check import CheckReport, SpecCheckError, check_spec
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -11,11 +12,19 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
+from .trace import UnsupportedOpError, spec_difference, spec_equivalent, trace_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Blocked",
+    "CheckReport",
+    "SpecCheckError",
+    "UnsupportedOpError",
+    "check_spec",
+    "spec_difference",
+    "spec_equivalent",
+    "trace_spec",
     "PermutationSpec",
     "apply_permutation",
     "backend",

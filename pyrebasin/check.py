@@ -117,6 +117,10 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, 
     finally:
         for m, flag in saved.items():
             m.training = flag
+    if any(f.startswith("train") for f in failures) and "eval" in diffs and not any(
+            f.startswith("eval") for f in failures):
+        failures.append("eval mode passes: train-mode differences often come from dropout inside "
+                        "functional calls (e.g. attention dropout); set those probabilities to 0")
     report = CheckReport(not failures, diffs, buffer_diff, sizes, tuple(modes), failures)
     if failures and raise_on_failure:
         raise SpecCheckError(str(report))

@@ -142,11 +142,13 @@ def _name_groups(E: Engine, alias) -> dict[int, str]:
     names, taken, residual = {}, set(), 0
     for r in roots:
         hints = A.hints.get(r, [])
-        producers = {n for p, n in hints if p == OUT_HINT}
+        # several producing layers in different modules write it: a residual stream (layers of
+        # one module multiplied together, like a gated MLP's gate and up projections, are not)
+        parents = {n.rsplit(".", 1)[0].rpartition(".")[0] for p, n in hints if p == OUT_HINT}
         best = max(hints, key=lambda h: h[0], default=None)
         if best is not None and best[0] >= HEAD_HINT:
             base = best[1]
-        elif len(producers) >= 2:
+        elif len(parents) >= 2:
             base, residual = f"residual_{residual}", residual + 1
         elif best is not None:
             base = best[1]

@@ -59,6 +59,14 @@ def _fresh_out(E: Engine, c: Call, reason: str) -> None:
         E.vals[c.out] = Multi(E.fresh(s, reason) if isinstance(s, tuple) else None for s in shape)
 
 
+NO_TENSOR_OUT = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_size",
+                 "sym_numel", "sym_stride", "sym_storage_offset", "sym_constrain_range",
+                 "sym_constrain_range_for_size", "_functional_assert_async", "size", "dim", "numel",
+                 "stride", "is_contiguous", "data_ptr", "item", "_local_scalar_dense", "ndimension",
+                 "get_device", "is_floating_point", "tolist")
+for _n in NO_TENSOR_OUT:  # shape/metadata queries and assertions: nothing to permute
+    RULES[_n] = lambda E, c: None
+
 CONSTANT_MAKERS = ("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "randn",
                    "rand", "randint", "eye", "linspace", "new_ones", "new_zeros", "new_full",
                    "new_empty", "new_tensor", "empty_strided", "lift_fresh_copy", "_to_copy_const")

@@ -243,7 +243,9 @@ def sdpa(E: Engine, c: Call) -> None:
         elif E.size(ki) > 1 and E.size(qi) % E.size(ki) == 0:  # GQA: q heads = (kv heads, group)
             E.tie(qi, ki + [E.A.new(E.size(qi) // E.size(ki))], f"grouped query heads of {where}")
     if nb >= 1 and len(q) >= 4:
-        _hint_out(E, q[-3], c.path, "heads", HEAD_HINT)
+        heads = [lf for a in q[-3] for lf in E.A.leaves(a)]
+        for i, lf in enumerate(heads):  # GQA: (kv heads, query heads within a group)
+            E.A.hint(lf, f"{c.path}.{'heads' if i == 0 else 'group_heads'}", HEAD_HINT)
     _hint_out(E, q[-1], c.path, "qk", HEAD_HINT)
     _hint_out(E, v[-1], c.path, "vo", HEAD_HINT)
     if c.arg(5, "is_causal", False):

@@ -1,7 +1,15 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data, ops, reference, train, zoo
+from . import data  # noqa: I001  (one import per line keeps merges clean)
+from . import distributed
+from . import matching
+from . import ops
+from . import reference
+from . import shards
+from . import train
+from . import zoo
 from ._backend import backend, native_available, use_backend
 from .check import CheckReport, SpecCheckError, check_spec
+from .matching import MatchResult, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -25,19 +33,24 @@ __all__ = [
     "spec_difference",
     "spec_equivalent",
     "trace_spec",
+    "MatchResult",
     "PermutationSpec",
     "apply_permutation",
     "backend",
     "check_permutations",
     "compose_permutations",
     "data",
+    "distributed",
     "identity_permutation",
     "invert_permutation",
+    "matching",
     "native_available",
     "ops",
     "random_permutation",
     "reference",
+    "shards",
     "train",
     "use_backend",
+    "weight_matching",
     "zoo",
 ]

@@ -150,6 +150,15 @@ class PermutationSpec:
                     sizes.setdefault(perm, (n, key, axis))
         return {p: n for p, (n, _, _) in sizes.items()}
 
+    def restrict(self, keys) -> "PermutationSpec":
+        """The spec of a subset of keys (one safetensors shard, one pipeline stage)."""
+        keys = list(keys)
+        unknown = [k for k in keys if k not in self.axes_to_perm]
+        if unknown:
+            raise ValueError(f"keys not in the spec: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        return PermutationSpec({k: self.axes_to_perm[k] for k in keys},
+                               {k: r for k, r in self.fixed_reasons.items() if k in set(keys)})
+
     # --- serialisation (plain JSON) ---
     def to_dict(self) -> dict:
         def enc(e):

@@ -171,6 +171,10 @@ class Engine:
         for c in self.g.calls:
             self.mark_used(c)
             self.rule_for(c.name)(self, c)
+        for key, where in self.used.items():  # passed to an op whose rule never read it
+            if key not in self.params:
+                self.params[key] = self.fresh(self.state_shapes[key], f"passed to {where}, "
+                                              f"which does not permute it")
         for v in self.g.outputs:
             out = self.vals.get(v) if not isinstance(v, Ref) else self.param(str(v))
             if out is None and v in self.g.refs:

@@ -146,7 +146,7 @@ def _name_groups(E: Engine, alias) -> dict[int, str]:
         # one module multiplied together, like a gated MLP's gate and up projections, are not)
         parents = {n.rsplit(".", 1)[0].rpartition(".")[0] for p, n in hints if p == OUT_HINT}
         best = max(hints, key=lambda h: h[0], default=None)
-        if best is not None and best[0] >= HEAD_HINT:
+        if best is not None and best[0] >= HEAD_HINT - 1:
             base = best[1]
         elif len(parents) >= 2:
             base, residual = f"residual_{residual}", residual + 1

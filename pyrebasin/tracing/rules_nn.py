@@ -61,7 +61,30 @@ def matmul(E: Engine, c: Call) -> None:
                 E.tie(out[j], atoms, f"bias of {c.where()}")
     if not b1:  # addmm is how some layers (HF Conv1D) apply their weight
         _hint_out(E, out[-1], c.path, prio=OUT_HINT if off else 0)
+    if not off and not a1 and not b1 and len(out) >= 4 and not any(
+            _is_state(E, c.arg(i, n)) for i, n in ((0, "self"), (1, "mat2"))):
+        # attention written by hand: the module's 1st activation matmul is q k^T, the 2nd is a v
+        n = E.counters.get(c.path, 0)
+        E.counters[c.path] = n + 1
+        if n == 0:
+            _hint_heads(E, out[-3], c.path, HEAD_HINT - 1)
+            _hint_out(E, a2[-1], c.path, "qk", HEAD_HINT - 1)
+        elif n == 1:
+            _hint_out(E, out[-1], c.path, "vo", HEAD_HINT - 1)
     E.set_out(c, out)
+
+
+def _is_state(E: Engine, v) -> bool:
+    try:
+        return isinstance(v, str) or v in E.g.refs
+    except TypeError:
+        return False
+
+
+def _hint_heads(E: Engine, atoms: list[int], path: str, prio: int) -> None:
+    heads = [lf for a in atoms for lf in E.A.leaves(a)]
+    for i, lf in enumerate(heads):  # GQA: (kv heads, query heads within a group)
+        E.A.hint(lf, f"{path}.{'heads' if i == 0 else 'group_heads'}", prio)
 
 
 @rule("einsum")
@@ -243,9 +266,7 @@ def sdpa(E: Engine, c: Call) -> None:
         elif E.size(ki) > 1 and E.size(qi) % E.size(ki) == 0:  # GQA: q heads = (kv heads, group)
             E.tie(qi, ki + [E.A.new(E.size(qi) // E.size(ki))], f"grouped query heads of {where}")
     if nb >= 1 and len(q) >= 4:
-        heads = [lf for a in q[-3] for lf in E.A.leaves(a)]
-        for i, lf in enumerate(heads):  # GQA: (kv heads, query heads within a group)
-            E.A.hint(lf, f"{c.path}.{'heads' if i == 0 else 'group_heads'}", HEAD_HINT)
+        _hint_heads(E, q[-3], c.path, HEAD_HINT)
     _hint_out(E, q[-1], c.path, "qk", HEAD_HINT)
     _hint_out(E, v[-1], c.path, "vo", HEAD_HINT)
     if c.arg(5, "is_causal", False):

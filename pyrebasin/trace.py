@@ -89,6 +89,11 @@ def _build(model, graph, shapes, alias, unknown) -> PermutationSpec:
     E = Engine(graph, shapes, unknown)
     E.run()
     A = E.A
+    for axes in E.params.values():  # Blocked cannot say "the same perm on two factors": freeze
+        for atoms in axes:
+            leaves = [A.find(lf) for a in atoms for lf in A.leaves(a) if A.size[lf] > 1]
+            for r in {r for r in leaves if leaves.count(r) > 1}:
+                A.freeze(r, "one permutation would act on two factors of one axis")
     names = _name_groups(E, alias)
     axes_to_perm, reasons = {}, {}
     for key, canon in alias.items():

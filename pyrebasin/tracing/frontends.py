@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .engine import Call, Graph, Ref
 
 
-class FxUnsupported(Exception):
+class FxUnsupported(ValueError):
     """fx could not trace the model, or produced a leaf module the fx front end does not model."""
 
 

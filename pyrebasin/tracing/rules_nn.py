@@ -236,7 +236,7 @@ def group_norm(E: Engine, c: Call) -> None:
     _norm_out(E, c, x, ch)
 
 
-@rule("embedding", "embedding_bag")
+@rule("embedding")
 def embedding(E: Engine, c: Call) -> None:
     """Rows are looked up by index (frozen); the feature axis permutes like any unit axis."""
     w, idx = E.ax(c.arg(0, "weight")), E.ax(c.arg(1, "indices"))

@@ -273,6 +273,41 @@ def test_functional_parameters_and_unused_ones():
     prb.check_spec(model, spec, x)
 
 
+class FunctionalBN(nn.Module):
+    """F.batch_norm on its own buffers, F.glu halves, and a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.w, self.b = nn.Parameter(torch.ones(6)), nn.Parameter(torch.zeros(6))
+        self.register_buffer("rm", torch.zeros(6))
+        self.register_buffer("rv", torch.ones(6))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.batch_norm(self.fc(x), self.rm, self.rv, self.w, self.b, training=self.training)
+        return {"y": self.out(F.glu(h, dim=-1)), "aux": h.sum(-1)}
+
+
+def test_functional_batch_norm_glu_dict_output():
+    model, x = FunctionalBN(), torch.randn(5, 4)
+    model.train()
+    snap = snapshot(model)
+    for frontend in ("fx", "export"):
+        spec = prb.trace_spec(model, x, frontend=frontend)
+        half = prb.Blocked((2, 3), (None, "P_fc.out.1"))  # glu: a * sigmoid(b), same perm on both
+        assert all(spec.axes_to_perm[k] == (half,) for k in ("w", "b", "rm", "rv", "fc.bias"))
+        assert spec.axes_to_perm["out.weight"] == (None, "P_fc.out.1")
+        prb.check_spec(model, spec, x)
+    assert_untouched(model, snap)
+
+
+def test_fx_front_end_on_hand_written_attention():
+    model, x = build("transformer")  # `b, t, _ = x.shape` is a getattr node in fx
+    spec = prb.trace_spec(model, x, frontend="fx")
+    assert prb.spec_equivalent(spec, model.permutation_spec())
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()
@@ -287,6 +322,8 @@ def test_unknown_op_is_an_error_or_an_explicit_freeze():
     model, x = Unknown(), torch.randn(3, 4)
     with pytest.raises(prb.UnsupportedOpError, match=r"fft.*node.*module"):
         prb.trace_spec(model, x)
+    with pytest.raises(prb.UnsupportedOpError, match=r"gru.*module '<root>'"):
+        prb.trace_spec(nn.GRU(4, 8), torch.randn(2, 5, 4))
     spec = prb.trace_spec(model, x, unknown="freeze")
     assert spec.axes_to_perm["fc.weight"] == (None, None)
     assert "fft" in spec.fixed_reasons["fc.weight"]

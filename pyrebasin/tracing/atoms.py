@@ -69,6 +69,8 @@ class Atoms:
         why = self.frozen.get(r)
         kids = [self.new(s, why) for s in sizes]
         self.children[r] = kids
+        for i, k in enumerate(kids):  # factors inherit the parent's names, weaker, indexed
+            self.hints[k] = [(p - 0.5, f"{n}.{i}") for p, n in self.hints.get(r, []) if p >= 1]
         return kids
 
     def unify_seq(self, xs: list[int], ys: list[int]) -> bool:

@@ -244,3 +244,30 @@ def _tensor_getitem(E: Engine, c: Call, x: Axes, idx) -> None:
     if len(out) != len(shape):
         return indexing(E, c)
     E.set_out(c, [o if o is not None else [E.A.new(s, why)] for o, s in zip(out, shape)])
+
+
+@rule("glu")
+def glu(E: Engine, c: Call) -> None:
+    """glu(x, dim) = a * sigmoid(b) for the two halves: (2, n/2) blocked, the half index frozen."""
+    x = E.ax(c.arg(0, "self"))
+    dim = c.arg(1, "dim", -1) % len(x)
+    half = _split_axis(E, x[dim], 2, f"halves of {c.where()} play different roles")
+    E.set_out(c, x[:dim] + [half] + x[dim + 1:])
+
+
+_METADATA = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse",
+             "names", "grad_fn", "is_leaf")
+
+
+@rule("getattr")
+def getattr_(E: Engine, c: Call) -> None:
+    """fx records `x.shape` / `x.T` as getattr calls: metadata needs nothing, views get rules."""
+    attr = c.args[1] if len(c.args) > 1 else None
+    if attr in _METADATA or E.ax(c.args[0]) is None:
+        return None
+    from .rules import rule_for, unary
+    if attr in ("T", "mT", "mH", "H"):
+        return rule_for("numpy_T" if attr == "T" else "mT")(E, c)
+    if attr in ("real", "data"):
+        return unary(E, c)
+    return generic(E, c)

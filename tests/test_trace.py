@@ -20,9 +20,15 @@ ZOO = {
     "vgg2d_ln": (lambda: VGG(conv_dim=2, input_size=8, cfg=(8, "M", 12), hidden=16, norm="ln"),
                  (3, 8, 8)),
     "vgg2d_bn": (lambda: VGG(conv_dim=2, input_size=8, cfg=(8, "M", 12), hidden=16), (3, 8, 8)),
+    "vgg1d_ln": (lambda: VGG(conv_dim=1, input_size=16, cfg=(8, "M", 12), hidden=16, norm="ln"),
+                 (3, 16)),
+    "vgg2d_none": (lambda: VGG(conv_dim=2, input_size=8, cfg=(8, "M", 12), hidden=16, norm=None),
+                   (3, 8, 8)),
     "resnet20_bn": (lambda: ResNet20(norm="bn", blocks_per_stage=2), (3, 16)),
     "resnet20_ln2d": (lambda: ResNet20(norm="ln", blocks_per_stage=1, conv_dim=2), (3, 8, 8)),
     "resnet20_none": (lambda: ResNet20(norm=None, blocks_per_stage=1), (3, 16)),
+    "resnet20_bn2d": (lambda: ResNet20(norm="bn", blocks_per_stage=1, conv_dim=2), (3, 8, 8)),
+    "resnet20_ln1d": (lambda: ResNet20(norm="ln", blocks_per_stage=1), (3, 16)),
     "transformer": (lambda: Transformer(seq_len=8, patch=2, d_model=16, heads=4, layers=2), (3, 8)),
 }
 

@@ -14,4 +14,8 @@ TORCH_LIBRARY(pyrebasin, m) {
   // Gathers every tensor along all of its permuted axes in one pass: indices[k] is applied to
   // tensors[owners[k]] along axis axes[k] (out = in.index_select(axis, index) for every such pair).
   m.def("permute_multi(Tensor[] tensors, Tensor[] indices, int[] owners, int[] axes) -> Tensor[]");
+  // Streaming moments of two activation streams (features along channel_dim, every other position
+  // a sample; y=None: x with itself), added into float64 accumulators: count, Σx, Σy, Σx², Σy², Σxyᵀ.
+  m.def("corr_accumulate(Tensor x, Tensor? y, int channel_dim, Tensor(a!) count, Tensor(b!) sum_x, "
+        "Tensor(c!) sum_y, Tensor(d!) sum_xx, Tensor(e!) sum_yy, Tensor(f!) sum_xy) -> ()");
 }

@@ -9,7 +9,7 @@ from . import train
 from . import zoo
 from ._backend import backend, native_available, use_backend
 from .check import CheckReport, SpecCheckError, check_spec
-from .matching import MatchResult, weight_matching
+from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -35,6 +35,7 @@ __all__ = [
     "trace_spec",
     "MatchResult",
     "PermutationSpec",
+    "activation_matching",
     "apply_permutation",
     "backend",
     "check_permutations",

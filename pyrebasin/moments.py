@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 __all__ = ["CrossMoments", "features_last"]
 
 
@@ -38,20 +40,22 @@ class CrossMoments:
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None, *, channel_dim: int = -1) -> "CrossMoments":
         if y is None:
             y = x
-        xs, ys = features_last(x, channel_dim), features_last(y, channel_dim)
-        if xs.shape[1] != self.sum_x.numel() or ys.shape[1] != self.sum_y.numel():
+        # Shapes only: features_last here would materialise the NHWC copy the native op avoids.
+        cx, cy = x.shape[channel_dim], y.shape[channel_dim]
+        nx, ny = x.numel() // max(cx, 1), y.numel() // max(cy, 1)
+        if cx != self.sum_x.numel() or cy != self.sum_y.numel():
             raise ValueError(f"CrossMoments.update: expected {self.sum_x.numel()} and {self.sum_y.numel()} "
                              f"features on dim {channel_dim}, got x {list(x.shape)} and y {list(y.shape)}")
-        if xs.shape[0] != ys.shape[0]:
-            raise ValueError(f"CrossMoments.update: x has {xs.shape[0]} samples but y has {ys.shape[0]} "
+        if nx != ny:
+            raise ValueError(f"CrossMoments.update: x has {nx} samples but y has {ny} "
                              f"(shapes {list(x.shape)} and {list(y.shape)})")
-        xd, yd = xs.to(torch.float64), ys.to(torch.float64)
-        self.count += xd.shape[0]
-        self.sum_x += xd.sum(0)
-        self.sum_y += yd.sum(0)
-        self.sum_xx += (xd * xd).sum(0)
-        self.sum_yy += (yd * yd).sum(0)
-        self.sum_xy += xd.T @ yd
+        same_layout = y is x or (y.dim() == x.dim() and all(
+            a == b for i, (a, b) in enumerate(zip(x.shape, y.shape)) if i != channel_dim % x.dim()))
+        if not same_layout:  # same sample count, different layout: pair samples in flattened order
+            x, y, channel_dim = features_last(x, channel_dim), features_last(y, channel_dim), -1
+        # Native streaming op: float64 accumulators, conv maps read in place, Σxyᵀ by the BLAS.
+        ops.corr_accumulate(x, None if y is x else y, channel_dim, self.count, self.sum_x, self.sum_y,
+                            self.sum_xx, self.sum_yy, self.sum_xy)
         return self
 
     # --- finalisation ---

@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._backend import native_available, use_native
 
-__all__ = ["permute_multi"]
+__all__ = ["permute_multi", "corr_accumulate"]
 
 
 def permute_multi(
@@ -32,6 +32,27 @@ def permute_multi(
     return reference.permute_multi(tensors, indices, owners, axes)
 
 
+def corr_accumulate(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    channel_dim: int,
+    count: torch.Tensor,
+    sum_x: torch.Tensor,
+    sum_y: torch.Tensor,
+    sum_xx: torch.Tensor,
+    sum_yy: torch.Tensor,
+    sum_xy: torch.Tensor,
+) -> None:
+    """Add one batch to float64 moment accumulators (in place): count += samples, Σx, Σy, Σx², Σy²
+    and Σxyᵀ [C_x, C_y]. Features lie along `channel_dim` of x and y (which agree on every other
+    dim); every other position (batch, conv position, token) is a sample. y=None: x with itself.
+    Conv maps are read in place (no NHWC copy); Σxyᵀ is one float64 BLAS GEMM per chunk."""
+    if use_native("corr_accumulate", x.device):
+        torch.ops.pyrebasin.corr_accumulate(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy)
+        return
+    reference.corr_accumulate(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy)
+
+
 if native_available():
 
     @torch.library.register_fake("pyrebasin::permute_multi")
@@ -42,3 +63,14 @@ if native_available():
             torch._check(idx.dim() == 1 and idx.dtype == torch.long, lambda: "indices must be 1-D int64")
             torch._check(idx.shape[0] == tensors[owner].shape[axis], lambda: "index length != axis size")
         return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+    @torch.library.register_fake("pyrebasin::corr_accumulate")
+    def _corr_accumulate_fake(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy):
+        torch._check(x.dim() >= 1, lambda: "corr_accumulate: x must have at least one dim")
+        cd = channel_dim % x.dim()
+        torch._check(sum_x.shape == (x.shape[cd],), lambda: "corr_accumulate: sum_x shape")
+        c_y = (y if y is not None else x).shape[cd]
+        torch._check(sum_xy.shape == (x.shape[cd], c_y), lambda: "corr_accumulate: sum_xy shape")
+        for t in (count, sum_x, sum_y, sum_xx, sum_yy, sum_xy):
+            torch._check(t.dtype == torch.float64, lambda: "corr_accumulate: accumulators must be float64")
+        return None

@@ -1,0 +1,265 @@
+"""Activation matching (Git Re-Basin): per permutation group, correlate the activations of A's and B's
+units over data (streaming float64 moments, `CrossMoments`) and solve one LAP on the correlation.
+
+Activation sites. A perm's units are read at the *input* of every Linear/Conv whose weight axis 1 it
+permutes (its consumers): that input is the post-nonlinearity activation (after ReLU/GELU, pooling,
+LayerNorm or the residual add), and one shared perm (a residual stream) accumulates all of its
+consumers. A perm without consumers (the transformer's q/k dims) is read at the *output* of its
+producers (weight axis 0). Conv positions and tokens count as samples. `Blocked` axes: factors
+without a perm (the flattened positions of conv -> flatten -> linear) count as samples; two permuted
+factors (heads x head_dim) are correlated jointly and solved by coordinate descent, the first factor
+seen starting from a per-pair best match of the other. A perm with no Linear/Conv site is an error.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..moments import CrossMoments
+from ..spec import Blocked, PermutationSpec
+from .lap import solve_lap
+from .weight import MatchResult
+
+__all__ = ["activation_matching", "find_sites", "Site"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a perm's units are read: the input ("in") or output ("out") of `module`, along `dim`
+    (-1 for Linear, 1 for Conv), that dim being `entry` (a perm name or a Blocked factorisation)."""
+
+    module: str
+    where: str
+    dim: int
+    entry: str | Blocked
+
+    @property
+    def perms(self) -> tuple[str, ...]:
+        if isinstance(self.entry, str):
+            return (self.entry,)
+        return tuple(p for p in self.entry.perms if p is not None)
+
+
+def find_sites(model: nn.Module, spec: PermutationSpec) -> list[Site]:
+    """The activation sites of every perm group (see the module docstring); raises ValueError
+    naming a perm that has none."""
+    consumers: dict[str, list[Site]] = {}
+    producers: dict[str, list[Site]] = {}
+    for key, entries in spec.axes_to_perm.items():
+        mod_name, _, leaf = key.rpartition(".")
+        if leaf != "weight":
+            continue
+        try:
+            module = model.get_submodule(mod_name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            dim = -1
+        elif isinstance(module, _CONV):
+            dim = 1
+        else:
+            continue
+        for axis, table in ((1, consumers), (0, producers)):
+            entry = entries[axis] if axis < len(entries) else None
+            if entry is None or (isinstance(entry, Blocked) and all(p is None for p in entry.perms)):
+                continue
+            site = Site(mod_name, "in" if axis == 1 else "out", dim, entry)
+            for p in site.perms:
+                table.setdefault(p, []).append(site)
+    sites: list[Site] = []
+    for p in spec.perm_names:
+        chosen = consumers.get(p) or producers.get(p)
+        if not chosen:
+            raise ValueError(f"activation_matching: perm {p!r} permutes no Linear/Conv weight of the model, "
+                             "so no activation site was found for it; use weight_matching for this model")
+        sites.extend(s for s in chosen if s not in sites)
+    return sites
+
+
+def _site_view(t: torch.Tensor, site: Site, sizes: Mapping[str, int]) -> tuple[torch.Tensor, int]:
+    """The site's activation as a tensor whose `channel_dim` holds its permuted units (jointly, for
+    several permuted factors); every other position is a sample."""
+    d = site.dim % t.dim()
+    if isinstance(site.entry, str):
+        return t, d
+    shape = site.entry.shape
+    t = t.reshape(t.shape[:d] + shape + t.shape[d + 1:])
+    factors = [d + f for f, p in enumerate(site.entry.perms) if p is not None]
+    if len(factors) == 1:
+        return t, factors[0]
+    t = t.movedim(factors, list(range(d, d + len(factors))))
+    return t.reshape(t.shape[:d] + (-1,) + t.shape[d + len(factors):]), d
+
+
+def _batches(data, batch_size: int):
+    if isinstance(data, torch.Tensor):
+        yield from data.split(batch_size)
+        return
+    for item in data:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _state(model: nn.Module, state):
+    if state is not None:
+        return dict(state)
+    return {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+
+
+@torch.no_grad()
+def _collect(model_a, model_b, state_a, state_b, sites, sizes, data, batch_size, max_batches, progress):
+    moments: dict[Site, CrossMoments] = {}
+    captured: dict[Site, torch.Tensor] = {}
+    seen: set = set()
+    shared: set[Site] = set()  # sites whose tensor another site already counted
+
+    def make_hook(site: Site):
+        def hook(module, args, output=None):
+            t = args[0] if site.where == "in" else output
+            # q/k/v (or a block's conv1 and shortcut) read one input: count it once
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), site.entry)
+            if key in seen:
+                shared.add(site)
+                return
+            seen.add(key)
+            captured[site] = t.detach()
+        return hook
+
+    def run(model, state):
+        captured.clear()
+        seen.clear()
+        handles = []
+        try:
+            for s in sites:
+                m = model.get_submodule(s.module)
+                handles.append(m.register_forward_pre_hook(make_hook(s)) if s.where == "in"
+                               else m.register_forward_hook(make_hook(s)))
+            torch.func.functional_call(model, state, (batch,))
+        finally:
+            for h in handles:
+                h.remove()
+        return dict(captured)
+
+    device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
+    n = 0
+    for batch in tqdm(_batches(data, batch_size), desc="activation statistics", disable=not progress, leave=False):
+        if max_batches is not None and n >= max_batches:
+            break
+        batch = batch.to(device)
+        acts_a, acts_b = run(model_a, state_a), run(model_b, state_b)
+        for s in sites:
+            if s not in acts_a or s not in acts_b:
+                continue  # this site's tensor was already counted under another module (shared input)
+            xa, cd = _site_view(acts_a[s], s, sizes)
+            xb, _ = _site_view(acts_b[s], s, sizes)
+            if s not in moments:
+                moments[s] = CrossMoments(xa.shape[cd], xb.shape[cd], device=xa.device)
+            moments[s].update(xa, xb, channel_dim=cd)
+        n += 1
+    if n == 0:
+        raise ValueError("activation_matching: `data` yielded no batches")
+    return moments, shared
+
+
+def _factor_cost(corr: torch.Tensor, site: Site, p: str, sizes, perms, solved) -> torch.Tensor:
+    """Cost of perm p from one site's joint correlation: other permuted factors contracted along their
+    current perm when solved, else reduced by their best per-pair match (max over B, sum over A)."""
+    names = list(site.perms)
+    if len(names) == 1:
+        return corr
+    dims = [sizes[q] for q in names]
+    c = corr.reshape(dims + dims)
+    m = len(names)
+    i = names.index(p)
+    order = [i] + [j for j in range(m) if j != i]
+    c = c.permute(order + [m + j for j in order])  # [p, others..., p', others'...]
+    others = [names[j] for j in order[1:]]
+    k = len(others)
+    for j, q in reversed(list(enumerate(others))):  # contract solved factors, last first
+        if q in solved:
+            a_dim, b_dim = 1 + j, 2 + k + j
+            c = c.index_select(b_dim, perms[q].to(c.device))
+            c = torch.diagonal(c, dim1=a_dim, dim2=b_dim).sum(-1)
+            k -= 1
+    # remaining (unsolved) factors: [p, u..., p', u'...] -> [p, U, p', U']
+    n_p = sizes[p]
+    c = c.reshape(n_p, -1, n_p, int(math.prod(c.shape[1:1 + k])))
+    return c.amax(3).sum(1)
+
+
+@torch.no_grad()
+def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: torch.Tensor | Iterable,
+                        *, state_a: Mapping[str, torch.Tensor] | None = None,
+                        state_b: Mapping[str, torch.Tensor] | None = None, batch_size: int = 512,
+                        max_batches: int | None = None, max_iter: int = 100, solver: str | None = None,
+                        progress: bool = False) -> MatchResult:
+    """Permutations of B's units maximising the summed correlation of A's and B's activations.
+
+    `data`: a tensor of inputs (split into `batch_size` batches) or an iterable of batches (or of
+    (x, y) tuples). Both models run through `torch.func.functional_call` on `state_a` / `state_b`
+    (default: each model's own parameters and buffers), so neither model nor state is modified; they
+    must be in eval mode. Returns `MatchResult`: `objective` holds Σ of matched correlations (initial
+    identity value first, then after each sweep); `iterations` the sweeps (1 unless factors couple).
+    """
+    for name, m in (("model_a", model_a), ("model_b", model_b)):
+        if m.training:
+            raise ValueError(f"activation_matching: {name} is in training mode; call .eval() first "
+                             "(BatchNorm would update its running statistics)")
+    state_a, state_b = _state(model_a, state_a), _state(model_b, state_b)
+    sizes = spec.perm_sizes(state_a)
+    sizes_b = spec.perm_sizes(state_b)
+    if sizes != sizes_b:
+        raise ValueError(f"activation_matching: perm sizes differ between A {sizes} and B {sizes_b}")
+    sites = find_sites(model_a, spec)
+    moments, shared = _collect(model_a, model_b, state_a, state_b, sites, sizes, data, batch_size, max_batches, progress)
+    missing = [s for s in sites if s not in moments and s not in shared]
+    if missing:
+        warnings.warn(f"activation_matching: sites never reached by the forward pass: {missing}", stacklevel=2)
+    corr = {s: m.corr() for s, m in moments.items()}
+    by_perm = {p: [s for s in corr if p in s.perms] for p in sizes}
+    empty = [p for p, s in by_perm.items() if not s]
+    if empty:
+        raise ValueError(f"activation_matching: no activations were captured for perms {empty}")
+    perms = {p: torch.arange(n) for p, n in sizes.items()}
+    coupled = {p for p in sizes if any(len(s.perms) > 1 for s in by_perm[p])}
+
+    def objective() -> float:
+        total = 0.0
+        for s, c in corr.items():
+            names = list(s.perms)
+            idx = torch.arange(c.shape[0]).reshape([sizes[q] for q in names])
+            for f, q in enumerate(names):  # B's joint unit index under the current perms
+                idx = idx.index_select(f, perms[q])
+            total += float(c[torch.arange(c.shape[0]), idx.reshape(-1)].sum())
+        return total
+
+    history = [objective()]
+    solved: set[str] = set()
+    order = sorted(sizes, key=lambda p: (sizes[p], p))  # coarse factors (heads) before fine ones
+    sweeps = 0
+    for _ in range(max(1, max_iter)):
+        sweeps += 1
+        changed = False
+        for p in order:
+            if p in solved and p not in coupled:
+                continue
+            cost = sum(_factor_cost(c, s, p, sizes, perms, solved) for s, c in corr.items() if p in s.perms)
+            new = solve_lap(cost, solver=solver)
+            r = torch.arange(sizes[p])
+            first = p not in solved
+            solved.add(p)
+            if first or float(cost[r, new].sum() - cost[r, perms[p]].sum()) > 1e-12:
+                # a coupled factor's first solve used a provisional cost: always re-check it
+                changed = changed or not torch.equal(new, perms[p]) or (first and p in coupled)
+                perms[p] = new
+        history.append(objective())
+        if not changed or not coupled:
+            break
+    return MatchResult(perms=perms, objective=history, iterations=sweeps)

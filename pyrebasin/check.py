@@ -135,7 +135,7 @@ def _jitter(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor
             out[k] = done[id(v)]
             continue
         if v.is_floating_point() and v.numel():
-            noise = torch.rand(v.shape, generator=gen, dtype=torch.float64).to(v.dtype)
+            noise = torch.rand(v.shape, generator=gen, dtype=torch.float64).to(v.device, v.dtype)
             if bool((v > 0).all()):  # variances, scales: stay positive
                 new = v * (0.5 + noise)
             else:

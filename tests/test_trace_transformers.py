@@ -181,3 +181,29 @@ def test_hf_llama_gqa_rope(hf):
     assert mlp[1] == ax["model.layers.1.mlp.gate_proj.weight"][0] == ax["model.layers.1.mlp.up_proj.weight"][0]
     assert ax["model.norm.weight"] == (mlp[0],) == (ax["lm_head.weight"][1],)
     prb.check_spec(model, spec, inputs)
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2"])
+def test_hf_more_architectures(arch):
+    from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    if arch == "bert":  # returns hidden states: the residual stream reaches the output, so frozen
+        model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    else:  # q/k/v biases, GQA, RoPE
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, max_position_embeddings=16))
+        inputs = {"input_ids": ids, "use_cache": False}
+    spec = prb.trace_spec(model, inputs)
+    if arch == "bert":
+        assert spec.axes_to_perm["embeddings.word_embeddings.weight"] == (None, None)
+        assert "output" in spec.fixed_reasons["embeddings.LayerNorm.weight"]
+        assert "P_encoder.layer.1.attention.self.heads" in spec.perm_names
+    else:
+        assert spec.axes_to_perm["model.layers.0.self_attn.k_proj.bias"][0].shape == (2, 8)
+    prb.check_spec(model, spec, inputs)

@@ -59,6 +59,14 @@ class Graph:
     aliases: dict[str, str] = field(default_factory=dict)  # tied key -> key used in the graph
 
 
+def _hashable(x) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
 class Engine:
     """Holds atoms for every tensor axis of a Graph and of the state dict, and runs the rules."""
 
@@ -92,6 +100,9 @@ class Engine:
         if v in self.g.refs:
             return self.param(self.g.refs[v])
         out = self.vals.get(v)
+        if out is None and isinstance(self.g.shape(v), tuple):  # a tensor no rule described
+            raise UnsupportedOpError(f"trace_spec: tensor {v!r} has no axis description "
+                                     f"(produced by an op that was not modelled)")
         return None if isinstance(out, Multi) else out
 
     def fresh(self, shape, reason: str | None) -> Axes:
@@ -138,6 +149,9 @@ class Engine:
                 a = self.ax(x)
                 if a is not None:
                     found.append(a)
+                multi = self.vals.get(x) if isinstance(a, type(None)) and _hashable(x) else None
+                if isinstance(multi, Multi):  # a tuple-valued op's outputs
+                    found.extend(m for m in multi if m is not None)
         walk(c.args)
         walk(c.kwargs)
         return found
@@ -172,6 +186,11 @@ class Engine:
         for c in self.g.calls:
             self.mark_used(c)
             self.rule_for(c.name)(self, c)
+            shape = self.g.shape(c.out)
+            if c.out not in self.vals and (isinstance(shape, tuple) or (
+                    isinstance(shape, list) and any(isinstance(x, tuple) for x in shape))):
+                from .rules import generic  # the rule left a tensor output undescribed
+                generic(self, c)
         for key, where in self.used.items():  # passed to an op whose rule never read it
             if key not in self.params:
                 self.params[key] = self.fresh(self.state_shapes[key], f"passed to {where}, "

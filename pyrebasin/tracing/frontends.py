@@ -206,5 +206,9 @@ def _propagate_shapes(gm, args, n_placeholders) -> None:
     copies: dict[int, torch.Tensor] = {}
     state = {f"gm.{k}": copies.setdefault(id(v), v.detach().clone())
              for k, v in gm.state_dict(keep_vars=True).items()}
-    with torch.no_grad():
-        torch.func.functional_call(_Prop(gm), state, args)
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(_Prop(gm), state, args)
+    except Exception as e:  # the fx graph does not run as traced (e.g. data-dependent branches)
+        raise FxUnsupported(f"running the fx graph for shapes failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e

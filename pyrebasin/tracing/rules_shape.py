@@ -3,6 +3,8 @@ expand/repeat, split/chunk and cat/stack (equal pieces become a frozen block fac
 indexing (frozen where they pick part of an axis)."""
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from .engine import Axes, Call, Engine, Multi
 from .rules import _fresh_out, _shape, generic, rule
 
@@ -263,6 +265,10 @@ _METADATA = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "la
 def getattr_(E: Engine, c: Call) -> None:
     """fx records `x.shape` / `x.T` as getattr calls: metadata needs nothing, views get rules."""
     attr = c.args[1] if len(c.args) > 1 else None
+    src = E.vals.get(c.args[0]) if isinstance(c.args[0], Hashable) else None
+    if isinstance(src, Multi) and attr in ("values", "indices"):  # torch.max(x, dim) fields
+        E.vals[c.out] = src[0 if attr == "values" else 1]
+        return None
     if attr in _METADATA or E.ax(c.args[0]) is None:
         return None
     from .rules import rule_for, unary

@@ -23,4 +23,7 @@ TORCH_LIBRARY(pyrebasin, m) {
   // a sample; y=None: x with itself), added into float64 accumulators: count, Σx, Σy, Σx², Σy², Σxyᵀ.
   m.def("corr_accumulate(Tensor x, Tensor? y, int channel_dim, Tensor(a!) count, Tensor(b!) sum_x, "
         "Tensor(c!) sum_y, Tensor(d!) sum_xx, Tensor(e!) sum_yy, Tensor(f!) sum_xy) -> ()");
+  // Minimum-cost assignment of a square float64 cost (CPU): col4row[i] = column of row i, with the
+  // column duals v; passing a previous (v, col4row) warm-starts it (rows still tight keep their column).
+  m.def("lap_solve(Tensor cost, Tensor? v, Tensor? col4row) -> (Tensor col4row, Tensor v, Tensor augmentations)");
 }

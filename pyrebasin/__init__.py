@@ -5,8 +5,11 @@ from . import matching
 from . import ops
 from . import reference
 from . import shards
+from . import similarity
+from . import stitching
 from . import train
 from . import zoo
+from . import experiments
 from . import rng
 from .combine import (
     CoefficientLayout,
@@ -19,6 +22,7 @@ from .combine import (
     sample_coefficients,
 )
 from ._backend import backend, native_available, use_backend
+from .check import CheckReport, SpecCheckError, check_spec
 from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
     Blocked,
@@ -30,6 +34,7 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
+from .trace import UnsupportedOpError, spec_difference, spec_equivalent, trace_spec
 
 __version__ = "0.1.0"
 
@@ -44,6 +49,13 @@ __all__ = [
     "rng",
     "sample_coefficients",
     "Blocked",
+    "CheckReport",
+    "SpecCheckError",
+    "UnsupportedOpError",
+    "check_spec",
+    "spec_difference",
+    "spec_equivalent",
+    "trace_spec",
     "MatchResult",
     "PermutationSpec",
     "activation_matching",
@@ -53,6 +65,7 @@ __all__ = [
     "compose_permutations",
     "data",
     "distributed",
+    "experiments",
     "identity_permutation",
     "invert_permutation",
     "matching",
@@ -61,6 +74,8 @@ __all__ = [
     "random_permutation",
     "reference",
     "shards",
+    "similarity",
+    "stitching",
     "train",
     "use_backend",
     "weight_matching",

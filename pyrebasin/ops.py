@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._backend import native_available, use_native
 
-__all__ = ["permute_multi", "corr_accumulate", "combine_batched"]
+__all__ = ["permute_multi", "corr_accumulate", "lap_solve", "combine_batched"]
 
 
 def permute_multi(
@@ -79,6 +79,17 @@ def corr_accumulate(
     reference.corr_accumulate(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy)
 
 
+def lap_solve(
+    cost: torch.Tensor, v: torch.Tensor | None = None, col4row: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimum-cost assignment of a square float64 CPU cost: (col4row int64 [n], column duals v
+    float64 [n], number of augmenting paths). Passing a previous (v, col4row) warm-starts the solve:
+    rows whose old column is still tight keep it and only the others are augmented (same optimum)."""
+    if use_native("lap_solve", cost.device):
+        return torch.ops.pyrebasin.lap_solve(cost, v, col4row)
+    return reference.lap_solve(cost, v, col4row)
+
+
 if native_available():
 
     @torch.library.register_fake("pyrebasin::permute_multi")
@@ -110,3 +121,10 @@ if native_available():
         for t in (count, sum_x, sum_y, sum_xx, sum_yy, sum_xy):
             torch._check(t.dtype == torch.float64, lambda: "corr_accumulate: accumulators must be float64")
         return None
+
+    @torch.library.register_fake("pyrebasin::lap_solve")
+    def _lap_solve_fake(cost, v, col4row):
+        torch._check(cost.dim() == 2 and cost.shape[0] == cost.shape[1], lambda: "lap_solve: cost must be square")
+        torch._check(cost.dtype == torch.float64, lambda: "lap_solve: cost must be float64")
+        n = cost.shape[0]
+        return (cost.new_empty(n, dtype=torch.long), cost.new_empty(n), cost.new_empty((), dtype=torch.long))

@@ -53,14 +53,11 @@ def linear_curve(model, state_a, state_b, data, ts: int | Sequence[float] = 11, 
     return {"t": ts.tolist(), "loss": r.loss.tolist(), "accuracy": r.accuracy.tolist()}
 
 
-def barrier_of(curve: dict, metric: str = "loss") -> float:
-    """max_t of the metric above the chord between the endpoints (accuracy: below it)."""
-    t = torch.tensor(curve["t"], dtype=torch.float64)
-    v = torch.tensor(curve[metric], dtype=torch.float64)
-    i0, i1 = int(t.argmin()), int(t.argmax())
-    chord = v[i0] + (t - t[i0]) / (t[i1] - t[i0]) * (v[i1] - v[i0])
-    gap = v - chord if metric == "loss" else chord - v
-    return float(gap.max())
+def barrier_of(curve: dict, metric: str = "loss", kind: str = "linear") -> float:
+    """`prb.barrier` of a `linear_curve` dict (default kind "linear": max rise above the endpoint chord)."""
+    from ..lmc import Curve, barrier
+    return barrier(Curve(list(curve["t"]), {"data": list(curve["loss"])}, {"data": list(curve["accuracy"])}),
+                   metric, kind)
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:

@@ -314,6 +314,25 @@ def test_fx_front_end_on_hand_written_attention():
     assert prb.spec_equivalent(spec, model.permutation_spec())
 
 
+class NoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        with torch.no_grad():  # export wraps this region in a higher-order op: inlined
+            h = torch.relu(self.a(x))
+        return self.b(h)
+
+
+def test_no_grad_regions_are_inlined():
+    model, x = NoGrad(), torch.randn(3, 4)
+    spec = prb.trace_spec(model, x, frontend="export")
+    assert spec.axes_to_perm["b.weight"] == (None, "P_a.out")
+    assert prb.PermutationSpec.from_json(spec.to_json()) == spec
+    prb.check_spec(model, spec, x)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

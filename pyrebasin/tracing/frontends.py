@@ -50,21 +50,41 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict, state_keys) -> Gra
             inputs.append(node)
         else:
             consts.add(node)
-    calls = []
-    for n in ep.graph.nodes:
-        if n.op != "call_function":
-            continue
-        t = n.target
-        if isinstance(t, torch._ops.OpOverload):
-            name = t.overloadpacket.__name__
-        else:
-            name = getattr(t, "__name__", str(t))
-        calls.append(Call(name, tuple(n.args), dict(n.kwargs), n, n.name, _path(n), str(t)))
+    calls: list[Call] = []
+    _emit(ep.graph_module, ep.graph, {}, calls)
     outputs = [by_name[s.arg.name] for s in sig.output_specs
                if s.kind == OutputKind.USER_OUTPUT and isinstance(s.arg, TensorArgument)]
     return Graph(calls, inputs, outputs, refs, consts,
                  lambda v: _shape_of_val(v.meta.get("val")) if isinstance(v, torch.fx.Node) else None,
                  "export")
+
+
+_WRAPPERS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+
+
+def _emit(gm, graph, subst: dict, calls: list) -> None:
+    """Calls of an export graph; no_grad / autocast regions (higher-order ops over a submodule)
+    are inlined, their placeholders standing for the operands passed in."""
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = n.target
+        name = t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else \
+            getattr(t, "__name__", str(t))
+        args = torch.fx.node.map_arg(n.args, lambda a: subst.get(a, a))
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: subst.get(a, a))
+        sub_at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node)
+                       and a.op == "get_attr"), None)
+        if name in _WRAPPERS and sub_at is not None:
+            sub = getattr(gm, n.args[sub_at].target)
+            inner = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            sub_subst = dict(zip(inner, args[sub_at + 1:]))
+            _emit(sub, sub.graph, sub_subst, calls)
+            out = next(p for p in sub.graph.nodes if p.op == "output").args[0]
+            items = tuple(sub_subst.get(x, x) for x in (out if isinstance(out, (tuple, list)) else (out,)))
+            calls.append(Call("tuple", (items,), {}, n, n.name, _path(n), str(t)))
+        else:
+            calls.append(Call(name, tuple(args), dict(kwargs), n, n.name, _path(n), str(t)))
 
 
 # --- torch.fx -----------------------------------------------------------------------------------

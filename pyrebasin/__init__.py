@@ -5,8 +5,22 @@ from . import matching
 from . import ops
 from . import reference
 from . import shards
+from . import similarity
+from . import stitching
 from . import train
 from . import zoo
+from . import experiments
+from . import rng
+from .combine import (
+    CoefficientLayout,
+    Coefficients,
+    CombinationResult,
+    Distribution,
+    coefficient_layout,
+    combine_states,
+    evaluate_combinations,
+    sample_coefficients,
+)
 from ._backend import backend, native_available, use_backend
 from .check import CheckReport, SpecCheckError, check_spec
 from .matching import MatchResult, activation_matching, weight_matching
@@ -25,6 +39,15 @@ from .trace import UnsupportedOpError, spec_difference, spec_equivalent, trace_s
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoefficientLayout",
+    "Coefficients",
+    "CombinationResult",
+    "Distribution",
+    "coefficient_layout",
+    "combine_states",
+    "evaluate_combinations",
+    "rng",
+    "sample_coefficients",
     "Blocked",
     "CheckReport",
     "SpecCheckError",
@@ -42,6 +65,7 @@ __all__ = [
     "compose_permutations",
     "data",
     "distributed",
+    "experiments",
     "identity_permutation",
     "invert_permutation",
     "matching",
@@ -50,6 +74,8 @@ __all__ = [
     "random_permutation",
     "reference",
     "shards",
+    "similarity",
+    "stitching",
     "train",
     "use_backend",
     "weight_matching",

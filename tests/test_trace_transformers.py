@@ -126,9 +126,6 @@ def test_vit_with_multihead_attention(need_weights):
     prb.check_spec(model, spec, img)
 
 
-transformers = pytest.importorskip("transformers")
-
-
 def hf_models():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
@@ -146,6 +143,7 @@ def hf_models():
 
 @pytest.fixture(scope="module")
 def hf():
+    pytest.importorskip("transformers")  # only the HF tests need it (test extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return hf_models()
@@ -185,6 +183,7 @@ def test_hf_llama_gqa_rope(hf):
 
 @pytest.mark.parametrize("arch", ["bert", "qwen2"])
 def test_hf_more_architectures(arch):
+    pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 7))

@@ -80,7 +80,6 @@ class Engine:
         self.params: dict[str, Axes] = {}
         self.used: dict[str, str] = {}  # state key -> first op that used it
         self.state_shapes = state_shapes
-        self.notes: list[str] = []
         self.counters: dict[str, int] = {}  # per-module op counts (naming hand-written attention)
 
     # --- values ---

@@ -45,7 +45,6 @@ def generic(E: Engine, c: Call) -> None:
             raise UnsupportedOpError(
                 f"trace_spec cannot model {c.where()}: its tensor inputs carry permutable axes. "
                 f"Pass unknown='freeze' to freeze every axis it touches, or write the spec by hand.")
-        E.notes.append(f"froze every axis touching {c.where()}")
         for axes in ins:
             E.freeze(axes, why)
     _fresh_out(E, c, why if live else "computed from constants and inputs only")

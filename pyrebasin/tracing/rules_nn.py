@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from .engine import Call, Engine, Multi
-from .rules import RULES, generic, reduce, rule, unary
+from .rules import generic, rule
 
 OUT_HINT, HEAD_HINT = 1, 3  # name priorities: attention roles beat "output of layer X"
 
@@ -284,7 +284,3 @@ def sdpa(E: Engine, c: Call) -> None:
                                            for s in shapes[1:]]))
     E.set_out(c, out)
 
-
-for _n in ("softmax", "log_softmax"):  # keep them unary even if someone re-registers names
-    RULES.setdefault(_n, unary)
-RULES.setdefault("mean", reduce)

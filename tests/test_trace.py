@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 import pyrebasin as prb
 from pyrebasin.tracing.frontends import fx_graph
@@ -211,6 +212,14 @@ class CatSplit(nn.Module):
         q, k, v = self.qkv(h).chunk(3, dim=-1)  # equal chunks: (3, 8) blocked, q/k/v share the 8
         y = torch.cat([self.c(x), self.d(x)], -1)  # unequal pieces: frozen
         return self.h1(torch.tanh(q * k + v)) + self.h2(y)
+
+
+def test_weight_norm_parametrization():  # fx leaves it opaque, export traces the parametrization
+    model, x = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4)
+    spec = prb.trace_spec(model, x)
+    assert spec.axes_to_perm["0.parametrizations.weight.original0"] == ("P_0.out", None)  # g
+    assert spec.axes_to_perm["0.parametrizations.weight.original1"] == ("P_0.out", None)  # v
+    prb.check_spec(model, spec, x)
 
 
 def test_cat_and_split():

@@ -104,10 +104,16 @@ _POOLS = {getattr(nn, f"{kind}Pool{k}d"): f"{op}_pool{k}d" for k in (1, 2, 3) fo
            ("AdaptiveMax", "adaptive_max"))}
 
 
-def _module_call(node, mod: nn.Module) -> tuple[str, tuple, dict]:
+def _module_call(node, mod: nn.Module, state_keys) -> tuple[str, tuple, dict]:
     """A leaf module call as the aten op it amounts to, with parameters as `Ref`s."""
     p = node.target
-    ref = lambda name: Ref(f"{p}.{name}") if getattr(mod, name, None) is not None else None  # noqa
+
+    def ref(name):
+        if getattr(mod, name, None) is None:
+            return None
+        if f"{p}.{name}" not in state_keys:  # computed (parametrizations): export traces it
+            raise FxUnsupported(f"{name!r} of leaf module {p!r} is not a state-dict tensor")
+        return Ref(f"{p}.{name}")
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     if isinstance(mod, nn.Linear):
         return "linear", (x, ref("weight"), ref("bias")), {}
@@ -186,7 +192,7 @@ def fx_graph(model: nn.Module, args: tuple, kwargs: dict, state_keys) -> Graph:
                 consts.add(n)
         elif n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            name, a, k = _module_call(n, mod)
+            name, a, k = _module_call(n, mod, state_keys)
             calls.append(Call(name, a, k, n, n.name, n.target, f"{type(mod).__name__} {n.target}"))
         elif n.op in ("call_function", "call_method"):
             name, a, k = _function_call(n)

@@ -108,7 +108,8 @@ ELEMENTWISE = ("add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_
                "or_", "invert", "pow", "pow_", "addcmul", "addcdiv", "lerp", "floor_divide",
                "fmod", "remainder", "copy_", "atan2", "truediv", "floordiv", "mod", "xlogy",
                "fill_", "hypot", "true_divide", "isnan", "isinf", "isfinite", "floor", "ceil",
-               "round", "trunc", "frac", "bitwise_left_shift", "bitwise_right_shift")
+               "round", "trunc", "frac", "bitwise_left_shift", "bitwise_right_shift",
+               "_weight_norm")  # weight norm: g * v / |v| over the axes g broadcasts along
 
 
 @rule(*ELEMENTWISE)

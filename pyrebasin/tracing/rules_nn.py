@@ -153,7 +153,11 @@ def conv(E: Engine, c: Call) -> None:
             out_ch = [g, per]
     if b is not None:
         E.tie(out_ch, b[0], f"bias of {c.where()}")
-    _hint_out(E, out_ch, c.path)
+    if groups == 1:
+        _hint_out(E, out_ch, c.path)
+    else:  # (groups, per-group units)
+        E.A.hint(out_ch[0], f"{c.path}.groups", OUT_HINT)
+        _hint_out(E, out_ch[1:], c.path)
     E.set_out(c, x[:ch] + [out_ch] + E.fresh(shape[ch + 1:], f"positions of {c.where()}"))
 
 

@@ -115,6 +115,9 @@ def test_conv_flatten_linear_blocked():
     spec = prb.trace_spec(model, x)
     assert spec.axes_to_perm["fc.weight"] == ("P_fc.out", prb.Blocked((6, 16), ("P_conv.out", None)))
     assert spec.axes_to_perm["bn.running_var"] == ("P_conv.out",)
+    text = prb.describe_spec(spec, model.state_dict())
+    assert "P_conv.out (6 units): conv.weight[0]" in text and "fc.weight[1:0/2]" in text
+    assert "fixed bn.num_batches_tracked: scalar" in text
     assert fx_graph(model, (x,), {}, set(model.state_dict())).frontend == "fx"
     prb.check_spec(model, spec, x)
 

@@ -1,5 +1,6 @@
 """trace_spec on random nets (hypothesis): stacks of width changes, residual blocks, BatchNorm,
-GLU, per-head softmax, equal-piece cat and chunk; every traced spec passes check_spec."""
+RMSNorm, GroupNorm, GLU, per-head softmax, equal-piece cat and chunk; every traced spec passes
+check_spec, and the fx and torch.export front ends agree."""
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -18,7 +19,7 @@ class RandomNet(nn.Module):
         self.inp = nn.Linear(d, 8)
         d = 8
         for step in plan:
-            if (step == "chunk" and d % 4) or (step == "heads" and d % 2):
+            if (step == "chunk" and d % 4) or (step in ("heads", "gn") and d % 2):
                 continue  # keep every piece at least 2 wide
             self.plan.append(step)
             if step == "linear":
@@ -29,6 +30,10 @@ class RandomNet(nn.Module):
                                                nn.Linear(2 * d, d)))
             elif step == "bn":
                 self.mods.append(nn.BatchNorm1d(d))
+            elif step == "rms":
+                self.mods.append(nn.RMSNorm(d))
+            elif step == "gn":  # (groups, per-group) blocked when 1 < groups < d
+                self.mods.append(nn.GroupNorm(2, d))
             elif step == "glu":
                 self.mods.append(nn.Linear(d, 2 * d))
             else:  # heads / cat / chunk: no parameters
@@ -50,13 +55,15 @@ class RandomNet(nn.Module):
             elif step == "chunk":
                 a, b = x.chunk(2, dim=-1)
                 x = a * torch.sigmoid(b)
+            elif step in ("rms", "gn"):
+                x = mod(x)
             else:
                 x = F.relu(mod(x))
         return self.head(x)
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.lists(st.sampled_from(["linear", "res", "bn", "glu", "heads", "cat", "chunk"]),
+@given(st.lists(st.sampled_from(["linear", "res", "bn", "rms", "gn", "glu", "heads", "cat", "chunk"]),
                 min_size=1, max_size=5), st.integers(0, 2 ** 16))
 def test_random_nets_pass_the_invariance_check(plan, seed):
     torch.manual_seed(seed)
@@ -64,3 +71,13 @@ def test_random_nets_pass_the_invariance_check(plan, seed):
     spec = prb.trace_spec(model, x, frontend="fx")
     assert spec.axes_to_perm["inp.weight"][0] is not None  # the first hidden layer is always free
     prb.check_spec(model, spec, x, seed=seed)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.sampled_from(["linear", "res", "bn", "rms", "gn", "glu", "heads", "cat", "chunk"]),
+                min_size=2, max_size=5))
+def test_random_nets_fx_and_export_agree(plan):
+    torch.manual_seed(0)
+    model, x = RandomNet(plan), torch.randn(5, 6)
+    fx, ex = (prb.trace_spec(model, x, frontend=f) for f in ("fx", "export"))
+    assert prb.spec_difference(fx, ex) == []

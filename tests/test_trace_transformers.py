@@ -1,5 +1,6 @@
-"""trace_spec on attention: hand-written GPT blocks (causal, GQA, RoPE), a ViT with
-nn.MultiheadAttention, and tiny randomly initialised Hugging Face GPT-2 / LLaMA models (no download)."""
+"""trace_spec on sequence models: hand-written GPT blocks (causal, GQA, RoPE), a ViT with
+nn.MultiheadAttention, LSTM/GRU stacks, and tiny randomly initialised Hugging Face GPT-2 / LLaMA /
+Qwen2 / BERT models (built from a config, no download)."""
 import math
 import warnings
 
@@ -124,6 +125,40 @@ def test_vit_with_multihead_attention(need_weights):
     assert None not in packed[0].perms[1:]
     assert ax["attn.out_proj.weight"] == (res, prb.Blocked((4, 4), packed[0].perms[1:]))
     prb.check_spec(model, spec, img)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind, layers, bidirectional, read_state):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(4, 6, num_layers=layers, batch_first=True,
+                                     bidirectional=bidirectional)
+        self.fc = nn.Linear(6 * (2 if bidirectional else 1), 2)
+        self.fh = nn.Linear(6, 2)
+        self.read_state = read_state
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        y = self.fc(out).mean(1)
+        if self.read_state:  # h_n holds every layer's units in one axis
+            y = y + self.fh(state[0] if isinstance(state, tuple) else state).sum(0)
+        return y
+
+
+@pytest.mark.parametrize("kind,layers,bidirectional,read_state",
+                         [("LSTM", 2, True, False), ("GRU", 2, False, True), ("RNN", 1, True, True)])
+def test_recurrent(kind, layers, bidirectional, read_state):
+    torch.manual_seed(0)
+    model, x = Recurrent(kind, layers, bidirectional, read_state), torch.randn(3, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = prb.trace_spec(model, x)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    rows = spec.axes_to_perm["rnn.weight_hh_l0"][0]
+    assert (rows == "P_rnn.l0") if gates == 1 else rows == prb.Blocked((gates, 6), (None, "P_rnn.l0"))
+    assert spec.axes_to_perm["rnn.weight_hh_l0"][1] == "P_rnn.l0"
+    if layers == 2:  # the layers share one group only when h_n (all layers in one axis) is read
+        assert ("P_rnn.l1" in spec.perm_names) == (not read_state)
+    prb.check_spec(model, spec, x)
 
 
 def hf_models():

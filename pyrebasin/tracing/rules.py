@@ -66,11 +66,13 @@ NO_TENSOR_OUT = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "
 for _n in NO_TENSOR_OUT:  # shape/metadata queries and assertions: nothing to permute
     RULES[_n] = lambda E, c: None
 
-CONSTANT_MAKERS = ("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "randn",
-                   "rand", "randint", "eye", "linspace", "new_ones", "new_zeros", "new_full",
+CONSTANT_MAKERS = ("arange", "empty", "tensor", "randn", "rand", "randint", "eye", "linspace",
                    "new_empty", "new_tensor", "empty_strided", "lift_fresh_copy")
 for _n in CONSTANT_MAKERS:
     RULES[_n] = lambda E, c: _fresh_out(E, c, "constant tensor")
+UNIFORM_MAKERS = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "scalar_tensor")
+for _n in UNIFORM_MAKERS:  # every entry equal: invariant to any permutation of any axis
+    RULES[_n] = lambda E, c: _fresh_out(E, c, None)
 
 
 # --- elementwise ---------------------------------------------------------------------------------

@@ -226,6 +226,31 @@ def test_candidate_layers_cover_the_zoo():
         st.candidate_layers(nn.Linear(2, 3))
 
 
+def test_non_tensor_outputs_and_unknown_paths_are_named():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.head = Pair(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.pair(x)[0])
+
+    net, x = Net(), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="'pair' outputs a tuple"):
+        st.stitch(net, net, "pair", data=x)
+    with pytest.raises(ValueError, match=r"submodules: \['pair', 'pair.lin', 'head'\]"):
+        st.stitch(net, net, "lin", data=x)
+    torch.testing.assert_close(st.stitch(net, net, "pair.lin", data=x)(x), net(x))
+
+
 # --- real data (the paper's claims) ------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -290,3 +290,15 @@ def test_stitch_on_cuda_matches_cpu(mlp_pair, x40):
     gpu = st.stitch(a.cuda(), b.cuda(), "norms.1", data=x40.cuda(), kind="orthogonal", init="procrustes")
     a.cpu(), b.cpu()
     torch.testing.assert_close(gpu(x40.cuda()).cpu(), cpu(x40), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("widths", [(64, 32), (32, 64)])
+def test_rectangular_orthogonal_stitch_stays_semi_orthogonal_while_training(widths, x40):
+    a, b = build(prb.zoo.MLP, width=widths[0], depth=2), build(prb.zoo.MLP, width=widths[1], depth=2)
+    y = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(2))
+    s = st.stitch(a, b, "norms.1", data=(x40, y), kind="orthogonal", init="procrustes")
+    st.train_stitch_(s, (x40, y), epochs=2, lr=1e-2, progress=False)
+    q = s.layer.rotation.weight.detach()
+    gram = q @ q.T if q.shape[0] <= q.shape[1] else q.T @ q
+    torch.testing.assert_close(gram, torch.eye(min(widths)), atol=1e-5, rtol=0)
+    assert q.shape == (widths[1], widths[0]) and float(s.layer.scale) > 0

@@ -301,4 +301,4 @@ def test_rectangular_orthogonal_stitch_stays_semi_orthogonal_while_training(widt
     q = s.layer.rotation.weight.detach()
     gram = q @ q.T if q.shape[0] <= q.shape[1] else q.T @ q
     torch.testing.assert_close(gram, torch.eye(min(widths)), atol=1e-5, rtol=0)
-    assert q.shape == (widths[1], widths[0]) and float(s.layer.scale) > 0
+    assert q.shape == (widths[1], widths[0]) and float(s.layer.scale.detach()) > 0

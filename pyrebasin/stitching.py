@@ -57,15 +57,16 @@ class _Frozen:
         self.state = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors}
 
     def run(self, x: torch.Tensor, hook) -> torch.Tensor:
-        flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        training = [m for m in self.model.modules() if m.training]  # usually none: zoo models come in eval
+        for m in training:
+            m.training = False
         handle = self.module.register_forward_hook(hook)
         try:
             return torch.func.functional_call(self.model, self.state, (x,))
         finally:
             handle.remove()
-            for m, t in flags:
-                m.training = t
+            for m in training:
+                m.training = True
 
     def capture(self, x: torch.Tensor) -> torch.Tensor:
         """The output of `layer` on input x (the rest of the forward is skipped)."""

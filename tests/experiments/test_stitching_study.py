@@ -48,8 +48,15 @@ def test_study_least_squares_keeps_accuracy_identity_does_not(study):
 def test_study_plot_and_report_section(study, tmp_path):
     md, d, pngs = prb.experiments.stitching_section(tmp_path, study=study)
     assert md.startswith("## Stitching") and "relative accuracy" in md and pngs[0].name in md
+    assert "mlp (width=128, depth=3) seed 0" in md
     assert d["layers"] == study.layers and json.loads(json.dumps(d))["cka"] == study.cka
     check_png(pngs[0])
+
+
+def test_the_demo_finds_the_section():
+    from pyrebasin.experiments import demo
+
+    assert "stitching" in [demo.section_key(f) for f in demo.sections()]
 
 
 def test_study_rejects_unknown_configs():

@@ -147,9 +147,9 @@ def check_state(model: nn.Module, state: State, name: str = "state") -> None:
     for k, v in ref.items():
         t = state[k]
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{k!r}] is a {type(t).__name__}, not a Tensor")
+            raise TypeError(f"{name}: {k!r} is a {type(t).__name__}, not a Tensor")
         if t.shape != v.shape:
-            raise ValueError(f"{name}[{k!r}] has shape {list(t.shape)} but the model expects {list(v.shape)}")
+            raise ValueError(f"{name}: {k!r} has shape {list(t.shape)} but the model expects {list(v.shape)}")
 
 
 @contextlib.contextmanager

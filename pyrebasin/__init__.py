@@ -7,9 +7,24 @@ from . import matching
 from . import ops
 from . import reference
 from . import shards
+from . import similarity
+from . import stitching
 from . import train
 from . import zoo
+from . import experiments
+from . import rng
+from .combine import (
+    CoefficientLayout,
+    Coefficients,
+    CombinationResult,
+    Distribution,
+    coefficient_layout,
+    combine_states,
+    evaluate_combinations,
+    sample_coefficients,
+)
 from ._backend import backend, native_available, use_backend
+from .check import CheckReport, SpecCheckError, check_spec
 from .lmc import Curve, barrier, interpolate
 from .matching import MatchResult, activation_matching, weight_matching
 from .repair import endpoint_stats, repair, reset_bn
@@ -23,30 +38,37 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
+from .trace import UnsupportedOpError, spec_difference, spec_equivalent, trace_spec
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # `prb.experiments` (the demo and studies: plots, reports) loads on first use, keeping the core
-    # import light. `prb.repair` is the REPAIR function; its module is `pyrebasin.repair` in imports.
-    if name == "experiments":
-        import importlib
-
-        return importlib.import_module(f"{__name__}.experiments")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Curve",
     "barrier",
     "endpoint_stats",
-    "experiments",
     "interpolate",
     "io",
     "lmc",
     "repair",
     "reset_bn",
+    "CoefficientLayout",
+    "Coefficients",
+    "CombinationResult",
+    "Distribution",
+    "coefficient_layout",
+    "combine_states",
+    "evaluate_combinations",
+    "rng",
+    "sample_coefficients",
     "Blocked",
+    "CheckReport",
+    "SpecCheckError",
+    "UnsupportedOpError",
+    "check_spec",
+    "spec_difference",
+    "spec_equivalent",
+    "trace_spec",
     "MatchResult",
     "PermutationSpec",
     "activation_matching",
@@ -56,6 +78,7 @@ __all__ = [
     "compose_permutations",
     "data",
     "distributed",
+    "experiments",
     "identity_permutation",
     "invert_permutation",
     "matching",
@@ -64,6 +87,8 @@ __all__ = [
     "random_permutation",
     "reference",
     "shards",
+    "similarity",
+    "stitching",
     "train",
     "use_backend",
     "weight_matching",

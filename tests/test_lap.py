@@ -65,3 +65,77 @@ def test_errors():
     with pytest.raises(ValueError, match="warm_start"):
         solve_lap(np.eye(3), warm_start=torch.arange(2))
     assert solve_lap(np.zeros((0, 0))).numel() == 0
+
+
+# --- the lap_solve op (solver "jv"): native kernel against its reference twin ---
+from pyrebasin import ops, reference  # noqa: E402
+from pyrebasin._backend import has_kernel  # noqa: E402
+from pyrebasin.matching import LapState  # noqa: E402
+
+needs_native = pytest.mark.skipif(not has_kernel("lap_solve", "cpu"), reason="native lap_solve not built")
+
+
+def assignment_value(cost, col):
+    return float(cost[torch.arange(cost.shape[0]), col].sum())
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
+def test_lap_solve_native_equals_reference(n):
+    g = torch.Generator().manual_seed(n)
+    cost = torch.randn(n, n, generator=g, dtype=torch.float64)
+    col_n, v_n, aug_n = torch.ops.pyrebasin.lap_solve(cost, None, None)
+    col_r, v_r, aug_r = reference.lap_solve(cost, None, None)
+    assert torch.equal(col_n, col_r) and int(aug_n) == int(aug_r) == n
+    torch.testing.assert_close(v_n, v_r, rtol=0, atol=1e-12)
+    # warm start on a perturbed cost: same optimum as a cold solve, fewer augmenting paths
+    cost2 = cost + 0.05 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    col_w, _, aug_w = torch.ops.pyrebasin.lap_solve(cost2, v_n, col_n)
+    col_wr, _, aug_wr = reference.lap_solve(cost2, v_r, col_r)
+    cold = torch.ops.pyrebasin.lap_solve(cost2, None, None)[0]
+    assert assignment_value(cost2, col_w) == pytest.approx(assignment_value(cost2, cold), abs=1e-12)
+    assert torch.equal(col_w, col_wr) and int(aug_w) == int(aug_wr) <= n
+
+
+@needs_native
+def test_lap_solve_warm_from_the_answer_needs_no_augmentation():
+    cost = torch.randn(40, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    col, v, _ = torch.ops.pyrebasin.lap_solve(cost, None, None)
+    col2, _, aug = torch.ops.pyrebasin.lap_solve(cost, v, col)
+    assert torch.equal(col, col2) and int(aug) == 0
+
+
+@needs_native
+def test_lap_solve_opcheck_and_errors():
+    cost = torch.randn(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyrebasin.lap_solve, (cost, None, None))
+    col, v, _ = torch.ops.pyrebasin.lap_solve(cost, None, None)
+    torch.library.opcheck(torch.ops.pyrebasin.lap_solve, (cost, v, col))
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.pyrebasin.lap_solve(cost.float(), None, None)
+    with pytest.raises(RuntimeError, match="square"):
+        torch.ops.pyrebasin.lap_solve(cost[:5], None, None)
+    with pytest.raises(RuntimeError, match="both v and col4row"):
+        torch.ops.pyrebasin.lap_solve(cost, v, None)
+    with pytest.raises(RuntimeError, match="NaN"):
+        torch.ops.pyrebasin.lap_solve(torch.full((2, 2), float("nan"), dtype=torch.float64), None, None)
+    with pytest.raises(ValueError, match="both v and col4row"):
+        reference.lap_solve(cost, v, None)
+
+
+def test_solve_lap_jv_warm_state_round_trip():
+    cost = torch.randn(30, 30, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    perm, state = solve_lap(cost, solver="jv", return_state=True)
+    assert isinstance(state, LapState) and torch.equal(state.perm, perm)
+    again = solve_lap(cost * 1.001, solver="jv", warm_start=state)
+    assert torch.equal(again, perm)
+    assert solve_lap(cost, solver="scipy", return_state=True)[1] is None
+    with prb_backend("reference"):
+        assert torch.equal(solve_lap(cost, solver="jv"), perm)
+    assert ops.lap_solve is not None
+
+
+def prb_backend(name):
+    import pyrebasin as prb
+
+    return prb.use_backend(name)

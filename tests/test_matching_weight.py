@@ -173,3 +173,53 @@ def test_cuda_matches_cpu():
     cpu = prb.weight_matching(spec, a, b)
     gpu = prb.weight_matching(spec, {k: v.cuda() for k, v in a.items()}, {k: v.cuda() for k, v in b.items()})
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-5)
+
+
+# --- real data: models trained on mnist1d from different seeds (cached by train_zoo) ---
+
+def trained_pair(arch, epochs, **kwargs):
+    from pyrebasin.train import TrainConfig
+
+    ma, sa = prb.train.train_zoo(arch, seed=0, config=TrainConfig(epochs=epochs), progress=False, **kwargs)
+    mb, sb = prb.train.train_zoo(arch, seed=1, config=TrainConfig(epochs=epochs), progress=False, **kwargs)
+    return ma, sa, mb, sb
+
+
+@torch.no_grad()
+def barriers(model, sa, sb, x, y):
+    """(loss barrier, accuracy barrier) of the midpoint against the mean of the endpoints."""
+    def evaluate(state):
+        out = torch.func.functional_call(model, state, (x,))
+        return torch.nn.functional.cross_entropy(out, y).item(), (out.argmax(-1) == y).double().mean().item()
+
+    mid = {k: torch.lerp(sa[k].double(), sb[k].double(), 0.5).to(sa[k].dtype) if sa[k].is_floating_point()
+           else sa[k] for k in sa}
+    (la, aa), (lb, ab), (lm, am) = evaluate(sa), evaluate(sb), evaluate(mid)
+    return lm - (la + lb) / 2, (aa + ab) / 2 - am
+
+
+@pytest.mark.slow
+def test_mlp_weight_matching_lowers_the_barrier():
+    model, sa, _, sb = trained_pair("mlp", 10)
+    _, _, x, y = prb.data.mnist1d()
+    spec = model.permutation_spec()
+    result = prb.weight_matching(spec, sa, sb)
+    naive_loss, naive_acc = barriers(model, sa, sb, x, y)
+    loss, acc = barriers(model, sa, prb.apply_permutation(spec, result.perms, sb), x, y)
+    # measured: accuracy barrier 0.41 naive -> 0.03 matched; loss barrier 1.09 -> 0.08
+    assert naive_acc > 0.25 and acc < 0.1 and acc < naive_acc / 4
+    assert loss < naive_loss / 4
+    assert all(y2 >= y1 - 1e-6 * abs(y1) for y1, y2 in zip(result.objective, result.objective[1:]))
+
+
+@pytest.mark.slow
+def test_resnet20_weight_matching_lowers_the_barrier():
+    # A narrow ResNet20 keeps a large barrier even when matched (Git Re-Basin needs width and
+    # REPAIR for ResNets); the claim checked here is only that matching clearly lowers it.
+    model, sa, _, sb = trained_pair("resnet20", 5, norm="ln")
+    _, _, x, y = prb.data.mnist1d()
+    spec = model.permutation_spec()
+    result = prb.weight_matching(spec, sa, sb)
+    naive_loss, naive_acc = barriers(model, sa, sb, x, y)
+    loss, acc = barriers(model, sa, prb.apply_permutation(spec, result.perms, sb), x, y)
+    assert acc < naive_acc - 0.1 and loss < naive_loss

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..spec import Blocked, PermutationSpec, axis_index, check_permutations
-from .lap import solve_lap
+from .lap import default_solver, solve_lap
 
 __all__ = ["MatchResult", "weight_matching"]
 
@@ -165,11 +165,12 @@ def _objective(a, b, spec: PermutationSpec, perms) -> float:
 def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     state_b: Mapping[str, torch.Tensor], *, max_iter: int = 100, seed: int = 0,
                     init: Mapping[str, torch.Tensor] | None = None, solver: str | None = None,
-                    progress: bool = False, tol: float = 1e-12) -> MatchResult:
+                    progress: bool = False, tol: float = 1e-12, warm_start: bool = True) -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     Each sweep visits the perm groups in a seeded random order and solves one LAP per group (cost on
-    the tensors' device, LAP on the CPU, `solver` as in `solve_lap`); a group whose dependencies did
+    the tensors' device, LAP on the CPU, `solver` as in `solve_lap`; with the default "jv" solver and
+    `warm_start`, each group's LAP restarts from its previous duals); a group whose dependencies did
     not change since its last solve is skipped (its LAP would return the same answer). Stops after a
     sweep without an improvement > `tol` or after `max_iter` sweeps. Inputs are never modified.
     """
@@ -188,6 +189,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     version = dict.fromkeys(sizes, 0)
     solved_at: dict[str, tuple | None] = dict.fromkeys(sizes, None)
     names = list(sizes)
+    solver = solver or default_solver()
+    lap_states: dict = dict.fromkeys(sizes)
     gen = torch.Generator().manual_seed(seed)
     history = [_objective(a, b, spec, device_perms)]
     sweeps = 0
@@ -202,7 +205,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                 continue  # nothing it reads changed: the LAP would return the same optimum
             solved_at[p] = snapshot
             cost = builder.cost(p).to("cpu", torch.float64)
-            new = solve_lap(cost, solver=solver, warm_start=None)
+            new, lap_states[p] = solve_lap(cost, solver=solver, return_state=True,
+                                           warm_start=lap_states[p] if warm_start else None)
             rows = torch.arange(sizes[p])
             gain = float(cost[rows, new].sum() - cost[rows, perms[p]].sum())
             if gain > tol:

@@ -68,6 +68,7 @@ def test_demo_quick_writes_a_report(tmp_path):
     keys = [s["key"] for s in report["sections"]]
     assert keys[:3] == ["models", "lmc_mlp", "lmc_vgg_bn"]
     md = (out / "report.md").read_text()
+    assert "test loss barrier naive" in report["sections"][1]["summary"][0] and "- MLP" in md
     figures = [f for s in report["sections"] for f in s["figures"]]
     assert len(figures) >= 7
     for f in figures:

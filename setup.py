@@ -20,7 +20,7 @@ def native_extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
-    extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}
+    extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]}  # bit-exact RNG (philox.h)
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))

@@ -14,6 +14,11 @@ TORCH_LIBRARY(pyrebasin, m) {
   // Gathers every tensor along all of its permuted axes in one pass: indices[k] is applied to
   // tensors[owners[k]] along axis axes[k] (out = in.index_select(axis, index) for every such pair).
   m.def("permute_multi(Tensor[] tensors, Tensor[] indices, int[] owners, int[] axes) -> Tensor[]");
+  // K = num_samples combinations out[i][k] = b[i] + lambda_k * (a[i] - b[i]), shape [K, *a[i].shape]:
+  // element e of tensor i uses coefficient index coef_base[i] + (e / coef_div[i]) % coef_mod[i],
+  // drawn in-kernel from (seed, sample_begin + k, index) by Philox-4x32-10 (see philox.h).
+  m.def("combine_batched(Tensor[] a, Tensor[] b, int[] coef_base, int[] coef_div, int[] coef_mod, "
+        "str distribution, float[] params, int seed, int sample_begin, int num_samples) -> Tensor[]");
   // Streaming moments of two activation streams (features along channel_dim, every other position
   // a sample; y=None: x with itself), added into float64 accumulators: count, Σx, Σy, Σx², Σy², Σxyᵀ.
   m.def("corr_accumulate(Tensor x, Tensor? y, int channel_dim, Tensor(a!) count, Tensor(b!) sum_x, "

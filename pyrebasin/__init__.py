@@ -5,9 +5,24 @@ from . import matching
 from . import ops
 from . import reference
 from . import shards
+from . import similarity
+from . import stitching
 from . import train
 from . import zoo
+from . import experiments
+from . import rng
+from .combine import (
+    CoefficientLayout,
+    Coefficients,
+    CombinationResult,
+    Distribution,
+    coefficient_layout,
+    combine_states,
+    evaluate_combinations,
+    sample_coefficients,
+)
 from ._backend import backend, native_available, use_backend
+from .check import CheckReport, SpecCheckError, check_spec
 from .matching import MatchResult, activation_matching, weight_matching
 from .spec import (
     Blocked,
@@ -19,11 +34,28 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
+from .trace import UnsupportedOpError, spec_difference, spec_equivalent, trace_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoefficientLayout",
+    "Coefficients",
+    "CombinationResult",
+    "Distribution",
+    "coefficient_layout",
+    "combine_states",
+    "evaluate_combinations",
+    "rng",
+    "sample_coefficients",
     "Blocked",
+    "CheckReport",
+    "SpecCheckError",
+    "UnsupportedOpError",
+    "check_spec",
+    "spec_difference",
+    "spec_equivalent",
+    "trace_spec",
     "MatchResult",
     "PermutationSpec",
     "activation_matching",
@@ -33,6 +65,7 @@ __all__ = [
     "compose_permutations",
     "data",
     "distributed",
+    "experiments",
     "identity_permutation",
     "invert_permutation",
     "matching",
@@ -41,6 +74,8 @@ __all__ = [
     "random_permutation",
     "reference",
     "shards",
+    "similarity",
+    "stitching",
     "train",
     "use_backend",
     "weight_matching",

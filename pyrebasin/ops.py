@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._backend import native_available, use_native
 
-__all__ = ["permute_multi", "corr_accumulate", "lap_solve"]
+__all__ = ["permute_multi", "corr_accumulate", "lap_solve", "combine_batched"]
 
 
 def permute_multi(
@@ -32,6 +32,32 @@ def permute_multi(
     return reference.permute_multi(tensors, indices, owners, axes)
 
 
+def combine_batched(
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    coef_base: Sequence[int],
+    coef_div: Sequence[int],
+    coef_mod: Sequence[int],
+    distribution: str,
+    params: Sequence[float],
+    seed: int,
+    sample_begin: int,
+    num_samples: int,
+) -> list[torch.Tensor]:
+    """K = `num_samples` combinations `b[i] + λ_k ⊙ (a[i] − b[i])`, each output [K, *a[i].shape].
+
+    Element e (row-major) of tensor i uses coefficient index `coef_base[i] + (e // coef_div[i]) %
+    coef_mod[i]`; λ for (seed, sample_begin + k, index) comes from the counter-based RNG of
+    `pyrebasin.rng` (distribution "constant"(t), "uniform"(low, high), "bernoulli"(p),
+    "gaussian"(mean, std, clip_low, clip_high) or "beta"(alpha, beta)) and is never stored.
+    """
+    if a and use_native("combine_batched", a[0].device):
+        return torch.ops.pyrebasin.combine_batched(
+            list(a), list(b), [int(v) for v in coef_base], [int(v) for v in coef_div],
+            [int(v) for v in coef_mod], str(distribution), [float(p) for p in params], int(seed),
+            int(sample_begin), int(num_samples))
+    return reference.combine_batched(a, b, coef_base, coef_div, coef_mod, distribution, params, seed,
+                                     sample_begin, num_samples)
 def corr_accumulate(
     x: torch.Tensor,
     y: torch.Tensor | None,
@@ -74,6 +100,16 @@ if native_available():
             torch._check(idx.dim() == 1 and idx.dtype == torch.long, lambda: "indices must be 1-D int64")
             torch._check(idx.shape[0] == tensors[owner].shape[axis], lambda: "index length != axis size")
         return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+    @torch.library.register_fake("pyrebasin::combine_batched")
+    def _combine_batched_fake(a, b, coef_base, coef_div, coef_mod, distribution, params, seed,
+                              sample_begin, num_samples):
+        torch._check(len(a) == len(b) == len(coef_base) == len(coef_div) == len(coef_mod),
+                     lambda: "a/b/coef_base/coef_div/coef_mod lengths differ")
+        torch._check(num_samples >= 0, lambda: f"num_samples must be >= 0, got {num_samples}")
+        for x, y in zip(a, b):
+            torch._check(x.shape == y.shape and x.dtype == y.dtype, lambda: "a[i] and b[i] differ")
+        return [x.new_empty((num_samples, *x.shape)) for x in a]
 
     @torch.library.register_fake("pyrebasin::corr_accumulate")
     def _corr_accumulate_fake(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy):

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["permute_multi", "corr_accumulate", "lap_solve"]
+from . import rng
+
+__all__ = ["permute_multi", "corr_accumulate", "lap_solve", "combine_batched"]
 
 
 def permute_multi(
@@ -26,6 +28,40 @@ def permute_multi(
     return [o if was else o.clone(memory_format=torch.contiguous_format) for o, was in zip(out, touched)]
 
 
+def combine_batched(
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    coef_base: Sequence[int],
+    coef_div: Sequence[int],
+    coef_mod: Sequence[int],
+    distribution: str,
+    params: Sequence[float],
+    seed: int,
+    sample_begin: int,
+    num_samples: int,
+) -> list[torch.Tensor]:
+    """Materialises λ [K, *shape] per tensor (from `rng.coefficients`), then b + λ·(a − b) in
+    float32 (float64 for float64 tensors), rounded once to the tensor's dtype."""
+    if not (len(a) == len(b) == len(coef_base) == len(coef_div) == len(coef_mod)):
+        raise ValueError("combine_batched: a, b, coef_base, coef_div and coef_mod must have the same length")
+    if distribution not in rng.DISTRIBUTIONS or len(params) != rng.DISTRIBUTIONS[distribution][1]:
+        raise ValueError(f"combine_batched: bad distribution {distribution!r} with params {list(params)}")
+    samples = torch.arange(sample_begin, sample_begin + num_samples, dtype=torch.int64)
+    out = []
+    for i, (x, y, base, div, mod) in enumerate(zip(a, b, coef_base, coef_div, coef_mod)):
+        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+            raise ValueError(f"combine_batched: a[{i}] ({x.dtype}, {list(x.shape)}) and b[{i}] "
+                             f"({y.dtype}, {list(y.shape)}) differ")
+        if div < 1 or mod < 1 or base < 0:
+            raise ValueError(f"combine_batched: tensor {i} has base={base}, div={div}, mod={mod}")
+        opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+        idx = base + (torch.arange(x.numel()) // div) % mod
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        lam = rng.coefficients(distribution, params, seed, samples[:, None], uniq[None, :])
+        lam = lam.to(opmath)[:, inverse].reshape(num_samples, *x.shape).to(x.device)
+        xa, yb = x.to(opmath), y.to(opmath)
+        out.append((yb + lam * (xa - yb)).to(x.dtype).contiguous())
+    return out
 def corr_accumulate(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy, sum_xy) -> None:
     """Moves the channel dim last (the NHWC copy), converts to float64, and adds the moments."""
     def features_last(t):

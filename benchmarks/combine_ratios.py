@@ -1,0 +1,146 @@
+"""Mode combinability benchmarks, as ratios measured in one run (issue #5):
+
+(a) small MLP (width 64, 256 examples, 256 combinations): evaluate_combinations vs a loop of
+    load_state_dict + forward (per-model overhead dominates);
+(b) MLP 3x512 over the mnist1d test set: evaluate_combinations vs the FLOP floor (K x forward FLOPs
+    at the GEMM rate measured in this run), with the memory of one chunk;
+(c) the combination op alone vs a plain torch expression that materialises λ (torch.rand), and vs
+    the memory-traffic floor (allocating and writing the K outputs: empty + fill_ of the same bytes).
+
+Usage: python benchmarks/combine_ratios.py [--threads 2] [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import pyrebasin as prb
+
+
+def best(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def pair(width, depth, seed=0):
+    torch.manual_seed(seed)
+    m = prb.zoo.MLP(40, width, depth).eval()
+    a = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(seed + 1)
+    b = {k: v.clone() for k, v in prb.zoo.MLP(40, width, depth).state_dict().items()}
+    return m, a, b
+
+
+def loop_peer(model, a, b, n, x, y):
+    """What one writes without pyrebasin: per model, draw λ, combine, load_state_dict, forward."""
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        for _ in range(n):
+            sd = {k: b[k] + torch.rand(a[k].shape, generator=g) * (a[k] - b[k]) for k in a}
+            model.load_state_dict(sd)
+            losses.append(torch.nn.functional.cross_entropy(model(x), y).item())
+    return losses
+
+
+def case_a(repeat):
+    m, a, b = pair(64, 2)
+    x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
+    c = prb.sample_coefficients(a, 256, "uniform", "element", seed=0)
+    probe = prb.zoo.MLP(40, 64, 2).eval()
+    t_loop = best(lambda: loop_peer(probe, a, b, 256, x, y), repeat)
+    t_ours = best(lambda: prb.evaluate_combinations(m, a, b, c, (x, y), chunk=256), repeat)
+    return {"loop_s": t_loop, "evaluate_s": t_ours, "speedup": t_loop / t_ours}
+
+
+def mlp_forward_flops(widths, n, in_features=40, classes=10):
+    dims = [in_features] + widths + [classes]
+    return 2 * n * sum(p * q for p, q in zip(dims[:-1], dims[1:]))
+
+
+def gemm_rate(repeat, chunk):
+    """FLOP/s of a plain batched GEMM shaped like the model's biggest layer, as vmap runs it."""
+    xa, wa = torch.randn(chunk, 1000, 512), torch.randn(chunk, 512, 512)
+    t = best(lambda: torch.bmm(xa, wa), repeat)
+    return 2 * chunk * 1000 * 512 * 512 / t
+
+
+def case_b(repeat, k):
+    m, a, b = pair(512, 3)
+    _, _, x, y = prb.data.mnist1d()
+    chunk = 16
+    rate = gemm_rate(repeat, chunk)
+    out = {"K": k, "chunk": chunk, "examples": len(y), "gemm_gflops": rate / 1e9}
+    for gran in ("element", "neuron", "global"):
+        c = prb.sample_coefficients(m.permutation_spec(), k, "uniform", gran, seed=0, state=a)
+        res = {}
+        t = best(lambda: res.setdefault("r", prb.evaluate_combinations(m, a, b, c, (x, y), chunk=chunk,
+                                                                       batch_size=None)), repeat)
+        floor = k * mlp_forward_flops([512] * 3, len(y)) / rate
+        r = res["r"]
+        act = chunk * len(y) * (3 * 512 + 10) * 4
+        out[gran] = {"seconds": t, "floor_s": floor, "ratio_to_floor": t / floor,
+                     "chunk_param_bytes": r.chunk_param_bytes, "chunk_activation_bytes_est": act,
+                     "peak_memory_bytes": r.peak_memory_bytes}
+    return out
+
+
+def case_c(repeat, k):
+    _, a, b = pair(512, 3)
+    keys = list(a)
+    d = sum(a[key].numel() for key in keys)
+    outs = [torch.empty(k, *a[key].shape) for key in keys]
+    t_fill = best(lambda: [o.fill_(1.0) for o in outs], repeat)
+    # The op returns fresh tensors, so its floor includes allocating (first-touching) the output pages.
+    t_floor = best(lambda: [torch.empty(k, *a[key].shape).fill_(1.0) for key in keys], repeat)
+    g = torch.Generator().manual_seed(0)
+
+    def plain():
+        return [b[key] + torch.rand((k, *a[key].shape), generator=g) * (a[key] - b[key]) for key in keys]
+
+    t_plain = best(plain, repeat)
+    res = {"K": k, "params": d, "output_bytes": k * d * 4, "fill_preallocated_s": t_fill, "floor_alloc_fill_s": t_floor, "torch_rand_expr_s": t_plain,
+           "torch_ratio_to_floor": t_plain / t_floor}
+    spec = prb.zoo.MLP(40, 512, 3).permutation_spec()
+    for gran in ("element", "neuron", "global"):
+        c = prb.sample_coefficients(spec, k, "uniform", gran, seed=0, state=a)
+        t = best(lambda: prb.combine_states(a, b, c), repeat)
+        res[f"native_{gran}_s"] = t
+        res[f"native_{gran}_ratio_to_floor"] = t / t_floor
+        res[f"native_{gran}_speedup_vs_torch_rand_expr"] = t_plain / t
+        # The reference materialises λ (int64 Philox in torch ops): compare it on 8 samples only.
+        c8 = prb.sample_coefficients(spec, 8, "uniform", gran, seed=0, state=a)
+        t_nat = best(lambda: prb.combine_states(a, b, c8), repeat)
+        with prb.use_backend("reference"):
+            t_ref = best(lambda: prb.combine_states(a, b, c8), 1)
+        res[f"reference_over_native_{gran}_K8"] = t_ref / t_nat
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="K=64 in (b) and (c)")
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    k = 64 if args.quick else 256
+    result = {"threads": args.threads, "backend": prb.backend(), "a": case_a(args.repeat),
+              "b": case_b(args.repeat, k), "c": case_c(args.repeat, k)}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

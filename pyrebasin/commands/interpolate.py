@@ -1,0 +1,63 @@
+"""`pyrebasin interpolate`: loss/accuracy along θ(t) = (1−t)·θ_A + t·θ_B for two checkpoints
+(optionally aligned first, with RESET or REPAIR); writes curve.json (curve + barriers) and curve.png."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from . import _common
+
+
+def run(args: argparse.Namespace) -> int:
+    import pyrebasin as prb
+    from ..experiments.plots import plot_curves
+    from ..io import atomic_write_text
+    from ..lmc import BARRIER_KINDS, barrier, interpolate
+
+    model, state_a, state_b = _common.load_pair(args)
+    splits = _common.load_splits(args.data, args.samples)
+    x = splits["train"][0]
+    _common.probe(model, state_a, x, f"--data {args.data}")
+    info = {"align": args.align}
+    if args.align != "none":
+        spec = _common.spec_of(model, x)
+        t0 = time.perf_counter()
+        result = _common.align(model, spec, state_a, state_b, args.align, x, progress=not args.no_progress)
+        state_b = prb.apply_permutation(spec, result.perms, state_b)
+        info["align_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c = interpolate(model, state_a, state_b, splits, args.ts, buffers=args.buffers, repair=args.repair,
+                    stat_data=x, progress=not args.no_progress)
+    info["seconds"] = time.perf_counter() - t0
+    c.meta.update(info, a=str(args.a), b=str(args.b), arch=args.arch)
+    barriers = {f"{m}/{k}/{s}": barrier(c, m, k, split=s)
+                for m in ("loss", "accuracy") for k in BARRIER_KINDS for s in c.splits}
+    out = Path(args.out)
+    atomic_write_text(out / "curve.json", json.dumps({"curve": c.to_dict(), "barriers": barriers}, indent=1))
+    label = "aligned" if args.align != "none" else "naive"
+    if args.repair:
+        label += " + REPAIR"
+    elif args.buffers == "reset":
+        label += " + RESET"
+    plot_curves({label: c}, out / "curve.png", title=f"{args.arch}: {Path(args.a).name} → {Path(args.b).name}")
+    split = "test" if "test" in c.splits else "train"
+    print(f"loss barrier ({split}) {barriers[f'loss/endpoint_mean/{split}']:.4f}, accuracy barrier "
+          f"{barriers[f'accuracy/endpoint_mean/{split}']:.4f}; wrote {out / 'curve.json'} and {out / 'curve.png'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("interpolate", help="loss/accuracy curve between two checkpoints (JSON + PNG)")
+    _common.add_pair_args(p)
+    p.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
+    _common.add_data_args(p)
+    p.add_argument("--ts", type=int, default=25, help="number of evenly spaced t in [0, 1]")
+    p.add_argument("--align", choices=("none", "weight", "activation"), default="none",
+                   help="permute B onto A first")
+    p.add_argument("--buffers", choices=("interpolate", "reset"), default="interpolate",
+                   help="BatchNorm statistics: interpolated, or recomputed (RESET)")
+    p.add_argument("--repair", action="store_true", help="apply REPAIR at every t")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)

@@ -1,0 +1,68 @@
+"""Transitivity of alignment: align A→C and B→C, then compare barrier(A′, B′) with direct alignment of B
+to A and with the naive pair (Git Re-Basin's question: is "aligned to a common model" aligned?).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..spec import PermutationSpec, apply_permutation
+from .combinability import align, barrier_of, linear_curve
+
+__all__ = ["TransitivityStudy", "transitivity", "plot_transitivity", "transitivity_section"]
+
+
+@dataclass
+class TransitivityStudy:
+    """Loss barriers and linear curves for the naive, direct (B→A) and transitive (A→C, B→C) pairs."""
+
+    barriers: dict[str, float]
+    accuracy_barriers: dict[str, float]
+    curves: dict[str, dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def transitivity(model, spec: PermutationSpec, state_a, state_b, state_c, data, *, ts: int = 11,
+                 seed: int = 0) -> TransitivityStudy:
+    """Barriers of A–B naive, A–π(B) with π from weight matching B onto A, and π_A(A)–π_B(B) with both
+    matched onto C."""
+    direct_b = apply_permutation(spec, align(spec, state_a, state_b, seed=seed), state_b)
+    a_to_c = apply_permutation(spec, align(spec, state_c, state_a, seed=seed), state_a)
+    b_to_c = apply_permutation(spec, align(spec, state_c, state_b, seed=seed), state_b)
+    curves = {"naive": linear_curve(model, state_a, state_b, data, ts),
+              "direct": linear_curve(model, state_a, direct_b, data, ts),
+              "transitive": linear_curve(model, a_to_c, b_to_c, data, ts)}
+    return TransitivityStudy({k: barrier_of(c) for k, c in curves.items()},
+                             {k: barrier_of(c, "accuracy") for k, c in curves.items()}, curves)
+
+
+def plot_transitivity(study: TransitivityStudy, path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for name, c in study.curves.items():
+        for ax, metric in zip(axes, ("loss", "accuracy")):
+            ax.plot(c["t"], c[metric], marker="o", ms=3, label=f"{name} (barrier {study.barriers[name]:.3f})"
+                    if metric == "loss" else name)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("t (0: B, 1: A)")
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def transitivity_section(model, spec, state_a, state_b, state_c, data, out_dir, **kw):
+    study = transitivity(model, spec, state_a, state_b, state_c, data, **kw)
+    png = plot_transitivity(study, Path(out_dir) / "transitivity.png")
+    rows = "\n".join(f"| {k} | {v:.4f} | {study.accuracy_barriers[k]:.4f} |" for k, v in study.barriers.items())
+    md = ("## Transitivity\n\nA and B each aligned to a third model C (transitive) vs B aligned to A (direct).\n\n"
+          f"| pair | loss barrier | accuracy barrier |\n|---|---|---|\n{rows}\n\n![transitivity]({png.name})\n")
+    return md, study.to_dict(), [png]

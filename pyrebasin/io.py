@@ -1,0 +1,154 @@
+"""Checkpoints and files for the CLI and reports: state dicts from .safetensors/.pt, atomic writes,
+and `--arch` resolution (a zoo name or `module:factory`), with one-line errors naming what is wrong.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["load_state", "save_state", "atomic_write", "atomic_write_text", "atomic_savefig",
+           "resolve_arch", "parse_kwargs", "STATE_SUFFIXES"]
+
+STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_NESTED = ("state_dict", "model_state_dict", "model", "state")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _suffix(path: Path) -> str:
+    if path.suffix not in STATE_SUFFIXES:
+        raise ValueError(f"{path}: unknown checkpoint format {path.suffix or '(no suffix)'!r}; "
+                         f"expected one of {list(STATE_SUFFIXES)}")
+    return path.suffix
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict (CPU tensors) from a .safetensors or .pt/.pth/.bin file.
+
+    .pt files are read with `weights_only=True` (no code runs); a dict nesting the tensors under
+    "state_dict" / "model_state_dict" / "model" / "state" is unwrapped, and a DataParallel "module."
+    prefix on every key is dropped. Raises FileNotFoundError or ValueError naming the file.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _NESTED:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad or not obj:
+        raise ValueError(f"{path}: not a state dict of tensors" + (f" (non-tensor entries {bad[:5]})" if bad else " (empty)"))
+    state = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place, so a
+    reader never sees a half-written file (and a failed write leaves any old file intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+
+
+def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a state dict atomically, as safetensors or torch.save by the file's suffix."""
+    path = Path(path)
+    suffix = _suffix(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def parse_kwargs(text: str | None, what: str = "--arch-kwargs") -> dict:
+    """A JSON object of keyword arguments (None or empty: {})."""
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON ({exc.msg} at char {exc.pos}): {text!r}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{what} must be a JSON object like '{{\"width\": 128}}', got {text!r}")
+    return out
+
+
+def resolve_arch(arch: str, kwargs: Mapping | None = None) -> nn.Module:
+    """Build a model from a zoo name ("mlp", "vgg", "resnet20", "transformer") or "module:factory"
+    (any importable callable returning an nn.Module), called with `kwargs`."""
+    from . import zoo
+
+    kwargs = dict(kwargs or {})
+    if ":" not in arch:
+        if arch not in zoo.ARCHS:
+            raise ValueError(f"unknown --arch {arch!r}: expected a zoo name {sorted(zoo.ARCHS)} or 'module:factory'")
+        factory = zoo.ARCHS[arch]
+    else:
+        mod_name, _, attr = arch.partition(":")
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ValueError(f"--arch {arch!r}: cannot import module {mod_name!r} ({_first_line(exc)})") from None
+        factory = module
+        for part in attr.split("."):
+            if not part or not hasattr(factory, part):
+                raise ValueError(f"--arch {arch!r}: module {mod_name!r} has no attribute {attr!r}")
+            factory = getattr(factory, part)
+        if not callable(factory):
+            raise ValueError(f"--arch {arch!r}: {attr!r} is not callable")
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"--arch {arch!r} with arguments {kwargs}: {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--arch {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()

@@ -1,0 +1,284 @@
+"""RESET (recompute BatchNorm statistics) and REPAIR (Jordan et al. 2023: renormalise each channel of
+an interpolated network to the interpolated endpoint statistics), for BN, LayerNorm and norm-free nets.
+
+Both run one pass over the data in which every repair point (a BatchNorm or per-channel LayerNorm/
+GroupNorm, or a conv/linear whose output no such norm consumes) is renormalised with its batch
+statistics — so later layers see repaired inputs, as in the paper's train-mode pass — then fold the
+averaged statistics into the state: BatchNorm running stats + affine, the LN/GN affine, or the
+producing conv/linear weight and bias.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .lmc import _check_pair, check_state, eval_mode, lerp_state
+from .moments import CrossMoments
+
+__all__ = ["RepairPoint", "EndpointStats", "find_points", "endpoint_stats", "renormalize", "repair", "reset_bn"]
+
+State = Mapping[str, torch.Tensor]
+_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
+_LN = (nn.LayerNorm, nn.GroupNorm)
+
+
+def _per_channel_norm(m: nn.Module) -> bool:
+    """A LayerNorm/GroupNorm whose affine is one (weight, bias) pair per channel: REPAIR folds there."""
+    if isinstance(m, nn.GroupNorm):
+        return m.affine
+    if isinstance(m, nn.LayerNorm):
+        return m.weight is not None and len(m.normalized_shape) == 1
+    return False
+
+
+@dataclass(frozen=True)
+class RepairPoint:
+    """A module whose output channels REPAIR renormalises: kind "bn" (a BatchNorm: statistics of its
+    input, folded into running stats and affine) or "affine" (a conv/linear, or a LayerNorm/GroupNorm
+    with a per-channel affine: folded into its weight and bias). `channel_dim` is where its output
+    keeps channels (1 for conv/BN/GroupNorm, -1 for linear/LayerNorm)."""
+
+    name: str
+    kind: str
+    channel_dim: int
+
+
+def _x(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        return data[0]
+    raise TypeError(f"statistics data must be a tensor of inputs or an (x, y) pair, got {type(data).__name__}")
+
+
+@contextlib.contextmanager
+def _hooks(model: nn.Module, fns: Mapping[str, object], pre: bool = False):
+    """Temporarily hook modules of the caller's model (removed on exit, whatever happens)."""
+    mods = dict(model.named_modules())
+    handles = []
+    try:
+        for name, fn in fns.items():
+            m = mods[name]
+            handles.append(m.register_forward_pre_hook(fn) if pre else m.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _point(name: str, module: nn.Module) -> RepairPoint:
+    if isinstance(module, _BN):
+        return RepairPoint(name, "bn", 1)
+    if isinstance(module, _AFFINE) or _per_channel_norm(module):
+        return RepairPoint(name, "affine", -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1)
+    raise ValueError(f"REPAIR point {name!r} is a {type(module).__name__}; expected a BatchNorm, "
+                     "LayerNorm/GroupNorm with a per-channel affine, Linear or Conv")
+
+
+@torch.no_grad()
+def find_points(model: nn.Module, state: State, example: torch.Tensor,
+                names: Sequence[str] | None = None) -> list[RepairPoint]:
+    """The channels REPAIR renormalises, found by one traced forward on `example` (a few inputs):
+    every BatchNorm and per-channel-affine LayerNorm/GroupNorm, plus every conv/linear whose output
+    neither feeds such a norm directly nor is the model's output (the logits). `names` picks modules
+    by hand instead."""
+    mods = dict(model.named_modules())
+    if names is not None:
+        missing = [n for n in names if n not in mods]
+        if missing:
+            raise ValueError(f"REPAIR points {missing} are not modules of the model")
+        return [_point(n, mods[n]) for n in names]
+    outputs: dict[str, torch.Tensor] = {}
+    norm_inputs: list[torch.Tensor] = []
+    order: list[str] = []
+
+    def record(name):
+        def hook(m, inputs, out):
+            order.append(name)
+            if isinstance(m, _BN) or _per_channel_norm(m):
+                norm_inputs.append(inputs[0])
+            outputs[name] = out
+        return hook
+
+    watch = {n: record(n) for n, m in mods.items() if isinstance(m, (_BN,) + _AFFINE) or _per_channel_norm(m)}
+    with eval_mode(model), _hooks(model, watch):
+        final = functional_call(model, dict(state), (example,))
+    points = []
+    for name in dict.fromkeys(order):  # forward order, each module once
+        m = mods[name]
+        if isinstance(m, _BN) or _per_channel_norm(m):
+            points.append(_point(name, m))
+        elif not any(outputs[name] is t for t in norm_inputs) and outputs[name] is not final:
+            if m.bias is None:
+                raise ValueError(f"REPAIR cannot shift the channels of {name!r}: it has no bias and no "
+                                 "BatchNorm follows it (pass points= to choose layers by hand)")
+            points.append(_point(name, m))
+    return points
+
+
+def _channel_stats(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population mean and variance of each channel over every other position."""
+    xs = x.movedim(dim, -1).reshape(-1, x.shape[dim])
+    var, mean = torch.var_mean(xs, dim=0, correction=0)
+    return mean, var
+
+
+@dataclass
+class EndpointStats:
+    """Per-channel mean and std (float64) of each repair point's output in both endpoint networks."""
+
+    points: list[RepairPoint]
+    mean_a: dict[str, torch.Tensor]
+    std_a: dict[str, torch.Tensor]
+    mean_b: dict[str, torch.Tensor]
+    std_b: dict[str, torch.Tensor]
+
+    def targets(self, t: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """REPAIR's goal at t: μ_t = (1−t)μ_A + tμ_B and σ_t = (1−t)σ_A + tσ_B per channel."""
+        return {p.name: (torch.lerp(self.mean_a[p.name], self.mean_b[p.name], float(t)),
+                         torch.lerp(self.std_a[p.name], self.std_b[p.name], float(t))) for p in self.points}
+
+
+@torch.no_grad()
+def endpoint_stats(model: nn.Module, state_a: State, state_b: State, data, *,
+                   points: Sequence[str] | None = None, batch_size: int = 1000,
+                   progress: bool = False) -> EndpointStats:
+    """Stream the two endpoint networks over `data` (inputs, or an (x, y) pair) and accumulate each
+    repair point's per-channel moments with `CrossMoments` (float64, any number of batches)."""
+    _check_pair(model, state_a, state_b)
+    x = _x(data)
+    pts = find_points(model, state_a, x[:2], points)
+    acts: dict[str, torch.Tensor] = {}
+    moments: dict[str, CrossMoments] = {}
+
+    def grab(name):
+        def hook(m, inputs, out):
+            acts[name] = out
+        return hook
+
+    hooks = {p.name: grab(p.name) for p in pts}
+    with eval_mode(model), _hooks(model, hooks):
+        for i in tqdm(range(0, len(x), batch_size), desc="REPAIR endpoint stats", disable=not progress, leave=False):
+            xb = x[i:i + batch_size]
+            functional_call(model, dict(state_a), (xb,))
+            got_a = dict(acts)
+            functional_call(model, dict(state_b), (xb,))
+            for p in pts:
+                a, b = got_a[p.name], acts[p.name]
+                if p.name not in moments:
+                    moments[p.name] = CrossMoments(a.shape[p.channel_dim], b.shape[p.channel_dim], device=a.device)
+                moments[p.name].update(a, b, channel_dim=p.channel_dim)
+    return EndpointStats(pts, {n: m.mean_x for n, m in moments.items()}, {n: m.var_x.sqrt() for n, m in moments.items()},
+                         {n: m.mean_y for n, m in moments.items()}, {n: m.var_y.sqrt() for n, m in moments.items()})
+
+
+@torch.no_grad()
+def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor] | None],
+                points: Sequence[RepairPoint], *, batch_size: int = 1000, eps: float = 1e-5,
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """A new state whose repair points output per-channel mean/std `targets[name]` on `data`.
+
+    A target of None (BatchNorm points only) keeps the layer's own affine: that is RESET. The pass
+    renormalises with batch statistics; their count-weighted average is folded into the state.
+    """
+    check_state(model, state)
+    x = _x(data)
+    mods = dict(model.named_modules())
+    sums: dict[str, list] = {p.name: [0, 0.0, 0.0] for p in points}  # count, Σ batch means, Σ batch vars
+
+    def goal(p: RepairPoint, n_ch: int, like: torch.Tensor):
+        tgt = targets.get(p.name)
+        if tgt is not None:
+            return tgt[1].to(like), tgt[0].to(like)
+        w, b = state.get(f"{p.name}.weight"), state.get(f"{p.name}.bias")
+        one = torch.ones(n_ch, dtype=like.dtype, device=like.device)
+        return (one if w is None else w.to(like)), (one * 0 if b is None else b.to(like))
+
+    def hook_for(p: RepairPoint):
+        m = mods[p.name]
+        e = m.eps if p.kind == "bn" else eps
+
+        def hook(module, inputs, out):
+            src = inputs[0] if p.kind == "bn" else out  # BN: renormalise its input, replacing its output
+            mean, var = _channel_stats(src, p.channel_dim)
+            n = src.numel() // src.shape[p.channel_dim]
+            acc = sums[p.name]
+            acc[0] += n
+            acc[1] = acc[1] + mean.double() * n
+            acc[2] = acc[2] + var.double() * n
+            std_goal, mean_goal = goal(p, src.shape[p.channel_dim], src)
+            shape = [1] * src.dim()
+            shape[p.channel_dim] = -1
+            scale = (std_goal / (var + e).sqrt()).view(shape)
+            return (src - mean.view(shape)) * scale + mean_goal.view(shape)
+        return hook
+
+    for p in points:
+        if p.kind == "bn" and targets.get(p.name) is not None and not mods[p.name].affine:
+            raise ValueError(f"BatchNorm {p.name!r} has no affine parameters to fold REPAIR's targets into")
+        if p.kind == "affine" and f"{p.name}.bias" not in state:
+            raise ValueError(f"REPAIR cannot shift the channels of {p.name!r}: it has no bias")
+    with eval_mode(model), _hooks(model, {p.name: hook_for(p) for p in points}):
+        for i in tqdm(range(0, len(x), batch_size), desc="renormalize", disable=not progress, leave=False):
+            functional_call(model, dict(state), (x[i:i + batch_size],))
+    out = {k: v.clone() for k, v in state.items()}
+    for p in points:
+        n, sm, sv = sums[p.name]
+        if n == 0:
+            raise ValueError(f"repair point {p.name!r} never ran during the forward pass")
+        mean, var = sm / n, sv / n
+        tgt = targets.get(p.name)
+        key = p.name + "."
+        if p.kind == "bn":
+            out[key + "running_mean"] = mean.to(out[key + "running_mean"])
+            out[key + "running_var"] = var.to(out[key + "running_var"])
+            if tgt is not None:
+                out[key + "weight"] = tgt[1].to(out[key + "weight"])
+                out[key + "bias"] = tgt[0].to(out[key + "bias"])
+        else:
+            std_goal, mean_goal = (tgt[1], tgt[0]) if tgt is not None else (torch.ones_like(mean), torch.zeros_like(mean))
+            scale = std_goal.double() / (var + eps).sqrt()
+            w = out[key + "weight"]
+            out[key + "weight"] = (w.double() * scale.view([-1] + [1] * (w.dim() - 1))).to(w.dtype)
+            b = out[key + "bias"]
+            out[key + "bias"] = ((b.double() - mean) * scale + mean_goal.double()).to(b.dtype)
+    return out
+
+
+def repair(model: nn.Module, state_a: State, state_b: State, t: float, data, *,
+           stats: EndpointStats | None = None, state: State | None = None, points: Sequence[str] | None = None,
+           batch_size: int = 1000, eps: float = 1e-5, progress: bool = False) -> dict[str, torch.Tensor]:
+    """REPAIR at t: the interpolated state (1−t)θ_A + tθ_B (or `state`) with every repair point's
+    channels rescaled so that their mean and std on `data` are (1−t)μ_A + tμ_B and (1−t)σ_A + tσ_B.
+
+    Pass `stats=endpoint_stats(...)` to reuse the endpoint statistics across many t. BatchNorm points
+    are folded into running stats and affine; others into their conv/linear weight and bias (so LN and
+    norm-free nets work too). Returns a new state dict; the model and inputs are untouched.
+    """
+    if stats is None:
+        stats = endpoint_stats(model, state_a, state_b, data, points=points, batch_size=batch_size, progress=progress)
+    cur = lerp_state(state_a, state_b, t) if state is None else state
+    return renormalize(model, cur, data, stats.targets(t), stats.points, batch_size=batch_size, eps=eps,
+                       progress=progress)
+
+
+def reset_bn(model: nn.Module, state: State, data, *, batch_size: int = 1000,
+             progress: bool = False) -> dict[str, torch.Tensor]:
+    """RESET: a new state whose BatchNorm running statistics are recomputed on `data`, as a train-mode
+    pass with momentum=None would (each BN normalises with its batch statistics; the running stats
+    become their count-weighted average, population variance). Weights are unchanged."""
+    check_state(model, state)
+    points = [RepairPoint(n, "bn", 1) for n, m in model.named_modules() if isinstance(m, _BN)]
+    if not points:
+        raise ValueError(f"reset_bn: {type(model).__name__} has no BatchNorm layers to reset")
+    for p in points:
+        if f"{p.name}.running_mean" not in state:
+            raise ValueError(f"reset_bn: BatchNorm {p.name!r} tracks no running statistics")
+    return renormalize(model, state, data, {}, points, batch_size=batch_size, progress=progress)

@@ -1,0 +1,197 @@
+"""Op rules of `trace_spec`: for each aten-named op, which axes of its inputs, parameters and outputs
+must share a permutation (tie), and which no permutation may touch (freeze, with a reason).
+
+Soundness: each rule makes its op equivariant under any permutation of each atom class, so the
+whole model is invariant once inputs and outputs are frozen. When unsure, a rule freezes.
+"""
+from __future__ import annotations
+
+import re
+
+from .engine import Call, Engine, Multi, UnsupportedOpError
+
+RULES: dict = {}
+
+
+def rule(*names):
+    def deco(fn):
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return deco
+
+
+def _dims(d, ndim: int) -> list[int]:
+    if d is None:
+        return list(range(ndim))
+    d = [d] if isinstance(d, int) else list(d)
+    return sorted(x % ndim for x in d) if d else list(range(ndim))
+
+
+def _shape(E: Engine, c: Call):
+    return E.g.shape(c.out)
+
+
+# --- fallback and trivial ops ------------------------------------------------------------------
+def generic(E: Engine, c: Call) -> None:
+    """Ops without a rule: fine when no permutable axis reaches them (constants, masks, position
+    ids); otherwise an UnsupportedOpError (unknown="error") or frozen axes (unknown="freeze")."""
+    ins = E.tensor_args(c)
+    live = [a for axes in ins for atoms in axes for a in atoms if not E.A.is_frozen(a)
+            and E.A.size[a] > 1]
+    why = f"unsupported {c.where()}"
+    if live:
+        if E.unknown == "error":
+            raise UnsupportedOpError(
+                f"trace_spec cannot model {c.where()}: its tensor inputs carry permutable axes. "
+                f"Pass unknown='freeze' to freeze every axis it touches, or write the spec by hand.")
+        E.notes.append(f"froze every axis touching {c.where()}")
+        for axes in ins:
+            E.freeze(axes, why)
+    _fresh_out(E, c, why if live else "computed from constants and inputs only")
+
+
+def _fresh_out(E: Engine, c: Call, reason: str) -> None:
+    shape = _shape(E, c)
+    if isinstance(shape, tuple):
+        E.vals[c.out] = E.fresh(shape, reason)
+    elif isinstance(shape, list):
+        E.vals[c.out] = Multi(E.fresh(s, reason) if isinstance(s, tuple) else None for s in shape)
+
+
+NO_TENSOR_OUT = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_size",
+                 "sym_numel", "sym_stride", "sym_storage_offset", "sym_constrain_range",
+                 "sym_constrain_range_for_size", "_functional_assert_async", "size", "dim", "numel",
+                 "stride", "is_contiguous", "data_ptr", "item", "_local_scalar_dense", "ndimension",
+                 "get_device", "is_floating_point", "tolist")
+for _n in NO_TENSOR_OUT:  # shape/metadata queries and assertions: nothing to permute
+    RULES[_n] = lambda E, c: None
+
+CONSTANT_MAKERS = ("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "randn",
+                   "rand", "randint", "eye", "linspace", "new_ones", "new_zeros", "new_full",
+                   "new_empty", "new_tensor", "empty_strided", "lift_fresh_copy")
+for _n in CONSTANT_MAKERS:
+    RULES[_n] = lambda E, c: _fresh_out(E, c, "constant tensor")
+
+
+# --- elementwise ---------------------------------------------------------------------------------
+UNARY = ("relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
+         "neg", "exp", "log", "log1p", "abs", "sqrt", "rsqrt", "sin", "cos", "erf", "square",
+         "reciprocal", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "softplus",
+         "mish", "hardswish", "hardsigmoid", "relu6", "logsigmoid", "sign", "celu", "selu", "glu_",
+         "dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+         "clone", "contiguous", "to", "_to_copy", "type_as", "detach", "detach_", "alias", "float",
+         "half", "double", "bfloat16", "type", "clamp", "clamp_", "clip", "softmax", "_softmax",
+         "log_softmax", "_log_softmax", "identity", "nan_to_num", "positive", "zeros_like",
+         "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "requires_grad_", "cpu",
+         "cuda", "_assert_tensor_metadata_passthrough", "dropout1d", "dropout2d", "dropout3d")
+
+
+@rule(*UNARY)
+def unary(E: Engine, c: Call) -> None:
+    """Pointwise (or equivariant along every axis: softmax) in its first tensor argument."""
+    x = E.ax(c.arg(0, "self"))
+    if x is None or [E.size(a) for a in x] != list(_shape(E, c)):
+        return elementwise(E, c)
+    E.set_out(c, x)
+
+
+@rule("native_dropout")
+def native_dropout(E: Engine, c: Call) -> None:
+    x = E.ax(c.arg(0, "input"))
+    E.set_out(c, Multi([x, x]))
+
+
+ELEMENTWISE = ("add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "where",
+               "maximum", "minimum", "masked_fill", "masked_fill_", "eq", "ne", "lt", "le", "gt",
+               "ge", "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and",
+               "bitwise_or", "bitwise_not", "bitwise_xor", "__and__", "__or__", "__xor__", "and_",
+               "or_", "invert", "pow", "pow_", "addcmul", "addcdiv", "lerp", "floor_divide",
+               "fmod", "remainder", "copy_", "atan2", "truediv", "floordiv", "mod", "xlogy",
+               "fill_", "hypot", "true_divide", "isnan", "isinf", "isfinite", "floor", "ceil",
+               "round", "trunc", "frac", "bitwise_left_shift", "bitwise_right_shift")
+
+
+@rule(*ELEMENTWISE)
+def elementwise(E: Engine, c: Call) -> None:
+    """Broadcasting pointwise op: axes aligned from the right share atoms (size-1 ones broadcast)."""
+    shape = _shape(E, c)
+    if not isinstance(shape, tuple):
+        return None if not E.tensor_args(c) else generic(E, c)
+    out: list = [None] * len(shape)
+    for axes in E.tensor_args(c):
+        off = len(shape) - len(axes)
+        for i, atoms in enumerate(axes):
+            j = off + i
+            if E.size(atoms) != shape[j]:
+                continue  # broadcast size-1 axis
+            if out[j] is None:
+                out[j] = atoms
+            else:
+                E.tie(out[j], atoms, f"pointwise {c.where()}")
+    E.set_out(c, [o if o is not None else [E.A.new(s, None if s == 1 else "broadcast")]
+                  for o, s in zip(out, shape)])
+
+
+# --- reductions ----------------------------------------------------------------------------------
+REDUCE = ("mean", "sum", "amax", "amin", "var", "std", "prod", "logsumexp", "norm", "any", "all",
+          "linalg_vector_norm", "nansum", "nanmean", "count_nonzero")
+ORDERED = ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "sort", "argsort", "topk",
+           "max", "min", "median", "mode", "kthvalue", "logcumsumexp", "diff")
+
+
+@rule(*REDUCE, *ORDERED)
+def reduce(E: Engine, c: Call) -> None:
+    """Reducing over an axis is invariant to its permutation; order-dependent ops (argmax, cumsum,
+    sort, diff) freeze the axes they run along."""
+    x = E.ax(c.arg(0, "self"))
+    if x is None:
+        return generic(E, c)
+    nd = len(x)
+    dim = c.arg(2, "dim") if c.name == "linalg_vector_norm" else c.arg(1, "dim")
+    if c.name in ("max", "min") and (len(c.args) < 2 and "dim" not in c.kwargs):
+        dim = None
+    if c.name in ("max", "min") and len(c.args) > 1 and E.ax(c.args[1]) is not None:
+        return elementwise(E, c)  # max(a, b)
+    if c.name == "topk":
+        dim = c.arg(2, "dim", -1)
+    if c.name in ("sort", "argsort") and dim is None:
+        dim = -1
+    if not isinstance(dim, (int, list, tuple, type(None))):
+        dim = None
+    dims = _dims(dim, nd) if nd else []
+    if c.name in ORDERED:
+        E.freeze([x[d] for d in dims], f"order along the axis matters for {c.where()}")
+    shapes = _shape(E, c)
+    for_shapes = shapes if isinstance(shapes, list) else [shapes]
+    outs = []
+    for s in for_shapes:
+        if s is None:
+            outs.append(None)
+        elif len(s) == nd and all(s[i] == E.size(x[i]) or i in dims for i in range(nd)):
+            outs.append([x[i] if s[i] == E.size(x[i]) else [E.A.new(s[i])] for i in range(nd)])
+        elif len(s) == nd - len(dims):
+            outs.append([x[i] for i in range(nd) if i not in dims])
+        else:
+            E.freeze(x, f"unexpected output shape of {c.where()}")
+            outs.append(E.fresh(s, f"output of {c.where()}"))
+    E.set_out(c, Multi(outs) if isinstance(shapes, list) else outs[0])
+
+
+from . import rules_nn, rules_shape  # noqa: E402,F401  (register their rules into RULES)
+
+_POOL = re.compile(r"^(max_pool|avg_pool|adaptive_avg_pool|adaptive_max_pool|lp_pool|"
+                   r"fractional_max_pool|max_unpool|upsample_\w+|reflection_pad|replication_pad|"
+                   r"_upsample_\w+)(\d)d(_with_indices)?$")
+
+
+def rule_for(name: str):
+    """The rule for an op name (pooling-like ops share one rule via a pattern)."""
+    if name in RULES:
+        return RULES[name]
+    if name.endswith("_") and name[:-1] in RULES:  # in-place variant: same axes
+        return RULES[name[:-1]]
+    m = _POOL.match(name)
+    if m:
+        return lambda E, c: rules_nn.spatial(E, c, int(m.group(2)))
+    return generic

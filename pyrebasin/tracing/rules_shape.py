@@ -1,0 +1,279 @@
+"""Shape rules of `trace_spec`: reshape/view (atoms split into common factors), transpose/permute,
+expand/repeat, split/chunk and cat/stack (equal pieces become a frozen block factor), slicing and
+indexing (frozen where they pick part of an axis)."""
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from .engine import Axes, Call, Engine, Multi
+from .rules import _fresh_out, _shape, generic, rule
+
+
+# --- shape ops -----------------------------------------------------------------------------------
+@rule("view", "_unsafe_view", "reshape", "view_as", "reshape_as", "flatten", "unflatten",
+      "squeeze", "squeeze_", "unsqueeze", "unsqueeze_", "ravel", "view_copy", "atleast_2d")
+def reshape(E: Engine, c: Call) -> None:
+    """Row-major regrouping: output axes are products of the input's factors (splitting atoms into
+    finer factors where needed: (B, T, D) -> (B, T, heads, head_dim) refines D)."""
+    x = E.ax(c.arg(0, "self"))
+    shape = _shape(E, c)
+    out = [[E.A.new(s)] for s in shape]
+    flat_in = [a for atoms in x for a in atoms]
+    if not E.A.unify_seq(flat_in, [o[0] for o in out]):
+        why = f"{c.where()} regroups axes {[E.size(a) for a in x]} -> {list(shape)} across factors"
+        E.freeze(x, why)
+        E.freeze(out, why)
+    E.set_out(c, out)
+
+
+@rule("transpose", "transpose_", "swapaxes", "swapdims", "t", "numpy_T", "mT", "permute",
+      "movedim", "moveaxis", "adjoint")
+def transpose(E: Engine, c: Call) -> None:
+    x = E.ax(c.arg(0, "self"))
+    nd = len(x)
+    order = list(range(nd))
+    if c.name == "permute":
+        dims = c.arg(1, "dims")
+        order = [d % nd for d in dims]
+    elif c.name in ("movedim", "moveaxis"):
+        src, dst = c.arg(1, "source"), c.arg(2, "destination")
+        src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
+        src, dst = [s % nd for s in src], [d % nd for d in dst]
+        rest = [i for i in range(nd) if i not in src]
+        order = [None] * nd
+        for s, d in zip(src, dst):
+            order[d] = s
+        it = iter(rest)
+        order = [o if o is not None else next(it) for o in order]
+    elif nd >= 2:
+        if c.name in ("t", "numpy_T") and nd == 2:
+            d0, d1 = 0, 1
+        elif c.name in ("mT", "adjoint"):
+            d0, d1 = nd - 2, nd - 1
+        else:
+            d0, d1 = c.arg(1, "dim0") % nd, c.arg(2, "dim1") % nd
+        order[d0], order[d1] = order[d1], order[d0]
+    E.set_out(c, [x[i] for i in order])
+
+
+@rule("expand", "expand_as", "broadcast_to", "expand_copy")
+def expand(E: Engine, c: Call) -> None:
+    """Expanded axes hold identical copies: any permutation of them is harmless (fresh atoms)."""
+    x = E.ax(c.arg(0, "self"))
+    shape = _shape(E, c)
+    off = len(shape) - len(x)
+    out = [[E.A.new(s)] for s in shape[:off]]
+    for i, atoms in enumerate(x):
+        out.append(atoms if E.size(atoms) == shape[off + i] else [E.A.new(shape[off + i])])
+    E.set_out(c, out)
+
+
+@rule("repeat", "tile")
+def repeat(E: Engine, c: Call) -> None:
+    """repeat(r) along an axis of atoms A gives (r, A) row-major: a copy factor, then A."""
+    x = E.ax(c.arg(0, "self"))
+    shape = _shape(E, c)
+    off = len(shape) - len(x)
+    out = [[E.A.new(s)] for s in shape[:off]]
+    for i, atoms in enumerate(x):
+        r = shape[off + i] // max(E.size(atoms), 1)
+        out.append(atoms if r == 1 else [E.A.new(r)] + atoms)
+    E.set_out(c, out)
+
+
+@rule("repeat_interleave")
+def repeat_interleave(E: Engine, c: Call) -> None:
+    x, reps, dim = E.ax(c.arg(0, "self")), c.arg(1, "repeats"), c.arg(2, "dim")
+    if x is None or not isinstance(reps, int) or dim is None:
+        return generic(E, c)
+    dim %= len(x)
+    out = list(x)
+    out[dim] = x[dim] + [E.A.new(reps)]  # (A, r) row-major: each unit repeated in place
+    E.set_out(c, out)
+
+
+def _split_axis(E: Engine, atoms: list[int], k: int, why: str) -> list[int]:
+    """View an axis as (k, n/k): the k chunks are distinct roles (frozen), the rest is shared."""
+    chunk, m = E.A.new(k, why), E.A.new(E.size(atoms) // k)
+    E.tie(atoms, [chunk, m], why)
+    return [m]
+
+
+@rule("split", "split_with_sizes", "chunk", "unsafe_split", "tensor_split", "unbind", "unsafe_chunk")
+def split(E: Engine, c: Call) -> None:
+    """Equal chunks share one atom (the axis refines to (chunks, size), chunk index frozen);
+    unequal chunks cannot be expressed: that axis is frozen."""
+    x = E.ax(c.arg(0, "self"))
+    shapes = _shape(E, c)
+    dim = c.arg(1, "dim", 0) if c.name == "unbind" else c.arg(2, "dim", 0)
+    dim %= len(x)
+    why = f"chunks of {c.where()} play different roles"
+    if c.name == "unbind":
+        E.freeze(x[dim], why)
+        return E.set_out(c, Multi([x[:dim] + x[dim + 1:] for _ in shapes]))
+    sizes = {s[dim] for s in shapes}
+    outs = []
+    if len(sizes) == 1 and sizes.pop() * len(shapes) == E.size(x[dim]):
+        piece = _split_axis(E, x[dim], len(shapes), why)
+        outs = [x[:dim] + [piece] + x[dim + 1:] for _ in shapes]
+    else:
+        E.freeze(x[dim], f"unequal split in {c.where()}")
+        outs = [x[:dim] + [[E.A.new(s[dim], why)]] + x[dim + 1:] for s in shapes]
+    E.set_out(c, Multi(outs))
+
+
+@rule("cat", "concat", "concatenate", "stack", "hstack", "vstack")
+def cat(E: Engine, c: Call) -> None:
+    """cat of equal-size pieces is (pieces, size) row-major with a frozen piece index; unequal
+    pieces are frozen along the cat axis. Other axes are shared by all pieces."""
+    ts = [E.ax(t) for t in c.arg(0, "tensors")]
+    shape = _shape(E, c)
+    if any(t is None for t in ts):
+        return generic(E, c)
+    ts = [t for t in ts if not (len(t) == 1 and E.size(t[0]) == 0)]  # legacy empty tensors
+    dim = c.arg(1, "dim", 0) % len(shape)
+    why = f"pieces of {c.where()} play different roles"
+    stack = c.name == "stack"
+    base = ts[0]
+    for t in ts[1:]:
+        for i in range(len(base)):
+            if stack or i != dim:
+                E.tie(base[i], t[i], f"pieces of {c.where()}")
+    if stack:
+        out = base[:dim] + [[E.A.new(len(ts), why)]] + base[dim:]
+    else:
+        sizes = {E.size(t[dim]) for t in ts}
+        if len(sizes) == 1:
+            for t in ts[1:]:
+                E.tie(base[dim], t[dim], f"pieces of {c.where()}")
+            out = base[:dim] + [[E.A.new(len(ts), why)] + base[dim]] + base[dim + 1:]
+        else:
+            for t in ts:
+                E.freeze(t[dim], f"unequal pieces of {c.where()}")
+            out = base[:dim] + [[E.A.new(shape[dim], why)]] + base[dim + 1:]
+    E.set_out(c, out)
+
+
+@rule("select", "select_copy")
+def select(E: Engine, c: Call) -> None:
+    x = E.ax(c.arg(0, "self"))
+    dim = c.arg(1, "dim") % len(x)
+    E.freeze(x[dim], f"{c.where()} picks one index of the axis")
+    E.set_out(c, x[:dim] + x[dim + 1:])
+
+
+@rule("slice", "narrow", "slice_copy")
+def slice_(E: Engine, c: Call) -> None:
+    x = E.ax(c.arg(0, "self"))
+    shape = _shape(E, c)
+    dim = c.arg(1, "dim", 0) % len(x)
+    if shape[dim] == E.size(x[dim]) and (c.name != "slice" or c.arg(4, "step", 1) in (None, 1)):
+        return E.set_out(c, list(x))  # full slice: the identity
+    why = f"{c.where()} keeps a sub-range of the axis"
+    E.freeze(x[dim], why)
+    E.set_out(c, x[:dim] + [[E.A.new(shape[dim], why)]] + x[dim + 1:])
+
+
+@rule("flip", "roll", "fliplr", "flipud")
+def flip(E: Engine, c: Call) -> None:
+    x = E.ax(c.arg(0, "self"))
+    E.freeze(x, f"{c.where()} reorders positions")
+    E.set_out(c, list(x))
+
+
+@rule("constant_pad_nd", "pad")
+def pad(E: Engine, c: Call) -> None:
+    x = E.ax(c.arg(0, "self"))
+    padding = list(c.arg(1, "pad"))
+    k = len(padding) // 2
+    why = f"{c.where()} pads the axis"
+    for d in range(len(x) - k, len(x)):
+        E.freeze(x[d], why)
+    E.set_out(c, x[:len(x) - k] + E.fresh(_shape(E, c)[len(x) - k:], why))
+
+
+@rule("index", "index_select", "gather", "take", "take_along_dim", "masked_select", "nonzero",
+      "index_put", "index_put_", "scatter", "scatter_", "scatter_add", "index_add", "index_copy")
+def indexing(E: Engine, c: Call) -> None:
+    """Data-dependent indexing: the indexed tensor and the result are frozen (conservative)."""
+    for axes in E.tensor_args(c):
+        E.freeze(axes, f"indexed by {c.where()}")
+    _fresh_out(E, c, f"indexed by {c.where()}")
+
+
+@rule("getitem")
+def getitem(E: Engine, c: Call) -> None:
+    src, idx = c.args[0], c.args[1]
+    multi = E.vals.get(src) if not isinstance(src, str) else None
+    if isinstance(multi, Multi):
+        if multi[idx] is not None:
+            E.vals[c.out] = multi[idx]
+        return
+    x = E.ax(src)
+    if x is None:
+        return None if not E.tensor_args(c) else generic(E, c)
+    _tensor_getitem(E, c, x, idx)
+
+
+def _tensor_getitem(E: Engine, c: Call, x: Axes, idx) -> None:
+    """x[idx] as written in Python (fx graphs): ints select, slices narrow, None adds an axis."""
+    shape = _shape(E, c)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
+        return indexing(E, c)
+    n_real = sum(1 for i in idx if isinstance(i, (int, slice)))
+    out, p = [], 0
+    why = f"{c.where()} selects part of the axis"
+    for i in idx:
+        if i is None:
+            out.append([E.A.new(1)])
+        elif i is Ellipsis:
+            k = len(x) - n_real
+            out.extend(x[p:p + k])
+            p += k
+        elif isinstance(i, int):
+            E.freeze(x[p], why)
+            p += 1
+        else:
+            n = E.size(x[p])
+            if slice(*i.indices(n)) == slice(0, n, 1) or i == slice(None):
+                out.append(x[p])
+            else:
+                E.freeze(x[p], why)
+                out.append(None)
+            p += 1
+    out.extend(x[p:])
+    if len(out) != len(shape):
+        return indexing(E, c)
+    E.set_out(c, [o if o is not None else [E.A.new(s, why)] for o, s in zip(out, shape)])
+
+
+@rule("glu")
+def glu(E: Engine, c: Call) -> None:
+    """glu(x, dim) = a * sigmoid(b) for the two halves: (2, n/2) blocked, the half index frozen."""
+    x = E.ax(c.arg(0, "self"))
+    dim = c.arg(1, "dim", -1) % len(x)
+    half = _split_axis(E, x[dim], 2, f"halves of {c.where()} play different roles")
+    E.set_out(c, x[:dim] + [half] + x[dim + 1:])
+
+
+_METADATA = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse",
+             "names", "grad_fn", "is_leaf")
+
+
+@rule("getattr")
+def getattr_(E: Engine, c: Call) -> None:
+    """fx records `x.shape` / `x.T` as getattr calls: metadata needs nothing, views get rules."""
+    attr = c.args[1] if len(c.args) > 1 else None
+    src = E.vals.get(c.args[0]) if isinstance(c.args[0], Hashable) else None
+    if isinstance(src, Multi) and attr in ("values", "indices"):  # torch.max(x, dim) fields
+        E.vals[c.out] = src[0 if attr == "values" else 1]
+        return None
+    if attr in _METADATA or E.ax(c.args[0]) is None:
+        return None
+    from .rules import rule_for, unary
+    if attr in ("T", "mT", "mH", "H"):
+        return rule_for("numpy_T" if attr == "T" else "mT")(E, c)
+    if attr in ("real", "data"):
+        return unary(E, c)
+    return generic(E, c)

@@ -1,0 +1,209 @@
+"""trace_spec on attention: hand-written GPT blocks (causal, GQA, RoPE), a ViT with
+nn.MultiheadAttention, and tiny randomly initialised Hugging Face GPT-2 / LLaMA models (no download)."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyrebasin as prb
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """HF-style q/k/v/o projections, heads by view + transpose, scores by matmul + softmax."""
+
+    def __init__(self, d, heads, kv_heads, seq, rope):
+        super().__init__()
+        self.h, self.kv, self.hd, self.rope = heads, kv_heads, d // heads, rope
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, kv_heads * self.hd)
+        self.v_proj = nn.Linear(d, kv_heads * self.hd)
+        self.o_proj = nn.Linear(d, d)
+        pos = torch.arange(seq)[:, None] / 10 ** (torch.arange(self.hd // 2) / self.hd)
+        self.register_buffer("cos", torch.cat([pos.cos(), pos.cos()], -1), persistent=False)
+        self.register_buffer("sin", torch.cat([pos.sin(), pos.sin()], -1), persistent=False)
+        self.register_buffer("mask", torch.tril(torch.ones(seq, seq)), persistent=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv, self.hd).transpose(1, 2)
+        if self.rope:
+            q = q * self.cos + rotate_half(q) * self.sin
+            k = k * self.cos + rotate_half(k) * self.sin
+        k = k.repeat_interleave(self.h // self.kv, dim=1)
+        v = v.repeat_interleave(self.h // self.kv, dim=1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+        att = att.masked_fill(self.mask[:t, :t] == 0, float("-inf")).softmax(dim=-1)
+        return self.o_proj((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=13, d=16, heads=4, kv_heads=4, seq=6, layers=2, rope=False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(seq, d))
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict(dict(
+                ln1=nn.LayerNorm(d), attn=Attention(d, heads, kv_heads, seq, rope), ln2=nn.LayerNorm(d),
+                up=nn.Linear(d, 2 * d), gate=nn.Linear(d, 2 * d), down=nn.Linear(2 * d, d))))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos[: ids.shape[1]]
+        for blk in self.blocks:
+            x = x + blk["attn"](blk["ln1"](x))
+            h = blk["ln2"](x)
+            x = x + blk["down"](F.silu(blk["gate"](h)) * blk["up"](h))
+        return self.head(self.ln_f(x))
+
+
+@pytest.mark.parametrize("kv_heads,rope", [(4, False), (2, True)])
+def test_hand_written_gpt(kv_heads, rope):
+    torch.manual_seed(0)
+    model, ids = GPT(kv_heads=kv_heads, rope=rope), torch.randint(0, 13, (3, 6))
+    spec = prb.trace_spec(model, ids)
+    ax = spec.axes_to_perm
+    q, v, o = ax["blocks.0.attn.q_proj.weight"][0], ax["blocks.0.attn.v_proj.weight"][0], \
+        ax["blocks.0.attn.o_proj.weight"][1]
+    if kv_heads == 4:  # whole heads, q/k within-head dims, v/o within-head dims
+        assert q == prb.Blocked((4, 4), ("P_blocks.0.attn.heads", "P_blocks.0.attn.qk"))
+        assert ax["blocks.0.attn.k_proj.weight"][0] == q
+        assert o == v == prb.Blocked((4, 4), ("P_blocks.0.attn.heads", "P_blocks.0.attn.vo"))
+    else:  # GQA: q heads = (kv heads, heads per group); RoPE freezes the q/k within-head dims
+        assert q.shape == (2, 2, 4) and q.perms[0] is not None and q.perms[1] is not None
+        assert q.perms[2] is None
+        assert ax["blocks.0.attn.k_proj.weight"][0] == prb.Blocked((2, 4), (q.perms[0], None))
+        assert v.shape == (2, 4) and v.perms[0] == q.perms[0] and v.perms[1] is not None
+        assert o == prb.Blocked((2, 2, 4), q.perms[:2] + v.perms[1:])
+    assert ax["pos"] == (None, "P_residual_0") and ax["tok.weight"] == (None, "P_residual_0")
+    assert ax["blocks.1.up.weight"][0] == ax["blocks.1.gate.weight"][0] == "P_blocks.1.gate.out"
+    prb.check_spec(model, spec, ids)
+
+
+class ViT(nn.Module):
+    def __init__(self, d=16, heads=4, patch=4, need_weights=False):
+        super().__init__()
+        self.need_weights = need_weights
+        self.embed = nn.Conv2d(1, d, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, img):
+        x = self.embed(img.unsqueeze(1)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=self.need_weights)[0]
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_vit_with_multihead_attention(need_weights):
+    torch.manual_seed(0)
+    model, img = ViT(need_weights=need_weights), torch.randn(3, 8, 8)
+    spec = prb.trace_spec(model, img)  # fx leaves MultiheadAttention opaque: torch.export is used
+    ax = spec.axes_to_perm
+    res = ax["embed.weight"][0]
+    assert res is not None and ax["cls"] == (None, None, res) and ax["attn.out_proj.bias"] == (res,)
+    packed = ax["attn.in_proj_weight"]  # rows (q|k|v, heads, head dim): one head perm, one dim perm
+    assert packed[1] == res and packed[0].shape == (3, 4, 4) and packed[0].perms[0] is None
+    assert None not in packed[0].perms[1:]
+    assert ax["attn.out_proj.weight"] == (res, prb.Blocked((4, 4), packed[0].perms[1:]))
+    prb.check_spec(model, spec, img)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0, attn_pdrop=0.0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return {"gpt2": gpt2, "llama": llama}
+
+
+@pytest.fixture(scope="module")
+def hf():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf_models()
+
+
+def test_hf_gpt2(hf):
+    model = hf["gpt2"]
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "use_cache": False}
+    spec = prb.trace_spec(model, inputs)
+    ax = spec.axes_to_perm
+    res = ax["transformer.wte.weight"][1]
+    assert ax["lm_head.weight"] == ax["transformer.wte.weight"] == (None, res)  # tied
+    assert ax["transformer.wpe.weight"] == (None, res)
+    c_attn = ax["transformer.h.0.attn.c_attn.weight"]  # HF Conv1D: [in, 3*out]
+    assert c_attn[0] == res and c_attn[1].shape == (3, 4, 8) and c_attn[1].perms[0] is None
+    assert c_attn[1].perms[1] == "P_transformer.h.0.attn.heads"
+    assert ax["transformer.h.1.mlp.c_proj.weight"] == ("P_transformer.h.1.mlp.c_fc.out", res)
+    report = prb.check_spec(model, spec, inputs)
+    assert len(report.perm_sizes) == 7
+
+
+def test_hf_llama_gqa_rope(hf):
+    model = hf["llama"]
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "use_cache": False}
+    spec = prb.trace_spec(model, inputs)
+    ax = spec.axes_to_perm
+    q = ax["model.layers.0.self_attn.q_proj.weight"][0]
+    assert q.shape == (2, 2, 8) and q.perms[2] is None  # rotary: no within-head q/k perm
+    assert q.perms[:2] == ("P_model.layers.0.self_attn.heads", "P_model.layers.0.self_attn.group_heads")
+    v = ax["model.layers.0.self_attn.v_proj.weight"][0]
+    assert v == prb.Blocked((2, 8), (q.perms[0], "P_model.layers.0.self_attn.vo"))
+    mlp = ax["model.layers.1.mlp.down_proj.weight"]
+    assert mlp[1] == ax["model.layers.1.mlp.gate_proj.weight"][0] == ax["model.layers.1.mlp.up_proj.weight"][0]
+    assert ax["model.norm.weight"] == (mlp[0],) == (ax["lm_head.weight"][1],)
+    prb.check_spec(model, spec, inputs)
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2"])
+def test_hf_more_architectures(arch):
+    from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    if arch == "bert":  # returns hidden states: the residual stream reaches the output, so frozen
+        model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    else:  # q/k/v biases, GQA, RoPE
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, max_position_embeddings=16))
+        inputs = {"input_ids": ids, "use_cache": False}
+    spec = prb.trace_spec(model, inputs)
+    if arch == "bert":
+        assert spec.axes_to_perm["embeddings.word_embeddings.weight"] == (None, None)
+        assert "output" in spec.fixed_reasons["embeddings.LayerNorm.weight"]
+        assert "P_encoder.layer.1.attention.self.heads" in spec.perm_names
+    else:
+        assert spec.axes_to_perm["model.layers.0.self_attn.k_proj.bias"][0].shape == (2, 8)
+    prb.check_spec(model, spec, inputs)

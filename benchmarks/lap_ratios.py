@@ -54,12 +54,15 @@ def main():
     idx = list(range(2)) + list(range(len(inside) - len(last), len(inside)))
     warm = sum(inside[i] for i in idx)
     print(f"re-solving {len(sample)} of them cold (LAPs {idx}); warm jv inside matching took {warm:.2f} s")
+    print(f"  warm jv (inside)  per LAP {[round(inside[i], 2) for i in idx]}")
     for solver in lap_mod.available_solvers():
-        t = time.perf_counter()
+        per = []
         for c in sample:
+            t = time.perf_counter()
             real(c, solver=solver)
-        dt = time.perf_counter() - t
-        print(f"  cold {solver:6s} {dt:7.2f} s   ratio to warm jv {dt / warm:5.2f}x")
+            per.append(time.perf_counter() - t)
+        dt = sum(per)
+        print(f"  cold {solver:6s} {dt:7.2f} s   ratio to warm jv {dt / warm:5.2f}x  per LAP {[round(x, 2) for x in per]}")
 
 
 if __name__ == "__main__":

@@ -77,19 +77,25 @@ def case_b(repeat, k):
     m, a, b = pair(512, 3)
     _, _, x, y = prb.data.mnist1d()
     chunk = 16
-    rate = gemm_rate(repeat, chunk)
-    out = {"K": k, "chunk": chunk, "examples": len(y), "gemm_gflops": rate / 1e9}
+    # The machine is shared: the GEMM rate is re-measured beside every case and the best one kept,
+    # which makes the floor as low (the ratio as strict) as this run allows.
+    rates = [gemm_rate(repeat, chunk)]
+    out = {"K": k, "chunk": chunk, "examples": len(y)}
     for gran in ("element", "neuron", "global"):
+        rates.append(gemm_rate(repeat, chunk))
         c = prb.sample_coefficients(m.permutation_spec(), k, "uniform", gran, seed=0, state=a)
         res = {}
         t = best(lambda: res.setdefault("r", prb.evaluate_combinations(m, a, b, c, (x, y), chunk=chunk,
                                                                        batch_size=None)), repeat)
+        rates.append(gemm_rate(repeat, chunk))
+        rate = max(rates)
         floor = k * mlp_forward_flops([512] * 3, len(y)) / rate
         r = res["r"]
         act = chunk * len(y) * (3 * 512 + 10) * 4
         out[gran] = {"seconds": t, "floor_s": floor, "ratio_to_floor": t / floor,
                      "chunk_param_bytes": r.chunk_param_bytes, "chunk_activation_bytes_est": act,
-                     "peak_memory_bytes": r.peak_memory_bytes}
+                     "peak_memory_bytes": r.peak_memory_bytes, "gemm_gflops_best_so_far": rate / 1e9}
+    out["gemm_gflops_measured"] = [r / 1e9 for r in rates]
     return out
 
 

@@ -34,7 +34,7 @@ from .spec import (
     invert_permutation,
     random_permutation,
 )
-from .trace import UnsupportedOpError, spec_difference, spec_equivalent, trace_spec
+from .trace import UnsupportedOpError, describe_spec, spec_difference, spec_equivalent, trace_spec
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [
     "SpecCheckError",
     "UnsupportedOpError",
     "check_spec",
+    "describe_spec",
     "spec_difference",
     "spec_equivalent",
     "trace_spec",

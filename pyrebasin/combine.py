@@ -134,14 +134,13 @@ def coefficient_layout(state: State, granularity: str = "element", spec: Permuta
     keys = [k for k, v in state.items() if v.is_floating_point()]
     shapes = [tuple(state[k].shape) for k in keys]
     base, div, mod = [], [], []
+    offsets, total = {}, 0          # neuron: perm groups first, then one index per untouched tensor
     if granularity == "neuron":
         if spec is None:
             raise ValueError("granularity='neuron' needs a PermutationSpec (pass the spec, and the state)")
         sizes = spec.perm_sizes(state)
-        offsets, total = {}, 0
         for p in spec.perm_names:
             offsets[p], total = total, total + sizes[p]
-    total = 0 if granularity != "neuron" else total
     modules: dict[str, int] = {}
     for key, shape in zip(keys, shapes):
         numel = max(1, math.prod(shape))

@@ -36,38 +36,46 @@ def _module(model: nn.Module, name: str, role: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"{role}={name!r} is not a submodule of {type(model).__name__}; "
-                         f"candidates: {candidate_layers(model)}") from None
+        try:
+            hint = f"candidates: {candidate_layers(model)}"
+        except ValueError:
+            hint = f"submodules: {[n for n, _ in model.named_modules() if n][:20]}"
+        raise ValueError(f"{role}={name!r} is not a submodule of {type(model).__name__}; {hint}") from None
 
 
 class _Frozen:
     """Runs `model` in eval mode on a frozen copy of its state; restores its training flags after.
 
     The caller's module is touched only for the duration of a call (eval flags, one hook), its
-    tensors never: the state is detached, cloned once, and kept here.
+    tensors never: the state is detached and, when kept beyond one call (`copy=True`), cloned.
     """
 
-    def __init__(self, model: nn.Module, layer: str, role: str):
+    def __init__(self, model: nn.Module, layer: str, role: str, *, copy: bool = True):
         self.model, self.layer, self.role = model, layer, role
         self.module = _module(model, layer, role)
-        self.state = {k: v.detach().clone() for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+        tensors = list(model.named_parameters()) + list(model.named_buffers())
+        self.state = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors}
 
     def run(self, x: torch.Tensor, hook) -> torch.Tensor:
-        flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        training = [m for m in self.model.modules() if m.training]  # usually none: zoo models come in eval
+        for m in training:
+            m.training = False
         handle = self.module.register_forward_hook(hook)
         try:
             return torch.func.functional_call(self.model, self.state, (x,))
         finally:
             handle.remove()
-            for m, t in flags:
-                m.training = t
+            for m in training:
+                m.training = True
 
     def capture(self, x: torch.Tensor) -> torch.Tensor:
         """The output of `layer` on input x (the rest of the forward is skipped)."""
         out = []
 
         def hook(_m, _i, o):
+            if not isinstance(o, torch.Tensor):
+                raise ValueError(f"{self.role}={self.layer!r} outputs a {type(o).__name__}; stitching needs a "
+                                 "module whose output is one tensor")
             out.append(o)
             raise _Stop
 
@@ -107,7 +115,7 @@ def _default_channel_dim(model: nn.Module, rank: int) -> int:
 def activation(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """The output of `layer` of `model` on x (frozen, eval mode, the caller's model untouched)."""
     with torch.no_grad():
-        return _Frozen(model, layer, "layer").capture(x)
+        return _Frozen(model, layer, "layer", copy=False).capture(x)
 
 
 class Stitched(nn.Module):
@@ -199,8 +207,8 @@ def layer_moments(model_front: nn.Module, model_end: nn.Module, front_layer: str
     """Streamed `PairMoments` of (front activation at front_layer, end activation at end_layer) over
     `data`, and the channel dim used. Feeds the least-squares/Procrustes/matching inits, R² and CKA."""
     end_layer = front_layer if end_layer is None else end_layer
-    return _stream(_Frozen(model_front, front_layer, "front_layer"), _Frozen(model_end, end_layer, "end_layer"),
-                   data, channel_dim, batch_size)
+    return _stream(_Frozen(model_front, front_layer, "front_layer", copy=False),
+                   _Frozen(model_end, end_layer, "end_layer", copy=False), data, channel_dim, batch_size)
 
 
 def stitch(model_front: nn.Module, model_end: nn.Module, front_layer: str, end_layer: str | None = None, *,

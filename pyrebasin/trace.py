@@ -17,7 +17,7 @@ from .tracing.engine import Engine, Ref, UnsupportedOpError
 from .tracing.frontends import FxUnsupported, export_graph, fx_graph
 from .tracing.rules_nn import HEAD_HINT, OUT_HINT
 
-__all__ = ["trace_spec", "spec_equivalent", "spec_difference", "UnsupportedOpError"]
+__all__ = ["trace_spec", "describe_spec", "spec_equivalent", "spec_difference", "UnsupportedOpError"]
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -165,6 +165,27 @@ def _name_groups(E: Engine, alias) -> dict[int, str]:
         taken.add(name)
         names[r] = name
     return names
+
+
+def describe_spec(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor] | None = None) -> str:
+    """A readable summary: each group with its size (given a state dict) and the axes it permutes,
+    then the fixed keys with their reasons."""
+    sizes = spec.perm_sizes(state_dict) if state_dict is not None else {}
+    lines = []
+    for perm, slots in spec.perm_to_axes.items():
+        where = []
+        for key, axis in slots:
+            entry = spec.axes_to_perm[key][axis]
+            if isinstance(entry, Blocked):
+                f = spec.factor(key, axis, perm)
+                where.append(f"{key}[{axis}:{f}/{len(entry.shape)}]")
+            else:
+                where.append(f"{key}[{axis}]")
+        size = f" ({sizes[perm]} units)" if perm in sizes else ""
+        lines.append(f"{perm}{size}: " + ", ".join(where))
+    for key in spec.fixed:
+        lines.append(f"fixed {key}: {spec.fixed_reasons.get(key, '(no reason given)')}")
+    return "\n".join(lines)
 
 
 # --- comparing specs (up to naming) --------------------------------------------------------------

@@ -144,3 +144,21 @@ def test_evaluate_errors():
     _, a2, b2 = _pair(width=16)
     with pytest.raises(ValueError, match="another state dict"):
         prb.combine_states(a2, b2, c)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("arch", ["vgg", "resnet20", "transformer"])
+def test_evaluate_zoo_architectures(arch):
+    # conv + BatchNorm (eval-mode buffers combined too) and attention run under vmap like the MLP.
+    torch.manual_seed(0)
+    m = prb.zoo.build(arch)
+    a = m.state_dict()
+    torch.manual_seed(1)
+    b = prb.zoo.build(arch).state_dict()
+    x, y = torch.randn(6, 40), torch.randint(0, 10, (6,))
+    c = prb.sample_coefficients(m.permutation_spec(), 2, "beta(0.5, 0.5)", "neuron", seed=0, state=a)
+    res = prb.evaluate_combinations(m, a, b, c, (x, y), chunk=2)
+    st = prb.combine_states(a, b, c, 1, 2)
+    probe = prb.zoo.build(arch)
+    probe.load_state_dict({k: st[k][0] if k in st else a[k] for k in a})
+    assert abs(float(res.loss[1]) - prb.train.evaluate(probe, x, y)[0]) < 1e-4

@@ -111,3 +111,21 @@ def test_caller_errors(impl):
             impl(a, b, **{**ok, "distribution": "beta", "params": [0.0, 1.0]})
         with pytest.raises(RuntimeError, match="2\\^32"):
             impl(a, b, **{**ok, "sample_begin": 2**32 - 1})
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+    @settings(max_examples=25, deadline=None)
+    @given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=3), div=st.integers(1, 12), mod=st.integers(1, 40),
+           base=st.integers(0, 2**40), seed=st.integers(-2**63, 2**63 - 1), begin=st.integers(0, 2**32 - 4),
+           k=st.integers(1, 3), dist=st.sampled_from(DISTS))
+    def test_property_native_equals_reference(shape, div, mod, base, seed, begin, k, dist):
+        g = torch.Generator().manual_seed(len(shape) + div)
+        a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        args = ([base], [div], [mod], dist[0], dist[1], seed, begin, k)
+        assert torch.equal(ops.combine_batched([a], [b], *args)[0], reference.combine_batched([a], [b], *args)[0])

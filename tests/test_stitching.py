@@ -226,6 +226,31 @@ def test_candidate_layers_cover_the_zoo():
         st.candidate_layers(nn.Linear(2, 3))
 
 
+def test_non_tensor_outputs_and_unknown_paths_are_named():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.head = Pair(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.pair(x)[0])
+
+    net, x = Net(), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="'pair' outputs a tuple"):
+        st.stitch(net, net, "pair", data=x)
+    with pytest.raises(ValueError, match=r"submodules: \['pair', 'pair.lin', 'head'\]"):
+        st.stitch(net, net, "lin", data=x)
+    torch.testing.assert_close(st.stitch(net, net, "pair.lin", data=x)(x), net(x))
+
+
 # --- real data (the paper's claims) ------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -265,3 +290,15 @@ def test_stitch_on_cuda_matches_cpu(mlp_pair, x40):
     gpu = st.stitch(a.cuda(), b.cuda(), "norms.1", data=x40.cuda(), kind="orthogonal", init="procrustes")
     a.cpu(), b.cpu()
     torch.testing.assert_close(gpu(x40.cuda()).cpu(), cpu(x40), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("widths", [(64, 32), (32, 64)])
+def test_rectangular_orthogonal_stitch_stays_semi_orthogonal_while_training(widths, x40):
+    a, b = build(prb.zoo.MLP, width=widths[0], depth=2), build(prb.zoo.MLP, width=widths[1], depth=2)
+    y = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(2))
+    s = st.stitch(a, b, "norms.1", data=(x40, y), kind="orthogonal", init="procrustes")
+    st.train_stitch_(s, (x40, y), epochs=2, lr=1e-2, progress=False)
+    q = s.layer.rotation.weight.detach()
+    gram = q @ q.T if q.shape[0] <= q.shape[1] else q.T @ q
+    torch.testing.assert_close(gram, torch.eye(min(widths)), atol=1e-5, rtol=0)
+    assert q.shape == (widths[1], widths[0]) and float(s.layer.scale.detach()) > 0

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 import pyrebasin as prb
 from pyrebasin.tracing.frontends import fx_graph
@@ -114,6 +115,9 @@ def test_conv_flatten_linear_blocked():
     spec = prb.trace_spec(model, x)
     assert spec.axes_to_perm["fc.weight"] == ("P_fc.out", prb.Blocked((6, 16), ("P_conv.out", None)))
     assert spec.axes_to_perm["bn.running_var"] == ("P_conv.out",)
+    text = prb.describe_spec(spec, model.state_dict())
+    assert "P_conv.out (6 units): conv.weight[0]" in text and "fc.weight[1:0/2]" in text
+    assert "fixed bn.num_batches_tracked: scalar" in text
     assert fx_graph(model, (x,), {}, set(model.state_dict())).frontend == "fx"
     prb.check_spec(model, spec, x)
 
@@ -211,6 +215,14 @@ class CatSplit(nn.Module):
         q, k, v = self.qkv(h).chunk(3, dim=-1)  # equal chunks: (3, 8) blocked, q/k/v share the 8
         y = torch.cat([self.c(x), self.d(x)], -1)  # unequal pieces: frozen
         return self.h1(torch.tanh(q * k + v)) + self.h2(y)
+
+
+def test_weight_norm_parametrization():  # fx leaves it opaque, export traces the parametrization
+    model, x = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4)
+    spec = prb.trace_spec(model, x)
+    assert spec.axes_to_perm["0.parametrizations.weight.original0"] == ("P_0.out", None)  # g
+    assert spec.axes_to_perm["0.parametrizations.weight.original1"] == ("P_0.out", None)  # v
+    prb.check_spec(model, spec, x)
 
 
 def test_cat_and_split():
@@ -314,6 +326,25 @@ def test_fx_front_end_on_hand_written_attention():
     assert prb.spec_equivalent(spec, model.permutation_spec())
 
 
+class NoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        with torch.no_grad():  # export wraps this region in a higher-order op: inlined
+            h = torch.relu(self.a(x))
+        return self.b(h)
+
+
+def test_no_grad_regions_are_inlined():
+    model, x = NoGrad(), torch.randn(3, 4)
+    spec = prb.trace_spec(model, x, frontend="export")
+    assert spec.axes_to_perm["b.weight"] == (None, "P_a.out")
+    assert prb.PermutationSpec.from_json(spec.to_json()) == spec
+    prb.check_spec(model, spec, x)
+
+
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()
@@ -328,8 +359,6 @@ def test_unknown_op_is_an_error_or_an_explicit_freeze():
     model, x = Unknown(), torch.randn(3, 4)
     with pytest.raises(prb.UnsupportedOpError, match=r"fft.*node.*module"):
         prb.trace_spec(model, x)
-    with pytest.raises(prb.UnsupportedOpError, match=r"gru.*module '<root>'"):
-        prb.trace_spec(nn.GRU(4, 8), torch.randn(2, 5, 4))
     spec = prb.trace_spec(model, x, unknown="freeze")
     assert spec.axes_to_perm["fc.weight"] == (None, None)
     assert "fft" in spec.fixed_reasons["fc.weight"]

@@ -1,5 +1,6 @@
-"""trace_spec on attention: hand-written GPT blocks (causal, GQA, RoPE), a ViT with
-nn.MultiheadAttention, and tiny randomly initialised Hugging Face GPT-2 / LLaMA models (no download)."""
+"""trace_spec on sequence models: hand-written GPT blocks (causal, GQA, RoPE), a ViT with
+nn.MultiheadAttention, LSTM/GRU stacks, and tiny randomly initialised Hugging Face GPT-2 / LLaMA /
+Qwen2 / BERT models (built from a config, no download)."""
 import math
 import warnings
 
@@ -126,7 +127,38 @@ def test_vit_with_multihead_attention(need_weights):
     prb.check_spec(model, spec, img)
 
 
-transformers = pytest.importorskip("transformers")
+class Recurrent(nn.Module):
+    def __init__(self, kind, layers, bidirectional, read_state):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(4, 6, num_layers=layers, batch_first=True,
+                                     bidirectional=bidirectional)
+        self.fc = nn.Linear(6 * (2 if bidirectional else 1), 2)
+        self.fh = nn.Linear(6, 2)
+        self.read_state = read_state
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        y = self.fc(out).mean(1)
+        if self.read_state:  # h_n holds every layer's units in one axis
+            y = y + self.fh(state[0] if isinstance(state, tuple) else state).sum(0)
+        return y
+
+
+@pytest.mark.parametrize("kind,layers,bidirectional,read_state",
+                         [("LSTM", 2, True, False), ("GRU", 2, False, True), ("RNN", 1, True, True)])
+def test_recurrent(kind, layers, bidirectional, read_state):
+    torch.manual_seed(0)
+    model, x = Recurrent(kind, layers, bidirectional, read_state), torch.randn(3, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = prb.trace_spec(model, x)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    rows = spec.axes_to_perm["rnn.weight_hh_l0"][0]
+    assert (rows == "P_rnn.l0") if gates == 1 else rows == prb.Blocked((gates, 6), (None, "P_rnn.l0"))
+    assert spec.axes_to_perm["rnn.weight_hh_l0"][1] == "P_rnn.l0"
+    if layers == 2:  # the layers share one group only when h_n (all layers in one axis) is read
+        assert ("P_rnn.l1" in spec.perm_names) == (not read_state)
+    prb.check_spec(model, spec, x)
 
 
 def hf_models():
@@ -146,6 +178,7 @@ def hf_models():
 
 @pytest.fixture(scope="module")
 def hf():
+    pytest.importorskip("transformers")  # only the HF tests need it (test extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return hf_models()
@@ -185,6 +218,7 @@ def test_hf_llama_gqa_rope(hf):
 
 @pytest.mark.parametrize("arch", ["bert", "qwen2"])
 def test_hf_more_architectures(arch):
+    pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 7))

@@ -25,7 +25,8 @@ struct Task {
 };
 
 template <typename elem_t>
-void permute_rows(const PermuteTensorDesc& d, int64_t row_begin, int64_t row_end) {
+void permute_rows(const PermuteTensorDesc& d, const int32_t* inner_index32, int64_t row_begin,
+                  int64_t row_end) {
   const auto* src = reinterpret_cast<const elem_t*>(d.src);
   auto* dst = reinterpret_cast<elem_t*>(d.dst);
   const int last = d.ndim - 1;
@@ -48,7 +49,10 @@ void permute_rows(const PermuteTensorDesc& d, int64_t row_begin, int64_t row_end
     }
     elem_t* out = dst + row * inner;
     const elem_t* in = src + base;
-    if (inner_index) {
+    if (inner_index32 && inner_stride == 1) {
+      // 32-bit source offsets: half the index bytes, so index + row stay cache-resident.
+      for (int64_t j = 0; j < inner; ++j) out[j] = in[inner_index32[j]];
+    } else if (inner_index) {
       for (int64_t j = 0; j < inner; ++j) out[j] = in[inner_index[j] * inner_stride];
     } else if (inner_stride == 1) {
       std::memcpy(out, in, sizeof(elem_t) * inner);
@@ -62,13 +66,13 @@ void permute_rows(const PermuteTensorDesc& d, int64_t row_begin, int64_t row_end
   }
 }
 
-void run_task(const PermuteTensorDesc& d, const Task& t) {
+void run_task(const PermuteTensorDesc& d, const int32_t* idx32, const Task& t) {
   switch (d.elem_size) {
-    case 1: return permute_rows<uint8_t>(d, t.row_begin, t.row_end);
-    case 2: return permute_rows<uint16_t>(d, t.row_begin, t.row_end);
-    case 4: return permute_rows<uint32_t>(d, t.row_begin, t.row_end);
-    case 8: return permute_rows<uint64_t>(d, t.row_begin, t.row_end);
-    case 16: return permute_rows<Bytes16>(d, t.row_begin, t.row_end);
+    case 1: return permute_rows<uint8_t>(d, idx32, t.row_begin, t.row_end);
+    case 2: return permute_rows<uint16_t>(d, idx32, t.row_begin, t.row_end);
+    case 4: return permute_rows<uint32_t>(d, idx32, t.row_begin, t.row_end);
+    case 8: return permute_rows<uint64_t>(d, idx32, t.row_begin, t.row_end);
+    case 16: return permute_rows<Bytes16>(d, idx32, t.row_begin, t.row_end);
   }
   TORCH_INTERNAL_ASSERT(false, "permute_multi: element size ", d.elem_size);
 }
@@ -83,6 +87,7 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
   std::vector<PermuteTensorDesc> descs;
   descs.reserve(tensors.size());
   std::vector<Task> tasks;
+  std::vector<at::Tensor> inner32;  // per desc: int32 copy of the last axis' index (or undefined)
   // ~64 KiB per task: large enough to amortise scheduling, small enough to balance two cores on a
   // single big matrix.
   constexpr int64_t kTaskBytes = 1 << 16;
@@ -113,12 +118,20 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
         std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, inner * x.element_size()));
     const int64_t id = static_cast<int64_t>(descs.size());
     descs.push_back(d);
+    const auto& last_idx = per_tensor[t][x.dim() - 1];
+    inner32.push_back(last_idx.defined() && x.stride(-1) == 1 && x.dim() > 1
+                          ? last_idx.to(at::kInt)
+                          : at::Tensor());
     for (int64_t r = 0; r < rows; r += rows_per_task) {
       tasks.push_back({id, r, std::min(rows, r + rows_per_task)});
     }
   }
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) run_task(descs[tasks[i].tensor], tasks[i]);
+    for (int64_t i = begin; i < end; ++i) {
+      const auto& idx32 = inner32[tasks[i].tensor];
+      run_task(descs[tasks[i].tensor], idx32.defined() ? idx32.const_data_ptr<int32_t>() : nullptr,
+               tasks[i]);
+    }
   });
   return outputs;
 }

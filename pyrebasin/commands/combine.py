@@ -9,12 +9,13 @@ STUDIES = ("combinability", "transitivity", "robustness", "similarity")
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib
+
     import torch
 
-    from pyrebasin.experiments import combinability as comb
-    from pyrebasin.experiments import robustness as rob
-    from pyrebasin.experiments import similarity_study as sim
-    from pyrebasin.experiments import transitivity as trans
+    # pyrebasin.experiments re-exports functions named like these modules: import the modules themselves.
+    comb, rob, sim, trans = (importlib.import_module(f"pyrebasin.experiments.{m}")
+                             for m in ("combinability", "robustness", "similarity_study", "transitivity"))
 
     if args.threads:
         torch.set_num_threads(args.threads)

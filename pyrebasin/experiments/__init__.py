@@ -1,16 +1,23 @@
-"""The studies, as functions returning dataclasses (with table/JSON/PNG helpers), and the demo."""
-from .combinability import CombinabilityStudy, combinability, combinability_section
+"""The studies, as functions returning dataclasses (with table/JSON/PNG helpers), and the demo.
+
+`prb.experiments.stitching(...)` is the stitching study; the combinability studies live in their
+modules: `combinability.combinability`, `transitivity.transitivity`, `robustness.robustness`,
+`similarity_study.similarity_study`.
+"""
+from . import combinability, robustness, similarity_study, transitivity
+from .combinability import CombinabilityStudy, combinability_section
 from .demo import DemoConfig, DemoContext, Section, run_demo
-from .robustness import RobustnessStudy, robustness, robustness_section
-from .similarity_study import SimilarityStudy, similarity_section, similarity_study
+from .robustness import RobustnessStudy, robustness_section
+from .similarity_study import SimilarityStudy, similarity_section
 from .stitching import StitchingStudy, stitching, stitching_section
-from .transitivity import TransitivityStudy, transitivity, transitivity_section
+from .transitivity import TransitivityStudy, transitivity_section
 
 __all__ = [
-    "CombinabilityStudy", "combinability", "combinability_section",
+    "combinability", "robustness", "similarity_study", "transitivity",
+    "CombinabilityStudy", "combinability_section",
     "DemoConfig", "DemoContext", "Section", "run_demo",
-    "RobustnessStudy", "robustness", "robustness_section",
-    "SimilarityStudy", "similarity_section", "similarity_study",
+    "RobustnessStudy", "robustness_section",
+    "SimilarityStudy", "similarity_section",
     "StitchingStudy", "stitching", "stitching_section",
-    "TransitivityStudy", "transitivity", "transitivity_section",
+    "TransitivityStudy", "transitivity_section",
 ]

@@ -14,6 +14,7 @@ from .. import combine as cmb
 from ..spec import PermutationSpec, apply_permutation
 
 __all__ = ["CombinabilityStudy", "combinability", "plot_combinability", "combinability_section", "linear_curve",
+           "mode_combinability_section",
            "barrier_of", "mnist1d_mlps", "zoo_models", "align", "DEFAULT_DISTRIBUTIONS"]
 
 DEFAULT_DISTRIBUTIONS = ("uniform", "uniform(-0.25, 1.25)", "bernoulli(0.5)", "beta(0.5, 0.5)",
@@ -52,14 +53,11 @@ def linear_curve(model, state_a, state_b, data, ts: int | Sequence[float] = 11, 
     return {"t": ts.tolist(), "loss": r.loss.tolist(), "accuracy": r.accuracy.tolist()}
 
 
-def barrier_of(curve: dict, metric: str = "loss") -> float:
-    """max_t of the metric above the chord between the endpoints (accuracy: below it)."""
-    t = torch.tensor(curve["t"], dtype=torch.float64)
-    v = torch.tensor(curve[metric], dtype=torch.float64)
-    i0, i1 = int(t.argmin()), int(t.argmax())
-    chord = v[i0] + (t - t[i0]) / (t[i1] - t[i0]) * (v[i1] - v[i0])
-    gap = v - chord if metric == "loss" else chord - v
-    return float(gap.max())
+def barrier_of(curve: dict, metric: str = "loss", kind: str = "linear") -> float:
+    """`prb.barrier` of a `linear_curve` dict (default kind "linear": max rise above the endpoint chord)."""
+    from ..lmc import Curve, barrier
+    return barrier(Curve(list(curve["t"]), {"data": list(curve["loss"])}, {"data": list(curve["accuracy"])}),
+                   metric, kind)
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
@@ -174,3 +172,23 @@ def combinability_section(model, spec, state_a, state_b, data, out_dir: str | Pa
           f"'within ε' = accuracy ≥ endpoints' mean − {study.eps}.\n\n{combinability_table(study)}\n\n"
           f"![combinability]({png.name})\n")
     return md, study.to_dict(), [png]
+
+
+def _demo_pair(ctx):
+    """The demo's MLP pair (A, B aligned by weight matching) and the test split."""
+    ctx.aligned("mlp", "weight")
+    p = ctx.pair("mlp")
+    return p, p.perms["weight"], ctx.splits["test"]
+
+
+def mode_combinability_section(ctx):
+    """Demo report section (`pyrebasin demo`): the combinability study on the MLP pair."""
+    p, perms, data = _demo_pair(ctx)
+    quick = ctx.config.quick
+    return combinability_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
+                                 n=8 if quick else 32,
+                                 distributions=("uniform", "bernoulli(0.5)") if quick else DEFAULT_DISTRIBUTIONS,
+                                 progress=ctx.progress)
+
+
+DEMO_SECTIONS = [mode_combinability_section]

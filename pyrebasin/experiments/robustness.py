@@ -12,7 +12,7 @@ from ..matching.perturb import hamming_fraction, noisy_matching, perturb_permuta
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align, barrier_of, linear_curve
 
-__all__ = ["RobustnessStudy", "robustness", "plot_robustness", "robustness_section"]
+__all__ = ["RobustnessStudy", "robustness", "plot_robustness", "robustness_section", "matching_robustness_section"]
 
 DEFAULT_QS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 DEFAULT_NOISE = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -101,3 +101,14 @@ def robustness_section(model, spec, state_a, state_b, data, out_dir, **kw):
     md = ("## Robustness of the matching\n\n| perturbation | level | Hamming | loss barrier | median combination "
           f"accuracy |\n|---|---|---|---|---|\n{rows}\n\n![robustness]({png.name})\n")
     return md, study.to_dict(), [png]
+
+
+def matching_robustness_section(ctx):
+    """Demo report section: perturbed weight matchings of the MLP pair."""
+    from .combinability import _demo_pair
+    p, perms, data = _demo_pair(ctx)
+    return robustness_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
+                              n=8 if ctx.config.quick else 16)
+
+
+DEMO_SECTIONS = [matching_robustness_section]

@@ -13,7 +13,8 @@ from .. import similarity as sim
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align
 
-__all__ = ["SimilarityStudy", "similarity_study", "plot_similarity", "similarity_section"]
+__all__ = ["SimilarityStudy", "similarity_study", "plot_similarity", "similarity_section",
+           "combination_similarity_section"]
 
 FUNCTIONAL = {"disagreement": sim.disagreement, "kl": sim.kl_divergence, "js": sim.js_divergence}
 
@@ -106,3 +107,14 @@ def similarity_section(model, spec, state_a, state_b, data, out_dir, **kw):
           "| setting | pair | top-1 disagreement | JS | weight L2 | weight cosine |\n|---|---|---|---|---|---|\n"
           + "\n".join(rows) + f"\n\n![similarity]({png.name})\n")
     return md, study.to_dict(), [png]
+
+
+def combination_similarity_section(ctx):
+    """Demo report section: functional and weight similarity of combinations of the MLP pair."""
+    from .combinability import _demo_pair
+    p, perms, data = _demo_pair(ctx)
+    return similarity_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
+                              n=4 if ctx.config.quick else 8)
+
+
+DEMO_SECTIONS = [combination_similarity_section]

@@ -150,20 +150,22 @@ QUICK = dict(arch="mlp", width=128, depth=3, train_config=train.TrainConfig(epoc
 
 
 def stitching_section(out_dir: str | Path, *, study: StitchingStudy | None = None, quick: bool = True,
-                      progress: bool = False) -> tuple[str, dict, list[Path]]:
+                      progress: bool = False, **kwargs) -> tuple[str, dict, list[Path]]:
     """The demo report's stitching section: (markdown, JSON-able dict, [PNG path]); runs the study
-    (small MLPs when `quick`, else 512-wide) unless one is given, and writes its PNG under out_dir."""
+    (MLP 40-128x3 when `quick`, else 512-wide; `kwargs` go to `stitching`) unless one is given, and
+    writes its PNG under out_dir."""
     if study is None:
         kw = dict(QUICK)
         if not quick:
             kw.update(width=512, stitch_epochs=3)
-        study = stitching(progress=progress, **kw)
+        study = stitching(progress=progress, **{**kw, **kwargs})
     png = study.plot(Path(out_dir) / "stitching.png")
     best = max(study.configs(), key=lambda c: min(study.relative_accuracy(*c)))
     md = "\n".join([
         "## Stitching (Dr. Frankenstein) and representation similarity",
         "",
-        f"{study.arch} {study.arch_kwargs} seed {study.seeds[0]} (front, test acc {study.accuracy_front:.3f}) "
+        f"{study.arch} ({', '.join(f'{k}={v}' for k, v in study.arch_kwargs.items()) or 'default size'}) "
+        f"seed {study.seeds[0]} (front, test acc {study.accuracy_front:.3f}) "
         f"stitched into seed {study.seeds[1]} (end, test acc {study.accuracy_end:.3f}) at every layer. "
         "Cells: relative accuracy (stitched / end model) with the closed-form or baseline init → after "
         f"training the stitching layer for {study.settings['stitch_epochs']} epochs on the task loss.",
@@ -176,3 +178,14 @@ def stitching_section(out_dir: str | Path, *, study: StitchingStudy | None = Non
         f"![stitching]({png.name})",
     ])
     return md, study.to_dict(), [png]
+
+
+def _demo_section(ctx) -> tuple[str, dict, list[Path]]:
+    """`pyrebasin demo`'s stitching section (the demo's seeds, dataset and quick flag; its MLP sizes,
+    so the trained models come from the shared cache)."""
+    return stitching_section(ctx.out, quick=ctx.config.quick, progress=ctx.progress,
+                             seeds=tuple(ctx.config.seeds), dataset=ctx.config.dataset)
+
+
+_demo_section.__name__ = "stitching_section"  # the demo's `--only stitching` key
+DEMO_SECTIONS = [_demo_section]

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align, barrier_of, linear_curve
 
-__all__ = ["TransitivityStudy", "transitivity", "plot_transitivity", "transitivity_section"]
+__all__ = ["TransitivityStudy", "transitivity", "plot_transitivity", "transitivity_section",
+           "transitivity_of_alignment_section"]
 
 
 @dataclass
@@ -66,3 +67,17 @@ def transitivity_section(model, spec, state_a, state_b, state_c, data, out_dir, 
     md = ("## Transitivity\n\nA and B each aligned to a third model C (transitive) vs B aligned to A (direct).\n\n"
           f"| pair | loss barrier | accuracy barrier |\n|---|---|---|\n{rows}\n\n![transitivity]({png.name})\n")
     return md, study.to_dict(), [png]
+
+
+def transitivity_of_alignment_section(ctx):
+    """Demo report section: the MLP pair plus a third seed C (trained with the same config, cached)."""
+    from .. import train
+    p = ctx.pair("mlp")
+    seed_c = max(ctx.config.seeds) + 1
+    _, state_c = train.train_zoo(p.config.arch, dataset=ctx.config.dataset, seed=seed_c,
+                                 config=train.TrainConfig(epochs=p.config.epochs), progress=ctx.progress,
+                                 **p.config.kwargs)
+    return transitivity_section(p.model, p.spec, p.state_a, p.state_b, state_c, ctx.splits["test"], ctx.out)
+
+
+DEMO_SECTIONS = [transitivity_of_alignment_section]

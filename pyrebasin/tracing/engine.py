@@ -5,7 +5,7 @@ argument order; `Engine.run` applies the op rules (rules.py) and leaves the unio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .atoms import Atoms
@@ -56,7 +56,6 @@ class Graph:
     consts: set[Any]                       # tensors that are neither inputs nor state (frozen)
     shape: Callable[[Any], Any]            # value -> shape tuple, list of shapes, or None
     frontend: str
-    aliases: dict[str, str] = field(default_factory=dict)  # tied key -> key used in the graph
 
 
 def _hashable(x) -> bool:
@@ -80,7 +79,6 @@ class Engine:
         self.params: dict[str, Axes] = {}
         self.used: dict[str, str] = {}  # state key -> first op that used it
         self.state_shapes = state_shapes
-        self.notes: list[str] = []
         self.counters: dict[str, int] = {}  # per-module op counts (naming hand-written attention)
 
     # --- values ---

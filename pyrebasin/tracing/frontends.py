@@ -50,21 +50,41 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict, state_keys) -> Gra
             inputs.append(node)
         else:
             consts.add(node)
-    calls = []
-    for n in ep.graph.nodes:
-        if n.op != "call_function":
-            continue
-        t = n.target
-        if isinstance(t, torch._ops.OpOverload):
-            name = t.overloadpacket.__name__
-        else:
-            name = getattr(t, "__name__", str(t))
-        calls.append(Call(name, tuple(n.args), dict(n.kwargs), n, n.name, _path(n), str(t)))
+    calls: list[Call] = []
+    _emit(ep.graph_module, ep.graph, {}, calls)
     outputs = [by_name[s.arg.name] for s in sig.output_specs
                if s.kind == OutputKind.USER_OUTPUT and isinstance(s.arg, TensorArgument)]
     return Graph(calls, inputs, outputs, refs, consts,
                  lambda v: _shape_of_val(v.meta.get("val")) if isinstance(v, torch.fx.Node) else None,
                  "export")
+
+
+_WRAPPERS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+
+
+def _emit(gm, graph, subst: dict, calls: list) -> None:
+    """Calls of an export graph; no_grad / autocast regions (higher-order ops over a submodule)
+    are inlined, their placeholders standing for the operands passed in."""
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = n.target
+        name = t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else \
+            getattr(t, "__name__", str(t))
+        args = torch.fx.node.map_arg(n.args, lambda a: subst.get(a, a))
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: subst.get(a, a))
+        sub_at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node)
+                       and a.op == "get_attr"), None)
+        if name in _WRAPPERS and sub_at is not None:
+            sub = getattr(gm, n.args[sub_at].target)
+            inner = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            sub_subst = dict(zip(inner, args[sub_at + 1:]))
+            _emit(sub, sub.graph, sub_subst, calls)
+            out = next(p for p in sub.graph.nodes if p.op == "output").args[0]
+            items = tuple(sub_subst.get(x, x) for x in (out if isinstance(out, (tuple, list)) else (out,)))
+            calls.append(Call("tuple", (items,), {}, n, n.name, _path(n), str(t)))
+        else:
+            calls.append(Call(name, tuple(args), dict(kwargs), n, n.name, _path(n), str(t)))
 
 
 # --- torch.fx -----------------------------------------------------------------------------------
@@ -84,10 +104,16 @@ _POOLS = {getattr(nn, f"{kind}Pool{k}d"): f"{op}_pool{k}d" for k in (1, 2, 3) fo
            ("AdaptiveMax", "adaptive_max"))}
 
 
-def _module_call(node, mod: nn.Module) -> tuple[str, tuple, dict]:
+def _module_call(node, mod: nn.Module, state_keys) -> tuple[str, tuple, dict]:
     """A leaf module call as the aten op it amounts to, with parameters as `Ref`s."""
     p = node.target
-    ref = lambda name: Ref(f"{p}.{name}") if getattr(mod, name, None) is not None else None  # noqa
+
+    def ref(name):
+        if getattr(mod, name, None) is None:
+            return None
+        if f"{p}.{name}" not in state_keys:  # computed (parametrizations): export traces it
+            raise FxUnsupported(f"{name!r} of leaf module {p!r} is not a state-dict tensor")
+        return Ref(f"{p}.{name}")
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     if isinstance(mod, nn.Linear):
         return "linear", (x, ref("weight"), ref("bias")), {}
@@ -166,7 +192,7 @@ def fx_graph(model: nn.Module, args: tuple, kwargs: dict, state_keys) -> Graph:
                 consts.add(n)
         elif n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            name, a, k = _module_call(n, mod)
+            name, a, k = _module_call(n, mod, state_keys)
             calls.append(Call(name, a, k, n, n.name, n.target, f"{type(mod).__name__} {n.target}"))
         elif n.op in ("call_function", "call_method"):
             name, a, k = _function_call(n)

@@ -45,7 +45,6 @@ def generic(E: Engine, c: Call) -> None:
             raise UnsupportedOpError(
                 f"trace_spec cannot model {c.where()}: its tensor inputs carry permutable axes. "
                 f"Pass unknown='freeze' to freeze every axis it touches, or write the spec by hand.")
-        E.notes.append(f"froze every axis touching {c.where()}")
         for axes in ins:
             E.freeze(axes, why)
     _fresh_out(E, c, why if live else "computed from constants and inputs only")
@@ -67,11 +66,13 @@ NO_TENSOR_OUT = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "
 for _n in NO_TENSOR_OUT:  # shape/metadata queries and assertions: nothing to permute
     RULES[_n] = lambda E, c: None
 
-CONSTANT_MAKERS = ("arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "randn",
-                   "rand", "randint", "eye", "linspace", "new_ones", "new_zeros", "new_full",
+CONSTANT_MAKERS = ("arange", "empty", "tensor", "randn", "rand", "randint", "eye", "linspace",
                    "new_empty", "new_tensor", "empty_strided", "lift_fresh_copy")
 for _n in CONSTANT_MAKERS:
     RULES[_n] = lambda E, c: _fresh_out(E, c, "constant tensor")
+UNIFORM_MAKERS = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "scalar_tensor")
+for _n in UNIFORM_MAKERS:  # every entry equal: invariant to any permutation of any axis
+    RULES[_n] = lambda E, c: _fresh_out(E, c, None)
 
 
 # --- elementwise ---------------------------------------------------------------------------------
@@ -109,7 +110,8 @@ ELEMENTWISE = ("add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_
                "or_", "invert", "pow", "pow_", "addcmul", "addcdiv", "lerp", "floor_divide",
                "fmod", "remainder", "copy_", "atan2", "truediv", "floordiv", "mod", "xlogy",
                "fill_", "hypot", "true_divide", "isnan", "isinf", "isfinite", "floor", "ceil",
-               "round", "trunc", "frac", "bitwise_left_shift", "bitwise_right_shift")
+               "round", "trunc", "frac", "bitwise_left_shift", "bitwise_right_shift",
+               "_weight_norm")  # weight norm: g * v / |v| over the axes g broadcasts along
 
 
 @rule(*ELEMENTWISE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from .engine import Call, Engine, Multi
-from .rules import RULES, generic, reduce, rule, unary
+from .rules import generic, rule
 
 OUT_HINT, HEAD_HINT = 1, 3  # name priorities: attention roles beat "output of layer X"
 
@@ -153,7 +153,11 @@ def conv(E: Engine, c: Call) -> None:
             out_ch = [g, per]
     if b is not None:
         E.tie(out_ch, b[0], f"bias of {c.where()}")
-    _hint_out(E, out_ch, c.path)
+    if groups == 1:
+        _hint_out(E, out_ch, c.path)
+    else:  # (groups, per-group units)
+        E.A.hint(out_ch[0], f"{c.path}.groups", OUT_HINT)
+        _hint_out(E, out_ch[1:], c.path)
     E.set_out(c, x[:ch] + [out_ch] + E.fresh(shape[ch + 1:], f"positions of {c.where()}"))
 
 
@@ -285,6 +289,59 @@ def sdpa(E: Engine, c: Call) -> None:
     E.set_out(c, out)
 
 
-for _n in ("softmax", "log_softmax"):  # keep them unary even if someone re-registers names
-    RULES.setdefault(_n, unary)
-RULES.setdefault("mean", reduce)
+
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@rule(*_GATES)
+def rnn(E: Engine, c: Call) -> None:
+    """LSTM/GRU/RNN (aten.<op>.input): each layer's hidden units are one group (both directions
+    share it: the next layer reads them concatenated), gate rows are (gates, hidden) blocked with
+    the gate index frozen; timesteps are ordered (frozen). h_n/c_n hold every layer's units in one
+    axis, so when they are used (or h0/c0 given) with several layers, the layers share one group."""
+    x, hx = E.ax(c.arg(0, "input")), c.arg(1, "hx")
+    params = [E.ax(p) for p in c.arg(2, "params")]
+    has_b, layers = bool(c.arg(3, "has_biases")), int(c.arg(4, "num_layers"))
+    dirs = 2 if c.arg(7, "bidirectional") else 1
+    batch_first = bool(c.arg(8, "batch_first"))
+    per = 4 if has_b else 2
+    if x is None or len(params) != layers * dirs * per or any(len(p[0]) != 1 for p in params):
+        return generic(E, c)  # projections (proj_size) or packed sequences: not modelled
+    gates, hidden = _GATES[c.name], E.size(params[1][1])
+    t_ax = (1 if batch_first else 0) if len(x) == 3 else 0
+    E.freeze(x[t_ax], f"timesteps of {c.where()} are ordered")
+    why = f"gates of {c.where()} play different roles"
+    users = getattr(c.out, "users", {})
+    states_used = any(u.args[1] > 0 and len(u.users) > 0 for u in users
+                      if len(getattr(u, "args", ())) > 1 and isinstance(u.args[1], int))
+    hx = [hx] if not isinstance(hx, (list, tuple)) else list(hx)
+    hx_axes = [E.ax(h) for h in hx if E.ax(h) is not None and not _uniform(h)]
+    shared = layers > 1 and (states_used or bool(hx_axes))
+    prev, units = x[-1], []
+    for layer in range(layers):
+        unit = units[0] if (shared and units) else E.A.new(hidden)
+        E.A.hint(unit, f"{c.path}.l{layer}", OUT_HINT)
+        for d in range(dirs):
+            p = params[(layer * dirs + d) * per:(layer * dirs + d + 1) * per]
+            for rows in [p[0][0], p[1][0]] + ([p[2][0], p[3][0]] if has_b else []):
+                E.tie(rows, [E.A.new(gates, why), unit], f"gate rows of {c.where()}")
+            E.tie(p[1][1], [unit], f"recurrent weights of {c.where()}")
+            E.tie(p[0][1], prev, f"input weights of {c.where()}")
+        prev = ([E.A.new(2, f"directions of {c.where()}")] if dirs == 2 else []) + [unit]
+        units.append(unit)
+    out = [x[i] if i != len(x) - 1 else prev for i in range(len(x))]
+    batch = [x[1 - t_ax]] if len(x) == 3 else []
+    states = [[E.A.new(layers * dirs, f"layers of {c.where()}")]] + batch + [
+        [units[0]] if layers == 1 or shared else [E.A.new(hidden, f"unused states of {c.where()}")]]
+    for h in hx_axes:
+        for a, b in zip(h, states):
+            E.tie(a, b, f"initial state of {c.where()}")
+    E.set_out(c, Multi([out] + [states] * (len(E.g.shape(c.out)) - 1)))
+
+
+def _uniform(v) -> bool:
+    """Made by zeros/ones/full (the default h0 of nn.LSTM/GRU): invariant, nothing to tie."""
+    from .rules import UNIFORM_MAKERS
+    target = getattr(v, "target", None)
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", None) in UNIFORM_MAKERS

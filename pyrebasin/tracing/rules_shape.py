@@ -277,3 +277,9 @@ def getattr_(E: Engine, c: Call) -> None:
     if attr in ("real", "data"):
         return unary(E, c)
     return generic(E, c)
+
+
+@rule("tuple")
+def tuple_(E: Engine, c: Call) -> None:
+    """The outputs of an inlined region (no_grad / autocast), read back by getitem."""
+    E.vals[c.out] = Multi(E.ax(v) for v in c.args[0])

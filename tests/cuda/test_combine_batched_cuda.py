@@ -47,3 +47,9 @@ def test_cuda_evaluate_combinations_matches_cpu():
                                     c, (x, y), chunk=4)
     torch.testing.assert_close(gpu.loss, cpu.loss, rtol=1e-4, atol=1e-4)
     assert gpu.peak_memory_bytes is not None and gpu.peak_memory_bytes > 0
+
+
+def test_cuda_opcheck():
+    a, b, layouts = sample_inputs(device="cuda", dtype=torch.float32)
+    torch.library.opcheck(torch.ops.pyrebasin.combine_batched,
+                          (a, b, *layouts[1], "beta", [0.5, 2.0], 3, 2, 4))

@@ -2,16 +2,19 @@
 combinations stay close to the endpoints while naive ones collapse; transitive alignment keeps the
 barrier far below naive; combinability degrades as the matching is perturbed; combinations are new
 functions. Plus the `pyrebasin combine` CLI end to end."""
+import importlib
 import json
 
 import pytest
 import torch
 
 from pyrebasin import cli
-from pyrebasin.experiments import combinability as comb
-from pyrebasin.experiments import robustness as rob
-from pyrebasin.experiments import similarity_study as sim
-from pyrebasin.experiments import transitivity as trans
+
+# The package re-exports functions named like their modules (`combinability`, ...): import the modules.
+comb = importlib.import_module("pyrebasin.experiments.combinability")
+rob = importlib.import_module("pyrebasin.experiments.robustness")
+sim = importlib.import_module("pyrebasin.experiments.similarity_study")
+trans = importlib.import_module("pyrebasin.experiments.transitivity")
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +89,14 @@ def test_cli_combine_writes_json_markdown_png(tmp_path, capsys):
     assert (tmp_path / "combinability.png").stat().st_size > 1000 and (tmp_path / "transitivity.png").exists()
     assert "Transitivity" in (tmp_path / "combine.md").read_text()
     assert cli.main(["combine", "--arch-kwargs", "[1]", "--out", str(tmp_path)]) == 2
+
+
+def test_demo_discovers_the_four_sections_and_runs_one(tmp_path):
+    from pyrebasin.experiments import demo
+
+    keys = [demo.section_key(f) for f in demo.sections()]
+    for key in ("mode_combinability", "transitivity_of_alignment", "matching_robustness", "combination_similarity"):
+        assert key in keys
+    ctx = demo.DemoContext(demo.DemoConfig.make(quick=True), tmp_path, progress=False)
+    md, data, figs = comb.mode_combinability_section(ctx)
+    assert md.startswith("## Mode combinability") and data["rows"] and figs[0].exists()

@@ -18,7 +18,7 @@ def study():
     return prb.experiments.stitching(
         "mlp", seeds=(0, 1), configs=(("affine", "least_squares"), ("affine", "identity"),
                                       ("permutation", "least_squares")),
-        stitch_epochs=2, progress=False, **ARCH)
+        stitch_epochs=1, progress=False, **ARCH)
 
 
 def check_png(path: Path):
@@ -48,8 +48,15 @@ def test_study_least_squares_keeps_accuracy_identity_does_not(study):
 def test_study_plot_and_report_section(study, tmp_path):
     md, d, pngs = prb.experiments.stitching_section(tmp_path, study=study)
     assert md.startswith("## Stitching") and "relative accuracy" in md and pngs[0].name in md
+    assert "mlp (width=128, depth=3) seed 0" in md
     assert d["layers"] == study.layers and json.loads(json.dumps(d))["cka"] == study.cka
     check_png(pngs[0])
+
+
+def test_the_demo_finds_the_section():
+    from pyrebasin.experiments import demo
+
+    assert "stitching" in [demo.section_key(f) for f in demo.sections()]
 
 
 def test_study_rejects_unknown_configs():
@@ -63,13 +70,13 @@ def test_cli_writes_json_markdown_and_png(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(prb.__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "pyrebasin.cli", "stitch", "--width", "128", "--depth", "3", "--epochs", "10",
-           "--configs", "affine:least_squares", "orthogonal:procrustes", "--layers", "norms.1", "norms.2",
+           "--configs", "affine:least_squares", "semi_match:least_squares", "--layers", "norms.1", "norms.2",
            "--stitch-epochs", "1", "--no-progress", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads((out / "stitching.json").read_text())
     assert d["layers"] == ["norms.1", "norms.2"] and d["seeds"] == [0, 1]
-    assert {(r["kind"], r["init"]) for r in d["rows"]} == {("affine", "least_squares"), ("orthogonal", "procrustes")}
+    assert {(r["kind"], r["init"]) for r in d["rows"]} == {("affine", "least_squares"), ("semi_match", "least_squares")}
     assert all(0 <= r["relative_accuracy"] <= 1.5 for r in d["rows"])
     assert "norms.2" in (out / "stitching.md").read_text()
     check_png(out / "stitching.png")

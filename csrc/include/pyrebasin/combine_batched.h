@@ -38,6 +38,32 @@ PRB_HD void combine_span(const CombineTensorDesc& d, const CombineParams& p, int
   const scalar_t* b = static_cast<const scalar_t*>(d.b);
   scalar_t* out = static_cast<scalar_t*>(d.out) + k * d.numel;
   const uint32_t sample = static_cast<uint32_t>(p.sample_begin + k);
+  if (d.coef_div == 1 && p.dist != rng::kConstant && p.dist != rng::kBeta) {
+    // Element granularity: one Philox call serves `lanes` consecutive coefficients, no cache.
+    const int64_t shift = rng::lanes(p.dist) == 4 ? 2 : 1;
+    int64_t q = e0 % d.coef_mod;
+    int64_t e = e0;
+    while (e < e1) {
+      const int64_t idx = d.coef_base + q;
+      const int64_t blk = idx >> shift;
+      const int64_t lane0 = idx - (blk << shift);
+      int64_t cnt = (int64_t{1} << shift) - lane0;
+      cnt = cnt < e1 - e ? cnt : e1 - e;
+      cnt = cnt < d.coef_mod - q ? cnt : d.coef_mod - q;
+      const rng::U32x4 w = rng::draw(p.seed, sample, static_cast<uint64_t>(blk), 0u);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const opmath_t lam = static_cast<opmath_t>(
+            rng::lane_coefficient(p.dist, p.params, w, static_cast<int>(lane0 + j)));
+        const opmath_t av = static_cast<opmath_t>(a[e + j]);
+        const opmath_t bv = static_cast<opmath_t>(b[e + j]);
+        out[e + j] = static_cast<scalar_t>(rng::add(bv, rng::mul(lam, rng::sub(av, bv))));
+      }
+      e += cnt;
+      q += cnt;
+      if (q == d.coef_mod) q = 0;
+    }
+    return;
+  }
   rng::CoefficientCache cache;
   int64_t q = e0 / d.coef_div;
   int64_t r = e0 - q * d.coef_div;

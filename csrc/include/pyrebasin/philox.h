@@ -268,7 +268,7 @@ PRB_HD double lane_coefficient(int32_t dist, const double* params, const U32x4& 
     case kUniform:
       return add(params[0], mul(sub(params[1], params[0]), u24(r.v[lane])));
     case kBernoulli:
-      return u24(r.v[lane]) < params[0] ? 1.0 : 0.0;
+      return static_cast<double>(u24(r.v[lane]) < params[0]);  // branchless: λ is random
     default: {  // kGaussian: lane l reads words 2l and 2l+1
       double x = add(params[0], mul(params[1], normal_quantile(u52(r.v[2 * lane], r.v[2 * lane + 1]))));
       x = x < params[2] ? params[2] : x;

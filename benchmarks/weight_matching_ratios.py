@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 import pyrebasin as prb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_DIR = os.environ.get("PYREBASIN_PEER_DIR", "/work/main/.venv-rebasin/site")
+PEER_DIR = os.environ.get("PYREBASIN_PEER_DIR", str(Path(__file__).resolve().parents[1] / ".venv-rebasin" / "site"))
 
 CONFIGS = {
     "mlp 40-512x3 (mnist1d-trained)": dict(arch="mlp", kwargs={}, input_shape=[2, 40], trained=10),

@@ -323,6 +323,17 @@ def _batches(data, batch_size: int | None) -> list[tuple[torch.Tensor, torch.Ten
     raise TypeError(f"data must be (x, y) tensors or an iterable of (x, y) batches, got {type(data).__name__}")
 
 
+def _check_model(model: torch.nn.Module, state: State) -> None:
+    """functional_call(strict=False) would quietly take the model's own tensor for a missing key."""
+    own = model.state_dict()
+    missing, extra = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing or extra:
+        raise ValueError(f"state dicts do not match the model: missing {missing[:6]}, unexpected {extra[:6]}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k!r} has shape {list(state[k].shape)} but the model expects {list(v.shape)}")
+
+
 @torch.no_grad()
 def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State, coefficients, data, *,
                           chunk: int = 16, batch_size: int | None = 1000, return_logits: bool = False,
@@ -338,9 +349,12 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     _check_pair(state_a, state_b)
+    _check_model(model, state_a)
     n = len(coefficients) if not isinstance(coefficients, Mapping) else len(next(iter(coefficients.values())))
     fixed = {k: v for k, v in state_a.items() if not v.is_floating_point()}
     batches = _batches(data, batch_size)
+    if not sum(len(y) for _, y in batches):
+        raise ValueError("evaluate_combinations: data is empty (no samples to evaluate on)")
     device = next(iter(state_a.values())).device
     on_cuda = device.type == "cuda"
     if on_cuda:

@@ -19,6 +19,8 @@ __all__ = ["disagreement", "kl_divergence", "js_divergence", "weight_l2", "weigh
 def _check_logits(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"logits shapes differ: {list(a.shape)} vs {list(b.shape)}")
+    if a.numel() == 0:  # a mean over no examples would be a silent NaN
+        raise ValueError(f"logits are empty (shape {list(a.shape)}): no examples to compare")
 
 
 def disagreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

@@ -259,3 +259,17 @@ def test_combine_and_interpolate_in_dtype(dtype):
     assert len(curve.ts) == 3 and all(v == v for v in curve.values("loss"))
     res = prb.evaluate_combinations(a, sa, sb, coef, tiny_data(dtype=dtype))
     assert res.loss.shape == (2,) and torch.isfinite(res.loss).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_level_functions_keep_dtype(dtype):
+    a, b = tiny_mlp(0, dtype=dtype).eval(), tiny_mlp(1, dtype=dtype).eval()
+    spec, sa, sb = a.permutation_spec(), state(a), state(b)
+    x, y = tiny_data(dtype=dtype)
+    r = prb.activation_matching(a, b, spec, x, max_iter=3)
+    prb.check_permutations(spec, r.perms, spec.perm_sizes(sa))
+    for out in (repair_mod.reset_bn(a, sa, x), repair_mod.repair(a, sa, sb, 0.5, x)):
+        assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in sa.items()}
+    assert stitching.stitch(a, b, "layers.0", data=(x, y))(x).dtype == dtype
+    assert prb.check_spec(a, spec, (x[:4],)).ok
+    assert prb.spec_difference(prb.trace_spec(a, (x[:4],)), spec) == []

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import pyrebasin as prb
-from pyrebasin import lmc, repair as repair_mod, similarity, stitching
+from pyrebasin import similarity, stitching
+# by module path: once __init__ re-exports the function `repair`, `prb.repair` is no longer the module
+from pyrebasin.lmc import barrier, interpolate
+from pyrebasin.repair import repair as repair_fn, reset_bn
 
 from ._contracts import assert_model_unchanged, assert_sd_equal, clone_sd, snapshot, state, tiny_data, tiny_mlp
 
@@ -48,8 +51,8 @@ def _params(f):
     (prb.random_permutation, ["spec", "state_dict", "generator"], {}),
     (prb.weight_matching, ["spec", "state_a", "state_b"], {"max_iter": 100, "seed": 0, "init": None}),
     (prb.activation_matching, ["model_a", "model_b", "spec", "data"], {}),
-    (lmc.interpolate, ["model", "state_a", "state_b", "data", "ts"], {}),
-    (lmc.barrier, ["curve", "metric", "kind"], {}),
+    (interpolate, ["model", "state_a", "state_b", "data", "ts"], {}),
+    (barrier, ["curve", "metric", "kind"], {}),
     (prb.sample_coefficients, ["spec_or_state", "n", "distribution", "granularity", "seed"], {}),
     (prb.evaluate_combinations, ["model", "state_a", "state_b", "coefficients", "data"], {}),
     (prb.trace_spec, ["model", "example_inputs"], {}),
@@ -64,9 +67,9 @@ def test_documented_signature(f, positional, kwonly):
 
 
 def test_documented_defaults():
-    assert _params(lmc.interpolate)["ts"].default == 25
-    assert _params(lmc.barrier)["metric"].default == "loss"
-    assert _params(lmc.barrier)["kind"].default == "endpoint_mean"
+    assert _params(interpolate)["ts"].default == 25
+    assert _params(barrier)["metric"].default == "loss"
+    assert _params(barrier)["kind"].default == "endpoint_mean"
     assert _params(prb.sample_coefficients)["seed"].default == 0
     assert _params(prb.random_permutation)["generator"].default is None
     fields = {f for f in prb.MatchResult.__dataclass_fields__}
@@ -125,11 +128,11 @@ def test_interpolate_and_barrier_leave_inputs(pair):
     a, b = pair
     snap, sa, sb = snapshot(a), state(a), state(b)
     ca, cb = clone_sd(sa), clone_sd(sb)
-    curve = lmc.interpolate(a, sa, sb, tiny_data(), ts=3, buffers="reset")
+    curve = interpolate(a, sa, sb, tiny_data(), ts=3, buffers="reset")
     assert_model_unchanged(a, snap)
     assert_sd_equal(ca, sa), assert_sd_equal(cb, sb)
     ts_before = list(curve.ts)
-    lmc.barrier(curve, kind="any_chord")
+    barrier(curve, kind="any_chord")
     assert list(curve.ts) == ts_before
 
 
@@ -138,9 +141,9 @@ def test_reset_bn_and_repair_leave_inputs(pair):
     snap, sa, sb = snapshot(a), state(a), state(b)
     ca, cb = clone_sd(sa), clone_sd(sb)
     x = tiny_data()[0]
-    out = repair_mod.reset_bn(a, sa, x)
+    out = reset_bn(a, sa, x)
     assert not torch.equal(out["norms.0.running_mean"], sa["norms.0.running_mean"])  # it did reset
-    repair_mod.repair(a, sa, sb, 0.5, x)
+    repair_fn(a, sa, sb, 0.5, x)
     assert_model_unchanged(a, snap)
     assert_sd_equal(ca, sa), assert_sd_equal(cb, sb)
 

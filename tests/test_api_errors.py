@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import pyrebasin as prb
-from pyrebasin import lmc, repair as repair_mod, similarity, stitching
+from pyrebasin import similarity, stitching
+# by module path: once __init__ re-exports the function `repair`, `prb.repair` is no longer the module
+from pyrebasin.lmc import barrier, interpolate
+from pyrebasin.repair import repair as repair_fn, reset_bn
 
 from ._contracts import state, tiny_data, tiny_mlp
 
@@ -84,9 +87,9 @@ def test_evaluate_combinations_state_not_matching_model(ab):
 def test_interpolate_mismatch_names_key(ab):
     a, _, _, sa, sb = ab
     with pytest.raises(ValueError, match="layers.1.weight"):
-        lmc.interpolate(a, sa, _drop(sb, "layers.1.weight"), tiny_data(), ts=3)
+        interpolate(a, sa, _drop(sb, "layers.1.weight"), tiny_data(), ts=3)
     with pytest.raises(ValueError, match="layers.0.weight"):
-        lmc.interpolate(a, sa, _reshape(sb, "layers.0.weight"), tiny_data(), ts=3)
+        interpolate(a, sa, _reshape(sb, "layers.0.weight"), tiny_data(), ts=3)
 
 
 def test_similarity_weight_mismatch(ab):
@@ -161,7 +164,7 @@ def test_activation_matching_spec_for_another_model(ab):
 def test_empty_data_interpolate(ab):
     a, _, _, sa, sb = ab
     with pytest.raises(ValueError, match="empty"):
-        lmc.interpolate(a, sa, sb, (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), ts=3)
+        interpolate(a, sa, sb, (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), ts=3)
 
 
 def test_empty_data_activation_matching(ab):
@@ -184,7 +187,7 @@ def test_empty_data_evaluate_combinations(ab):
 def test_empty_data_reset_bn(ab):
     a, _, _, sa, _ = ab
     with pytest.raises(ValueError, match="empty|no samples"):
-        repair_mod.reset_bn(a, sa, torch.zeros(0, 8))
+        reset_bn(a, sa, torch.zeros(0, 8))
 
 
 @pytest.mark.xfail(strict=True, reason="repair on empty data: KeyError 'norms.0' from EndpointStats.targets "
@@ -192,7 +195,7 @@ def test_empty_data_reset_bn(ab):
 def test_empty_data_repair(ab):
     a, _, _, sa, sb = ab
     with pytest.raises(ValueError):
-        repair_mod.repair(a, sa, sb, 0.5, torch.zeros(0, 8))
+        repair_fn(a, sa, sb, 0.5, torch.zeros(0, 8))
 
 
 def test_empty_data_stitch(ab):
@@ -211,7 +214,7 @@ def test_data_labels_length_mismatch(ab):
     a, _, _, sa, sb = ab
     x, y = tiny_data()
     with pytest.raises(ValueError):
-        lmc.interpolate(a, sa, sb, (x, y[:-1]), ts=3)
+        interpolate(a, sa, sb, (x, y[:-1]), ts=3)
     with pytest.raises(ValueError):
         prb.evaluate_combinations(a, sa, sb, prb.sample_coefficients(sa, 2), (x, y[:-1]))
 
@@ -255,7 +258,7 @@ def test_combine_and_interpolate_in_dtype(dtype):
     expect = (0.25 * sa["layers.0.weight"].double() + 0.75 * sb["layers.0.weight"].double())
     tol = 1e-12 if dtype == torch.float64 else 1e-2
     assert torch.allclose(w.double().squeeze(0), expect, atol=tol)
-    curve = lmc.interpolate(a, sa, sb, tiny_data(dtype=dtype), ts=3)
+    curve = interpolate(a, sa, sb, tiny_data(dtype=dtype), ts=3)
     assert len(curve.ts) == 3 and all(v == v for v in curve.values("loss"))
     res = prb.evaluate_combinations(a, sa, sb, coef, tiny_data(dtype=dtype))
     assert res.loss.shape == (2,) and torch.isfinite(res.loss).all()
@@ -268,7 +271,7 @@ def test_model_level_functions_keep_dtype(dtype):
     x, y = tiny_data(dtype=dtype)
     r = prb.activation_matching(a, b, spec, x, max_iter=3)
     prb.check_permutations(spec, r.perms, spec.perm_sizes(sa))
-    for out in (repair_mod.reset_bn(a, sa, x), repair_mod.repair(a, sa, sb, 0.5, x)):
+    for out in (reset_bn(a, sa, x), repair_fn(a, sa, sb, 0.5, x)):
         assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in sa.items()}
     assert stitching.stitch(a, b, "layers.0", data=(x, y))(x).dtype == dtype
     assert prb.check_spec(a, spec, (x[:4],)).ok

@@ -368,7 +368,7 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     vforward = torch.func.vmap(forward, in_dims=(0, None))
     losses, accs, all_logits = [], [], []
     total = sum(len(y) for _, y in batches)
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # per module: model.train(x) would clobber mixed flags
     model.eval()
     start = time.perf_counter()
     try:
@@ -392,7 +392,8 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
                 all_logits.append(torch.cat(chunk_logits, 1))
             del stacked
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
     if on_cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

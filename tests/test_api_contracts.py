@@ -82,7 +82,31 @@ def test_documented_defaults():
 def pair():
     a, b = tiny_mlp(0), tiny_mlp(1)
     a.train(), b.train()  # train mode: a forward that forgets eval() would update the BN buffers
+    for m in (a, b):  # a user's own hook must survive (the snapshot counts hooks)
+        m.layers[0].register_forward_hook(lambda *args: None)
     return a, b
+
+
+def _mixed(seed):
+    """Train mode with one frozen (eval) BatchNorm: restoring with model.train(flag) would clobber it."""
+    m = tiny_mlp(seed).train()
+    m.norms[0].eval()
+    return m
+
+
+@pytest.mark.parametrize("fn", [
+    lambda a, b, x, y: interpolate(a, state(a), state(b), (x, y), ts=3, repair=True),
+    lambda a, b, x, y: reset_bn(a, state(a), x),
+    lambda a, b, x, y: prb.evaluate_combinations(a, state(a), state(b), prb.sample_coefficients(state(a), 2), (x, y)),
+    lambda a, b, x, y: prb.check_spec(a, a.permutation_spec(), (x[:4],)),
+    lambda a, b, x, y: prb.trace_spec(a, (x[:4],)),
+    lambda a, b, x, y: stitching.stitch(a, b, "layers.0", data=(x, y))(x),
+], ids=["interpolate_repair", "reset_bn", "evaluate_combinations", "check_spec", "trace_spec", "stitch"])
+def test_mixed_training_flags_restored(fn):
+    a, b = _mixed(0), _mixed(1)
+    sa, sb = snapshot(a), snapshot(b)
+    fn(a, b, *tiny_data())
+    assert_model_unchanged(a, sa), assert_model_unchanged(b, sb)
 
 
 def test_apply_and_random_permutation_leave_inputs(pair):

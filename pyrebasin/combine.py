@@ -334,6 +334,14 @@ def _check_model(model: torch.nn.Module, state: State) -> None:
             raise ValueError(f"{k!r} has shape {list(state[k].shape)} but the model expects {list(v.shape)}")
 
 
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got {y.dtype}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}) (the model has {classes} outputs), "
+                         f"got range [{int(y.min())}, {int(y.max())}]")
+
+
 @torch.no_grad()
 def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State, coefficients, data, *,
                           chunk: int = 16, batch_size: int | None = 1000, return_logits: bool = False,
@@ -381,6 +389,8 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 out = vforward(stacked, x)                      # [K, B, classes]
+                if begin == 0:  # once per batch: cross_entropy would fail deep inside (IndexError)
+                    _check_labels(y, out.shape[-1])
                 loss += F.cross_entropy(out.flatten(0, 1).float(), y.repeat(end - begin),
                                         reduction="none").view(end - begin, -1).sum(1).double()
                 correct += (out.argmax(-1) == y).sum(1).double()

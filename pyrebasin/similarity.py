@@ -90,6 +90,8 @@ class PairMoments:
         """Moments of two whole activation tensors, accumulated `batch_size` rows at a time."""
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must hold the same samples: x {list(x.shape)}, y {list(y.shape)}")
+        if not (-min(x.dim(), y.dim()) <= channel_dim < min(x.dim(), y.dim())):
+            raise ValueError(f"channel_dim={channel_dim} is out of range for x {list(x.shape)} and y {list(y.shape)}")
         m = cls(x.shape[channel_dim], y.shape[channel_dim], with_yy=with_yy, device=x.device)
         for i in range(0, x.shape[0], batch_size):
             m.update(x[i:i + batch_size], y[i:i + batch_size], channel_dim=channel_dim)

@@ -276,3 +276,36 @@ def test_model_level_functions_keep_dtype(dtype):
     assert stitching.stitch(a, b, "layers.0", data=(x, y))(x).dtype == dtype
     assert prb.check_spec(a, spec, (x[:4],)).ok
     assert prb.spec_difference(prb.trace_spec(a, (x[:4],)), spec) == []
+
+
+def test_non_tensor_value_is_type_error_naming_key(ab):
+    _, _, spec, sa, sb = ab
+    bad = dict(sb, **{"head.bias": [0.0, 1.0, 2.0]})
+    with pytest.raises(TypeError, match="head.bias"):
+        prb.apply_permutation(spec, prb.identity_permutation(spec, sa), bad)
+    with pytest.raises(TypeError, match="head.bias"):
+        prb.weight_matching(spec, sa, bad)
+
+
+def test_similarity_channel_dim_out_of_range():
+    with pytest.raises(ValueError, match="channel_dim"):
+        similarity.linear_cka(torch.randn(10, 3), torch.randn(10, 3), channel_dim=5)
+
+
+def test_evaluate_combinations_bad_labels(ab):
+    a, _, _, sa, sb = ab
+    x, y = tiny_data()
+    coef = prb.sample_coefficients(sa, 2)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        prb.evaluate_combinations(a, sa, sb, coef, (x, y + 5))
+    with pytest.raises(TypeError, match="labels"):
+        prb.evaluate_combinations(a, sa, sb, coef, (x, y.float()))
+
+
+@pytest.mark.xfail(strict=True, reason="interpolate with labels >= classes: IndexError 'Target 6 is out of bounds' "
+                   "from cross_entropy (lmc.py _evaluate); check labels like evaluate_combinations does")
+def test_interpolate_bad_labels(ab):
+    a, _, _, sa, sb = ab
+    x, y = tiny_data()
+    with pytest.raises(ValueError):
+        interpolate(a, sa, sb, (x, y + 5), ts=3)

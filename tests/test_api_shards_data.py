@@ -90,3 +90,21 @@ def test_logit_similarities_refuse_empty():
     for f in (similarity.disagreement, similarity.kl_divergence, similarity.js_divergence):
         with pytest.raises(ValueError, match="empty"):
             f(torch.zeros(0, 3), torch.zeros(0, 3))
+
+
+@pytest.mark.skipif(not prb.native_available(), reason="needs the native extension")
+def test_backends_agree_at_the_api_level():
+    a, b = tiny_mlp(0).eval(), tiny_mlp(1).eval()
+    spec, sa, sb = a.permutation_spec(), state(a), state(b)
+    perms = prb.random_permutation(spec, sa, generator=1)
+    coef = prb.sample_coefficients(sa, 3, "beta(2, 2)", seed=7)
+    out = {}
+    for name in ("native", "reference"):
+        with prb.use_backend(name):
+            assert prb.backend() == name
+            out[name] = (prb.apply_permutation(spec, perms, sa), prb.combine_states(sa, sb, coef),
+                         prb.evaluate_combinations(a, sa, sb, coef, tiny_data()).loss)
+    (pn, cn, ln), (pr, cr, lr) = out["native"], out["reference"]
+    assert all(torch.equal(pn[k], pr[k]) for k in pn)
+    assert all(torch.allclose(cn[k], cr[k], atol=1e-6) for k in cn)
+    assert torch.allclose(ln, lr, atol=1e-5)

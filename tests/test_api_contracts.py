@@ -17,22 +17,19 @@ from ._contracts import assert_model_unchanged, assert_sd_equal, clone_sd, snaps
 
 # --- names and signatures (ARCHITECTURE.md "Public API") ---------------------------------------
 
-CORE_NAMES = ["PermutationSpec", "trace_spec", "apply_permutation", "random_permutation", "weight_matching",
-              "activation_matching", "sample_coefficients", "evaluate_combinations", "combine_states",
-              "check_spec", "use_backend", "backend", "MatchResult"]
-LMC_NAMES = ["interpolate", "barrier", "reset_bn", "repair"]
+PUBLIC_NAMES = ["PermutationSpec", "trace_spec", "apply_permutation", "random_permutation", "weight_matching",
+                "activation_matching", "interpolate", "barrier", "reset_bn", "repair", "sample_coefficients",
+                "evaluate_combinations", "combine_states", "check_spec", "use_backend", "backend", "MatchResult"]
 
 
-@pytest.mark.parametrize("name", CORE_NAMES)
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
 def test_public_name_exists(name):
     assert name in prb.__all__ and hasattr(prb, name)
 
 
-@pytest.mark.parametrize("name", LMC_NAMES)
-@pytest.mark.xfail(not all(callable(getattr(prb, n, None)) for n in LMC_NAMES), strict=True,
-                   reason="prb.interpolate/barrier/reset_bn/repair not re-exported in __init__ (lmc branch adds them)")
-def test_public_lmc_name_exists(name):
-    assert name in prb.__all__ and callable(getattr(prb, name))
+def test_reexports_are_the_module_functions():
+    assert prb.interpolate is interpolate and prb.barrier is barrier
+    assert prb.repair is repair_fn and prb.reset_bn is reset_bn
 
 
 def test_zoo_and_data_names():

@@ -238,6 +238,7 @@ def _evaluate(model: nn.Module, states: list[dict[str, torch.Tensor]], splits: d
             if logits.dim() != 3 or logits.shape[1] != len(yb):
                 raise ValueError(f"model output has shape {list(logits.shape[1:])} for a batch of {len(yb)}; "
                                  "expected [batch, classes] logits")
+            _check_labels(yb, logits.shape[-1], split)
             ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), yb.repeat(len(states)), reduction="none")
             ce_sum += ce.view(len(states), -1).sum(1).double().cpu()
             hits += (logits.argmax(-1) == yb).sum(1).cpu()
@@ -245,6 +246,14 @@ def _evaluate(model: nn.Module, states: list[dict[str, torch.Tensor]], splits: d
             losses[j][split] = float(ce_sum[j]) / len(y)
             accs[j][split] = int(hits[j]) / len(y)
     return losses, accs
+
+
+def _check_labels(y: torch.Tensor, classes: int, split: str) -> None:
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"split {split!r}: labels must be integer class indices, got {y.dtype}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"split {split!r}: labels must lie in [0, {classes}) (the model has {classes} "
+                         f"outputs), got range [{int(y.min())}, {int(y.max())}]")
 
 
 def _default_chunk(state: State) -> int:

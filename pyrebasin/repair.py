@@ -52,10 +52,14 @@ class RepairPoint:
 
 def _x(data) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
-        return data
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        return data[0]
-    raise TypeError(f"statistics data must be a tensor of inputs or an (x, y) pair, got {type(data).__name__}")
+        x = data
+    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        x = data[0]
+    else:
+        raise TypeError(f"statistics data must be a tensor of inputs or an (x, y) pair, got {type(data).__name__}")
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError(f"statistics data is empty (inputs of shape {list(x.shape)})")
+    return x
 
 
 @contextlib.contextmanager

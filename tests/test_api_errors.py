@@ -182,16 +182,12 @@ def test_empty_data_evaluate_combinations(ab):
         prb.evaluate_combinations(a, sa, sb, coef, (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
 
 
-@pytest.mark.xfail(strict=True, reason="reset_bn on empty data blames the model: 'repair point never ran' "
-                   "(repair.py renormalize) instead of saying the data is empty")
 def test_empty_data_reset_bn(ab):
     a, _, _, sa, _ = ab
     with pytest.raises(ValueError, match="empty|no samples"):
         reset_bn(a, sa, torch.zeros(0, 8))
 
 
-@pytest.mark.xfail(strict=True, reason="repair on empty data: KeyError 'norms.0' from EndpointStats.targets "
-                   "(repair.py:145) — endpoint_stats never checks that data had rows")
 def test_empty_data_repair(ab):
     a, _, _, sa, sb = ab
     with pytest.raises(ValueError):
@@ -302,8 +298,6 @@ def test_evaluate_combinations_bad_labels(ab):
         prb.evaluate_combinations(a, sa, sb, coef, (x, y.float()))
 
 
-@pytest.mark.xfail(strict=True, reason="interpolate with labels >= classes: IndexError 'Target 6 is out of bounds' "
-                   "from cross_entropy (lmc.py _evaluate); check labels like evaluate_combinations does")
 def test_interpolate_bad_labels(ab):
     a, _, _, sa, sb = ab
     x, y = tiny_data()

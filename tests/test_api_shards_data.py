@@ -76,8 +76,6 @@ def test_activation_matching_replayable():
     assert all(torch.equal(r1.perms[k], r2.perms[k]) for k in r1.perms)
 
 
-@pytest.mark.xfail(strict=True, reason="activation_matching(data=(x, y)) treats y as a batch of inputs: IndexError "
-                   "(matching/activation.py _batches); every other function takes an (x, y) pair")
 def test_activation_matching_accepts_xy_pair():
     a, b = tiny_mlp(0).eval(), tiny_mlp(1).eval()
     x, y = tiny_data(64)

@@ -103,6 +103,11 @@ def _batches(data, batch_size: int):
     if isinstance(data, torch.Tensor):
         yield from data.split(batch_size)
         return
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data)
+            and data[1].dim() == 1 and len(data[0]) == len(data[1]) and not data[1].is_floating_point()):
+        # An (x, y) pair, as every other function takes it: the labels are not inputs.
+        yield from data[0].split(batch_size)
+        return
     for item in data:
         yield item[0] if isinstance(item, (tuple, list)) else item
 

@@ -11,7 +11,7 @@
 # Env: PYTHON (default: python3; gives the torch version and the Python include dir),
 #      TORCH_VERSION (default: the installed torch's, without +cpu), CUDA_HOME (default /usr/local/cuda),
 #      CXX (default g++), JOBS (parallel compiles, default 2), KEEP_BUILD=1 keeps the object folder,
-#      CUDA_ONLY=1 compiles only csrc/cuda/* (skips csrc/cpu/*.cpp and csrc/ops.cpp, which the CPU build covers).
+#      CUDA_ONLY=1 compiles only csrc/cuda/* (the CPU build covers csrc/cpu/*.cpp, csrc/ops.cpp).
 # Steps: nvcc -c every csrc/cuda/*.cu; g++ -c every csrc/cuda/*.cpp, csrc/cpu/*.cpp, csrc/*.cpp with the
 # flags torch.utils.cpp_extension would pass; then every undefined pyrebasin:: symbol of any object
 # must be defined (same mangled name, so same signature) by some object — a binding's declaration of

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ CASES = {
     "resnet20_bn": (lambda: ResNet20(norm="bn", blocks_per_stage=1), (3, 16)),
     "transformer": (lambda: Transformer(seq_len=8, patch=2, d_model=16, heads=4, layers=1), (3, 8)),
 }
-PEER_DIR = os.environ.get("PYREBASIN_PEER_DIR", "/work/main/.venv-rebasin/site")
+PEER_DIR = os.environ.get("PYREBASIN_PEER_DIR", str(Path(__file__).resolve().parents[1] / ".venv-rebasin" / "site"))
 
 
 def models(name):

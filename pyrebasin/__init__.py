@@ -1,6 +1,8 @@
 """pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
 from . import data  # noqa: I001  (one import per line keeps merges clean)
 from . import distributed
+from . import io
+from . import lmc
 from . import matching
 from . import ops
 from . import reference
@@ -23,7 +25,9 @@ from .combine import (
 )
 from ._backend import backend, native_available, use_backend
 from .check import CheckReport, SpecCheckError, check_spec
+from .lmc import Curve, barrier, interpolate
 from .matching import MatchResult, activation_matching, weight_matching
+from .repair import endpoint_stats, repair, reset_bn
 from .spec import (
     Blocked,
     PermutationSpec,
@@ -38,7 +42,16 @@ from .trace import UnsupportedOpError, describe_spec, spec_difference, spec_equi
 
 __version__ = "0.1.0"
 
+
 __all__ = [
+    "Curve",
+    "barrier",
+    "endpoint_stats",
+    "interpolate",
+    "io",
+    "lmc",
+    "repair",
+    "reset_bn",
     "CoefficientLayout",
     "Coefficients",
     "CombinationResult",

@@ -323,6 +323,25 @@ def _batches(data, batch_size: int | None) -> list[tuple[torch.Tensor, torch.Ten
     raise TypeError(f"data must be (x, y) tensors or an iterable of (x, y) batches, got {type(data).__name__}")
 
 
+def _check_model(model: torch.nn.Module, state: State) -> None:
+    """functional_call(strict=False) would quietly take the model's own tensor for a missing key."""
+    own = model.state_dict()
+    missing, extra = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing or extra:
+        raise ValueError(f"state dicts do not match the model: missing {missing[:6]}, unexpected {extra[:6]}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k!r} has shape {list(state[k].shape)} but the model expects {list(v.shape)}")
+
+
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got {y.dtype}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}) (the model has {classes} outputs), "
+                         f"got range [{int(y.min())}, {int(y.max())}]")
+
+
 @torch.no_grad()
 def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State, coefficients, data, *,
                           chunk: int = 16, batch_size: int | None = 1000, return_logits: bool = False,
@@ -338,9 +357,12 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     _check_pair(state_a, state_b)
+    _check_model(model, state_a)
     n = len(coefficients) if not isinstance(coefficients, Mapping) else len(next(iter(coefficients.values())))
     fixed = {k: v for k, v in state_a.items() if not v.is_floating_point()}
     batches = _batches(data, batch_size)
+    if not sum(len(y) for _, y in batches):
+        raise ValueError("evaluate_combinations: data is empty (no samples to evaluate on)")
     device = next(iter(state_a.values())).device
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -354,7 +376,7 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     vforward = torch.func.vmap(forward, in_dims=(0, None))
     losses, accs, all_logits = [], [], []
     total = sum(len(y) for _, y in batches)
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # per module: model.train(x) would clobber mixed flags
     model.eval()
     start = time.perf_counter()
     try:
@@ -367,6 +389,8 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 out = vforward(stacked, x)                      # [K, B, classes]
+                if begin == 0:  # once per batch: cross_entropy would fail deep inside (IndexError)
+                    _check_labels(y, out.shape[-1])
                 loss += F.cross_entropy(out.flatten(0, 1).float(), y.repeat(end - begin),
                                         reduction="none").view(end - begin, -1).sum(1).double()
                 correct += (out.argmax(-1) == y).sum(1).double()
@@ -378,7 +402,8 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
                 all_logits.append(torch.cat(chunk_logits, 1))
             del stacked
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
     if on_cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

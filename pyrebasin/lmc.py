@@ -1,6 +1,6 @@
 """Linear mode connectivity: loss/accuracy along θ(t) = (1−t)·θ_A + t·θ_B, and loss barriers.
 
-Models run only through `torch.func.functional_call` (several t at once under `torch.func.vmap` on GPU).
+Models run only through `torch.func.functional_call` (optionally several t at once under `torch.func.vmap`).
 """
 from __future__ import annotations
 
@@ -147,9 +147,9 @@ def check_state(model: nn.Module, state: State, name: str = "state") -> None:
     for k, v in ref.items():
         t = state[k]
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{k!r}] is a {type(t).__name__}, not a Tensor")
+            raise TypeError(f"{name}: {k!r} is a {type(t).__name__}, not a Tensor")
         if t.shape != v.shape:
-            raise ValueError(f"{name}[{k!r}] has shape {list(t.shape)} but the model expects {list(v.shape)}")
+            raise ValueError(f"{name}: {k!r} has shape {list(t.shape)} but the model expects {list(v.shape)}")
 
 
 @contextlib.contextmanager
@@ -266,8 +266,9 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
     endpoint statistics are collected once, on `stat_data`); it sets BatchNorm statistics itself.
     stat_data defaults to the "train" split's x (else the first split's). `transform(state, t)` may
     change each state before evaluation (e.g. a custom correction). The model runs in eval mode via
-    functional_call; with `vmap_ts` (default: on CUDA only), `chunk` values of t at a time are
-    stacked under torch.func.vmap. Inputs are never modified.
+    functional_call, one t after another; `vmap_ts=True` stacks `chunk` values of t under
+    torch.func.vmap instead (slower on CPU as measured; may pay on a GPU for small models). Inputs
+    are never modified.
     """
     if buffers not in ("interpolate", "reset"):
         raise ValueError(f"buffers={buffers!r}; expected 'interpolate' or 'reset'")
@@ -281,8 +282,8 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
         from .repair import endpoint_stats  # repair builds on this module
         stats = endpoint_stats(model, state_a, state_b, stat_data, batch_size=batch_size)
     chunk = chunk or _default_chunk(state_a)
-    if vmap_ts is None:  # measured (benchmarks/lmc_ratios.py): a loop over t beats vmap on CPU
-        vmap_ts = next(iter(state_a.values())).device.type == "cuda"
+    if vmap_ts is None:  # measured (benchmarks/lmc_ratios.py): on CPU vmap took 0.8-10x the loop's time
+        vmap_ts = False
     losses: list[dict[str, float]] = []
     accs: list[dict[str, float]] = []
     with eval_mode(model), tqdm(total=len(tlist), desc=desc, disable=not progress, leave=False) as bar:

@@ -19,6 +19,8 @@ __all__ = ["disagreement", "kl_divergence", "js_divergence", "weight_l2", "weigh
 def _check_logits(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"logits shapes differ: {list(a.shape)} vs {list(b.shape)}")
+    if a.numel() == 0:  # a mean over no examples would be a silent NaN
+        raise ValueError(f"logits are empty (shape {list(a.shape)}): no examples to compare")
 
 
 def disagreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,8 @@ class PairMoments:
         """Moments of two whole activation tensors, accumulated `batch_size` rows at a time."""
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must hold the same samples: x {list(x.shape)}, y {list(y.shape)}")
+        if not (-min(x.dim(), y.dim()) <= channel_dim < min(x.dim(), y.dim())):
+            raise ValueError(f"channel_dim={channel_dim} is out of range for x {list(x.shape)} and y {list(y.shape)}")
         m = cls(x.shape[channel_dim], y.shape[channel_dim], with_yy=with_yy, device=x.device)
         for i in range(0, x.shape[0], batch_size):
             m.update(x[i:i + batch_size], y[i:i + batch_size], channel_dim=channel_dim)

@@ -134,6 +134,8 @@ class PermutationSpec:
                 f"{undeclared[:8]}{' ...' if len(undeclared) > 8 else ''}")
         sizes: dict[str, tuple[int, str, int]] = {}
         for key, entries in self.axes_to_perm.items():
+            if not isinstance(state_dict[key], torch.Tensor):
+                raise TypeError(f"state dict value {key!r} is a {type(state_dict[key]).__name__}, not a Tensor")
             shape = tuple(state_dict[key].shape)
             if len(entries) != len(shape):
                 raise ValueError(f"spec gives {len(entries)} axes for {key!r} but its shape is {list(shape)}")

@@ -233,7 +233,9 @@ def stitch(model_front: nn.Module, model_end: nn.Module, front_layer: str, end_l
         raise ValueError(f"unknown stitching init {init!r}; expected one of {INITS}")
     end_layer = front_layer if end_layer is None else end_layer
     front, end = _Frozen(model_front, front_layer, "front_layer"), _Frozen(model_end, end_layer, "end_layer")
-    x0, _ = next(iter(_batches(data, batch_size)))
+    x0, _ = next(iter(_batches(data, batch_size)), (None, None))
+    if x0 is None or len(x0) == 0:
+        raise ValueError("stitch: data is empty (it yielded no samples)")
     with torch.no_grad():
         a, b = front.capture(x0[:2]), end.capture(x0[:2])
     if a.dim() != b.dim():

@@ -79,8 +79,9 @@ def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: Tra
     key = json.dumps({"arch": arch, "dataset": dataset, "kw": arch_kwargs, "cfg": asdict(config),
                       "torch": torch.__version__.split("+")[0], "v": 1}, sort_keys=True)
     path = data_mod.cache_dir() / "models" / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
-    torch.manual_seed(seed)
-    model = zoo.build(arch, **arch_kwargs)
+    with torch.random.fork_rng():  # seed the initialisation without changing the caller's global RNG
+        torch.manual_seed(seed)
+        model = zoo.build(arch, **arch_kwargs)
     if cache and path.exists():
         try:
             model.load_state_dict(load_file(path))

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# The suite shares 2 cores; intra-op threads beyond that only add contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# At most 2 intra-op threads (CI has 2 cores); OMP_NUM_THREADS, when set, wins (shared machines).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -237,9 +237,10 @@ def test_reset_and_repair_lower_the_aligned_barrier_of_a_bn_net():
     networks, and REPAIR lowers it compared with plain aligned interpolation."""
     model, a, b = trained_pair("vgg_bn")
     spec = model.permutation_spec()
-    data = mnist1d_splits(1000)
+    x, y, xt, yt = prb.data.mnist1d()
+    data = {"train": (x[:500], y[:500]), "test": (xt[:500], yt[:500])}
     b_al = prb.apply_permutation(spec, prb.weight_matching(spec, a, b).perms, b)
-    stat = data["train"][0][:500]
+    stat = x[500:1000]
     plain = interpolate(model, a, b_al, data, ts=5)
     reset = interpolate(model, a, b_al, data, ts=5, buffers="reset", stat_data=stat)
     repaired = interpolate(model, a, b_al, data, ts=5, repair=True, stat_data=stat)

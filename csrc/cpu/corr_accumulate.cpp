@@ -37,14 +37,24 @@ void pack_stream(const CorrStreamDesc& d, int64_t s0, int64_t k, double* buf, do
       double* pq = part_sq + sb * C;
       if (rows) {  // sample s = outer index; channels contiguous in buf
         double acc[kChannelBlock] = {0}, acc2[kChannelBlock] = {0};
+        const int64_t w = c1 - c0;
         for (int64_t kk = k0; kk < k1; ++kk) {
-          const T* src = x + (s0 + kk) * d.s_outer;
-          double* dst = buf + kk * C;
-          for (int64_t c = c0; c < c1; ++c) {
-            const double v = static_cast<double>(src[c * d.s_channel]);
-            dst[c] = v;
-            acc[c - c0] += v;
-            acc2[c - c0] += v * v;
+          const T* __restrict__ src = x + (s0 + kk) * d.s_outer + c0 * d.s_channel;
+          double* __restrict__ dst = buf + kk * C + c0;
+          if (d.s_channel == 1) {  // contiguous features: a vectorisable convert-and-sum
+            for (int64_t c = 0; c < w; ++c) {
+              const double v = static_cast<double>(src[c]);
+              dst[c] = v;
+              acc[c] += v;
+              acc2[c] += v * v;
+            }
+          } else {
+            for (int64_t c = 0; c < w; ++c) {
+              const double v = static_cast<double>(src[c * d.s_channel]);
+              dst[c] = v;
+              acc[c] += v;
+              acc2[c] += v * v;
+            }
           }
         }
         for (int64_t c = c0; c < c1; ++c) {

@@ -186,7 +186,7 @@ def mode_combinability_section(ctx):
     p, perms, data = _demo_pair(ctx)
     quick = ctx.config.quick
     return combinability_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
-                                 n=8 if quick else 32,
+                                 n=8 if quick else 16,
                                  distributions=("uniform", "bernoulli(0.5)") if quick else DEFAULT_DISTRIBUTIONS,
                                  progress=ctx.progress)
 

@@ -68,6 +68,7 @@ class Section:
     markdown: str
     data: dict
     figures: list[Path] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)  # one-line findings for the report's top
 
 
 @dataclass
@@ -217,7 +218,12 @@ def lmc_section(name: str, title: str) -> Callable[[DemoContext], Section]:
             *[f"![{f.stem}]({f.name})" for f in figs]])
         data = {"barriers": table, "curves": {f"{m}/{c}": cv.to_dict() for (m, c), cv in curves.items()},
                 "match_seconds": dict(p.match_seconds), "curve_seconds": seconds}
-        return Section(f"lmc_{name}", title, md, data, figs)
+        tb = lambda k: table[k]["loss_endpoint_mean_test"]  # noqa: E731
+        summary = [f"{title.split(':')[0]}: test loss barrier naive {tb('naive/plain'):.3f} → weight matching "
+                   f"{tb('weight/plain'):.3f} → activation matching {tb('activation/plain'):.3f}"
+                   + "".join(f"; with {c.upper()}: {tb('weight/' + c):.3f} / {tb('activation/' + c):.3f}"
+                             for c in p.config.corrections if c != "plain")]
+        return Section(f"lmc_{name}", title, md, data, figs, summary)
     section.__name__ = f"lmc_{name}"
     return section
 
@@ -281,14 +287,17 @@ def run_demo(out: str | Path = "out/demo", *, quick: bool = False, progress: boo
         "config": {**asdict(cfg), "pairs": {k: asdict(v) for k, v in cfg.pairs.items()}},
         "environment": {"pyrebasin": __version__, "backend": backend(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "python": platform.python_version()},
-        "sections": [{"key": s.key, "title": s.title, "data": s.data, "figures": [Path(f).name for f in s.figures]}
-                     for s in done],
+        "sections": [{"key": s.key, "title": s.title, "summary": s.summary, "data": s.data,
+                      "figures": [Path(f).name for f in s.figures]} for s in done],
         "seconds": {"sections": timings, "total": round(total, 2)},
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     md = [f"# pyrebasin demo{' (--quick)' if cfg.quick else ''}", "",
           f"{len(done)} sections in {total:.0f} s (backend `{backend()}`, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads). Data: `report.json`.", ""]
+    findings = [line for s in done for line in s.summary]
+    if findings:
+        md += ["**Summary**", "", *[f"- {line}" for line in findings], ""]
     for s in done:
         md += [f"## {s.title}", "", s.markdown, ""]
     atomic_write_text(out / "report.md", "\n".join(md))

@@ -5,4 +5,5 @@ from .activation import Site, activation_matching, find_sites
 from .lap import LapState, available_solvers, default_solver, solve_lap
 from .weight import MatchResult, weight_matching
 
-__all__ = ["MatchResult", "weight_matching", "activation_matching", "find_sites", "Site", "solve_lap", "LapState", "available_solvers", "default_solver"]
+__all__ = ["MatchResult", "weight_matching", "activation_matching", "find_sites", "Site",
+           "solve_lap", "LapState", "available_solvers", "default_solver"]

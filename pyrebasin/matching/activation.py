@@ -222,7 +222,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     missing = [s for s in sites if s not in moments and s not in shared]
     if missing:
         warnings.warn(f"activation_matching: sites never reached by the forward pass: {missing}", stacklevel=2)
-    corr = {s: m.corr() for s, m in moments.items()}
+    corr = {s: m.corr().cpu() for s, m in moments.items()}  # the LAPs run on the CPU anyway
     by_perm = {p: [s for s in corr if p in s.perms] for p in sizes}
     empty = [p for p, s in by_perm.items() if not s]
     if empty:

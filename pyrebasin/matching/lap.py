@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from .._backend import has_kernel
+from .._backend import use_native
 
 __all__ = ["solve_lap", "LapState", "available_solvers", "default_solver"]
 
@@ -33,9 +33,9 @@ def available_solvers() -> list[str]:
 
 
 def default_solver() -> str:
-    """"jv" when the native kernel is built (warm starts across sweeps pay off, docs/alignment.md),
-    else "scipy" (the reference twin of jv is exact but slow; lapx's lapjv measured slower here)."""
-    return "jv" if has_kernel("lap_solve", "cpu") else "scipy"
+    """"jv" when its native kernel runs (warm starts across sweeps pay off, docs/alignment.md), else
+    "scipy" (under the reference backend too: jv's twin is exact but slow; lapx measured slower)."""
+    return "jv" if use_native("lap_solve", torch.device("cpu")) else "scipy"
 
 
 def _as_float64(cost) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Helper of check_cuda_bindings.sh: lists the CUDA math-library wheels a torch wheel pins, and extracts
-the headers (torch/include, nvidia/*/include) from downloaded wheels. Standard library only."""
+"""Helper of check_cuda_bindings.sh: lists the CUDA math-library wheels a torch wheel pins, and
+extracts the headers (torch/include, nvidia/*/include) from downloaded wheels. Stdlib only."""
 import glob
 import os
 import re

@@ -17,8 +17,9 @@ namespace {
 constexpr int64_t kSpan = 4;
 
 // 16-bit element types for combine_span's static_casts: torch builds .cu files with
-// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so __half and __nv_bfloat16 convert
-// to and from float only through the intrinsics (round-to-nearest-even, as c10::Half / BFloat16).
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so __half and __nv_bfloat16
+// convert to and from float only through the intrinsics (round-to-nearest-even, as c10::Half and
+// c10::BFloat16 do).
 struct Half {
   __half x;
   Half() = default;

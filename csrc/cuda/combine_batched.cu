@@ -16,6 +16,24 @@ namespace {
 
 constexpr int64_t kSpan = 4;
 
+// 16-bit element types for combine_span's static_casts: torch builds .cu files with
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so __half and __nv_bfloat16
+// convert to and from float only through the intrinsics (round-to-nearest-even, as c10::Half and
+// c10::BFloat16 do).
+struct Half {
+  __half x;
+  Half() = default;
+  __host__ __device__ explicit Half(float v) : x(__float2half_rn(v)) {}
+  __host__ __device__ explicit operator float() const { return __half2float(x); }
+};
+struct BFloat16 {
+  __nv_bfloat16 x;
+  BFloat16() = default;
+  __host__ __device__ explicit BFloat16(float v) : x(__float2bfloat16_rn(v)) {}
+  __host__ __device__ explicit operator float() const { return __bfloat162float(x); }
+};
+static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "16-bit element wrappers");
+
 // span_offsets[t] is the first global span of tensor t (exclusive prefix sum over
 // ceil(numel / kSpan)); spans_per_sample = span_offsets[n_tensors].
 __global__ void combine_batched_kernel(const CombineTensorDesc* __restrict__ descs,
@@ -37,8 +55,8 @@ __global__ void combine_batched_kernel(const CombineTensorDesc* __restrict__ des
     switch (d.dtype) {
       case kF32: combine_span<float, float>(d, p, k, e0, e1); break;
       case kF64: combine_span<double, double>(d, p, k, e0, e1); break;
-      case kF16: combine_span<__half, float>(d, p, k, e0, e1); break;
-      default: combine_span<__nv_bfloat16, float>(d, p, k, e0, e1); break;
+      case kF16: combine_span<Half, float>(d, p, k, e0, e1); break;
+      default: combine_span<BFloat16, float>(d, p, k, e0, e1); break;
     }
   }
 }

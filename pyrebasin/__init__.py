@@ -4,6 +4,7 @@ from . import distributed
 from . import io
 from . import lmc
 from . import matching
+from . import moments
 from . import ops
 from . import reference
 from . import shards
@@ -83,6 +84,7 @@ __all__ = [
     "identity_permutation",
     "invert_permutation",
     "matching",
+    "moments",
     "native_available",
     "ops",
     "random_permutation",

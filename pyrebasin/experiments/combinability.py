@@ -12,6 +12,7 @@ import torch
 
 from .. import combine as cmb
 from ..spec import PermutationSpec, apply_permutation
+from .plots import save_figure
 
 __all__ = ["CombinabilityStudy", "combinability", "plot_combinability", "combinability_section", "linear_curve",
            "mode_combinability_section",
@@ -140,12 +141,7 @@ def plot_combinability(study: CombinabilityStudy, path: str | Path, metric: str 
         ax.set_title(dist, fontsize=9)
     axes[0][0].set_ylabel(metric)
     fig.suptitle("grey: naive · blue: aligned · dashed: endpoints' mean", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def combinability_table(study: CombinabilityStudy) -> str:

@@ -14,7 +14,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..io import atomic_savefig  # noqa: E402
 from ..lmc import Curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_bars"]
+__all__ = ["plot_curves", "plot_bars", "save_figure"]
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out, write atomically as PNG (parent folders created) and close a figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        return atomic_savefig(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 _STYLES = {"test": "-", "train": "--"}
 

@@ -11,6 +11,7 @@ from .. import combine as cmb
 from ..matching.perturb import hamming_fraction, noisy_matching, perturb_permutation
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align, barrier_of, linear_curve
+from .plots import save_figure
 
 __all__ = ["RobustnessStudy", "robustness", "plot_robustness", "robustness_section", "matching_robustness_section"]
 
@@ -85,12 +86,7 @@ def plot_robustness(study: RobustnessStudy, path: str | Path) -> Path:
     axes[2].set_xlabel("Hamming distance to found matching")
     axes[2].set_ylabel(f"median accuracy, {study.distribution} {study.granularity}")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def robustness_section(model, spec, state_a, state_b, data, out_dir, **kw):

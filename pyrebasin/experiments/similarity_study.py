@@ -12,6 +12,7 @@ from .. import combine as cmb
 from .. import similarity as sim
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align
+from .plots import save_figure
 
 __all__ = ["SimilarityStudy", "similarity_study", "plot_similarity", "similarity_section",
            "combination_similarity_section"]
@@ -86,12 +87,7 @@ def plot_similarity(study: SimilarityStudy, path: str | Path) -> Path:
         ax.set_xticks(range(len(pairs)), pairs, rotation=30)
         ax.set_title(m, fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def similarity_section(model, spec, state_a, state_b, data, out_dir, **kw):

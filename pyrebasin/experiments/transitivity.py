@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align, barrier_of, linear_curve
+from .plots import save_figure
 
 __all__ = ["TransitivityStudy", "transitivity", "plot_transitivity", "transitivity_section",
            "transitivity_of_alignment_section"]
@@ -52,12 +53,7 @@ def plot_transitivity(study: TransitivityStudy, path: str | Path) -> Path:
         ax.set_xlabel("t (0: B, 1: A)")
         ax.set_ylabel(metric)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def transitivity_section(model, spec, state_a, state_b, state_c, data, out_dir, **kw):

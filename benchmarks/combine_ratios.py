@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import pyrebasin as prb
 
-
-def best(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+try:
+    from ._timing import best_of
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from _timing import best_of
 
 
 def pair(width, depth, seed=0):
@@ -56,8 +50,8 @@ def case_a(repeat):
     x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
     c = prb.sample_coefficients(a, 256, "uniform", "element", seed=0)
     probe = prb.zoo.MLP(40, 64, 2).eval()
-    t_loop = best(lambda: loop_peer(probe, a, b, 256, x, y), repeat)
-    t_ours = best(lambda: prb.evaluate_combinations(m, a, b, c, (x, y), chunk=256), repeat)
+    t_loop = best_of(lambda: loop_peer(probe, a, b, 256, x, y), repeat)
+    t_ours = best_of(lambda: prb.evaluate_combinations(m, a, b, c, (x, y), chunk=256), repeat)
     return {"loop_s": t_loop, "evaluate_s": t_ours, "speedup": t_loop / t_ours}
 
 
@@ -69,7 +63,7 @@ def mlp_forward_flops(widths, n, in_features=40, classes=10):
 def gemm_rate(repeat, chunk):
     """FLOP/s of a plain batched GEMM shaped like the model's biggest layer, as vmap runs it."""
     xa, wa = torch.randn(chunk, 1000, 512), torch.randn(chunk, 512, 512)
-    t = best(lambda: torch.bmm(xa, wa), repeat)
+    t = best_of(lambda: torch.bmm(xa, wa), repeat)
     return 2 * chunk * 1000 * 512 * 512 / t
 
 
@@ -85,7 +79,7 @@ def case_b(repeat, k):
         rates.append(gemm_rate(repeat, chunk))
         c = prb.sample_coefficients(m.permutation_spec(), k, "uniform", gran, seed=0, state=a)
         res = {}
-        t = best(lambda: res.setdefault("r", prb.evaluate_combinations(m, a, b, c, (x, y), chunk=chunk,
+        t = best_of(lambda: res.setdefault("r", prb.evaluate_combinations(m, a, b, c, (x, y), chunk=chunk,
                                                                        batch_size=None)), repeat)
         rates.append(gemm_rate(repeat, chunk))
         rate = max(rates)
@@ -104,29 +98,29 @@ def case_c(repeat, k):
     keys = list(a)
     d = sum(a[key].numel() for key in keys)
     outs = [torch.empty(k, *a[key].shape) for key in keys]
-    t_fill = best(lambda: [o.fill_(1.0) for o in outs], repeat)
+    t_fill = best_of(lambda: [o.fill_(1.0) for o in outs], repeat)
     # The op returns fresh tensors, so its floor includes allocating (first-touching) the output pages.
-    t_floor = best(lambda: [torch.empty(k, *a[key].shape).fill_(1.0) for key in keys], repeat)
+    t_floor = best_of(lambda: [torch.empty(k, *a[key].shape).fill_(1.0) for key in keys], repeat)
     g = torch.Generator().manual_seed(0)
 
     def plain():
         return [b[key] + torch.rand((k, *a[key].shape), generator=g) * (a[key] - b[key]) for key in keys]
 
-    t_plain = best(plain, repeat)
+    t_plain = best_of(plain, repeat)
     res = {"K": k, "params": d, "output_bytes": k * d * 4, "fill_preallocated_s": t_fill, "floor_alloc_fill_s": t_floor, "torch_rand_expr_s": t_plain,
            "torch_ratio_to_floor": t_plain / t_floor}
     spec = prb.zoo.MLP(40, 512, 3).permutation_spec()
     for gran in ("element", "neuron", "global"):
         c = prb.sample_coefficients(spec, k, "uniform", gran, seed=0, state=a)
-        t = best(lambda: prb.combine_states(a, b, c), repeat)
+        t = best_of(lambda: prb.combine_states(a, b, c), repeat)
         res[f"native_{gran}_s"] = t
         res[f"native_{gran}_ratio_to_floor"] = t / t_floor
         res[f"native_{gran}_speedup_vs_torch_rand_expr"] = t_plain / t
         # The reference materialises λ (int64 Philox in torch ops): compare it on 8 samples only.
         c8 = prb.sample_coefficients(spec, 8, "uniform", gran, seed=0, state=a)
-        t_nat = best(lambda: prb.combine_states(a, b, c8), repeat)
+        t_nat = best_of(lambda: prb.combine_states(a, b, c8), repeat)
         with prb.use_backend("reference"):
-            t_ref = best(lambda: prb.combine_states(a, b, c8), 1)
+            t_ref = best_of(lambda: prb.combine_states(a, b, c8), 1)
         res[f"reference_over_native_{gran}_K8"] = t_ref / t_nat
     return res
 

@@ -3,22 +3,16 @@ ratios measured in one run. Untrained zoo models (timing only); `python benchmar
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import pyrebasin as prb
 from pyrebasin.lmc import interpolate
 
-
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up (vmap tracing, allocator)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+try:
+    from ._timing import best_of
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from _timing import best_of
 
 
 def main() -> None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import pyrebasin as prb
 from pyrebasin.spec import Blocked, PermutationSpec
+
+try:
+    from ._timing import best_of
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from _timing import best_of
 
 
 def transformer_block(d=4096, hidden=11008, heads=32, dtype=torch.float32):
@@ -35,16 +39,6 @@ def transformer_block(d=4096, hidden=11008, heads=32, dtype=torch.float32):
 def resnet20x8():
     model = prb.zoo.ResNet20(8, norm="bn", conv_dim=2)
     return model.permutation_spec(), {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def best_of(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def run(repeat: int) -> list[dict]:

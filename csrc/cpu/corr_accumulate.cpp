@@ -108,12 +108,6 @@ void pack_dispatch(const CorrStreamDesc& d, int64_t s0, int64_t k, double* buf, 
   TORCH_INTERNAL_ASSERT(false, "corr_accumulate: unknown dtype");
 }
 
-// The [k, C] matrix X of a packed chunk (a transposed view for the cols layout).
-at::Tensor samples_by_channels(const at::Tensor& flat, const CorrStreamDesc& d, int64_t k) {
-  auto used = flat.narrow(0, 0, k * d.channels);
-  return corr_rows_layout(d) ? used.view({k, d.channels}) : used.view({d.channels, k}).t();
-}
-
 }  // namespace
 
 void corr_accumulate_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y,

@@ -19,15 +19,6 @@ cudaError_t corr_accumulate_pack_cuda_launch(const CorrStreamDesc& d, int64_t s0
                                              double* buf, double* sum, double* sum_sq, int sm_count,
                                              cudaStream_t stream);
 
-namespace {
-
-at::Tensor samples_by_channels(const at::Tensor& flat, const CorrStreamDesc& d, int64_t k) {
-  auto used = flat.narrow(0, 0, k * d.channels);
-  return corr_rows_layout(d) ? used.view({k, d.channels}) : used.view({d.channels, k}).t();
-}
-
-}  // namespace
-
 void corr_accumulate_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y,
                           int64_t channel_dim, at::Tensor count, at::Tensor sum_x, at::Tensor sum_y,
                           at::Tensor sum_xx, at::Tensor sum_yy, at::Tensor sum_xy) {

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..spec import Blocked, PermutationSpec, axis_index, check_permutations
+from ..spec import Blocked, PermutationSpec, apply_permutation, axis_index, check_permutations
 from .lap import default_solver, solve_lap
 
 __all__ = ["MatchResult", "weight_matching"]
@@ -144,21 +144,8 @@ class _CostBuilder:
 
 def _objective(a, b, spec: PermutationSpec, perms) -> float:
     """Σ over permuted tensors of <W_A, π(W_B)>, in float64."""
-    keys = list(a)
-    tensors, indices, owners, axes = [], [], [], []
-    for j, k in enumerate(keys):
-        tensors.append(b[k])
-        for axis, entry in enumerate(spec.axes_to_perm[k]):
-            idx = axis_index(entry, perms, b[k].shape[axis], b[k].device)
-            if idx is not None:
-                indices.append(idx)
-                owners.append(j)
-                axes.append(axis)
-    pb = ops.permute_multi(tensors, indices, owners, axes)
-    total = 0.0
-    for k, t in zip(keys, pb):
-        total += float(torch.dot(a[k].reshape(-1).double(), t.reshape(-1).double()))
-    return total
+    pb = apply_permutation(spec.restrict(a), perms, b)
+    return sum(float(torch.dot(a[k].reshape(-1).double(), pb[k].reshape(-1).double())) for k in a)
 
 
 @torch.no_grad()

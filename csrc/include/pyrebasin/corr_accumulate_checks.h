@@ -92,4 +92,10 @@ inline int64_t corr_chunk_samples(const CorrStreamDesc& dx, const CorrStreamDesc
   return k < 256 ? 256 : k;
 }
 
+// The [k, C] matrix X of a packed chunk (a transposed view for the cols layout); CPU and CUDA share it.
+inline at::Tensor samples_by_channels(const at::Tensor& flat, const CorrStreamDesc& d, int64_t k) {
+  auto used = flat.narrow(0, 0, k * d.channels);
+  return corr_rows_layout(d) ? used.view({k, d.channels}) : used.view({d.channels, k}).t();
+}
+
 }  // namespace pyrebasin

@@ -196,6 +196,7 @@ def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     extra = [p for p in perms if p not in sizes]
     if extra:
         raise ValueError(f"permutations given for names the spec does not have: {extra}")
+    by_device: dict[torch.device, list[str]] = {}
     for name, n in sizes.items():
         p = perms[name]
         if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.dtype not in (torch.int64, torch.int32):
@@ -203,13 +204,37 @@ def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                              f"{getattr(p, 'dtype', type(p))} of shape {list(getattr(p, 'shape', []))}")
         if p.numel() != n:
             raise ValueError(f"perm {name!r} has {p.numel()} entries but its group has {n} units")
-        seen = torch.zeros(n, dtype=torch.bool, device=p.device)
-        if n and (int(p.min()) < 0 or int(p.max()) >= n):
-            raise ValueError(f"perm {name!r} has values outside [0, {n})")
-        seen[p.long()] = True
-        if not bool(seen.all()):
-            dup = torch.bincount(p.long().cpu(), minlength=n).gt(1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"perm {name!r} is not a permutation: duplicated indices {dup}")
+        by_device.setdefault(p.device, []).append(name)
+    # All groups of a device in one batch (a dozen ops, however many groups): this runs on every
+    # apply_permutation. Only when the batch fails is each group checked alone, for the message.
+    for device, names in by_device.items():
+        if not _all_permutations(device, [perms[name] for name in names], [sizes[name] for name in names]):
+            for name in names:
+                _check_one_permutation(name, perms[name], sizes[name])
+
+
+def _all_permutations(device: torch.device, ps: list[torch.Tensor], ns: list[int]) -> bool:
+    total = sum(ns)
+    if total == 0:
+        return True
+    v = torch.cat([p.long() for p in ps])
+    counts = torch.tensor(ns, device=device)
+    starts = torch.tensor([0] + ns[:-1], device=device).cumsum(0)
+    size_of = counts.repeat_interleave(counts, output_size=total)
+    in_range = v.ge(0).logical_and_(v.lt(size_of))
+    if not bool(in_range.all()):
+        return False
+    return int(torch.bincount(v + starts.repeat_interleave(counts, output_size=total), minlength=total).max()) <= 1
+
+
+def _check_one_permutation(name: str, p: torch.Tensor, n: int) -> None:
+    seen = torch.zeros(n, dtype=torch.bool, device=p.device)
+    if n and (int(p.min()) < 0 or int(p.max()) >= n):
+        raise ValueError(f"perm {name!r} has values outside [0, {n})")
+    seen[p.long()] = True
+    if not bool(seen.all()):
+        dup = torch.bincount(p.long().cpu(), minlength=n).gt(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"perm {name!r} is not a permutation: duplicated indices {dup}")
 
 
 def axis_index(entry: AxisEntry, perms: Mapping[str, torch.Tensor], size: int,
@@ -244,12 +269,19 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
     out: dict[str, torch.Tensor] = {}
     for device, members in by_device.items():
         tensors, indices, owners, axes = [], [], [], []
+        # One index tensor per distinct axis entry (a perm permutes many tensors): built once per call.
+        index_of: dict[tuple[AxisEntry, int], torch.Tensor | None] = {}
         for j, i in enumerate(members):
             key = keys[i]
             t = state_dict[key]
             tensors.append(t.resolve_conj().resolve_neg())
             for axis, entry in enumerate(spec.axes_to_perm[key]):
-                idx = axis_index(entry, perms, t.shape[axis], device)
+                if entry is None:
+                    continue
+                size = t.shape[axis]
+                idx = index_of.get((entry, size), False)
+                if idx is False:
+                    idx = index_of[entry, size] = axis_index(entry, perms, size, device)
                 if idx is not None:
                     indices.append(idx)
                     owners.append(j)

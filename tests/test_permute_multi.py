@@ -112,3 +112,45 @@ def test_caller_errors_name_the_argument(bad, match):
     x = torch.randn(4, 5)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.pyrebasin.permute_multi(*bad(x))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.float64, torch.complex128])
+def test_every_block_size_of_gathered_rows(dtype):
+    # [O, I, k]: rows of I blocks of k contiguous elements; blocks of 1..70 elements cover every
+    # size class of the small-block copy (1 to 16 bytes up to > 64 bytes), contiguous and strided.
+    g = torch.Generator().manual_seed(2)
+    tensors, indices, owners, axes = [], [], [], []
+    for k in range(1, 71):
+        x = _random_tensor([3, 5, k], dtype, g)
+        if k % 3 == 0:
+            x = _random_tensor([3, 7, k], dtype, g)[:, ::2]  # blocks at a stride: no coalescing
+        tensors.append(x)
+        indices += [torch.randperm(3, generator=g), torch.randperm(x.shape[1], generator=g)]
+        owners += [k - 1, k - 1]
+        axes += [0, 1]
+    out = torch.ops.pyrebasin.permute_multi(tensors, indices, owners, axes)
+    _assert_bitwise(out, reference.permute_multi(tensors, indices, owners, axes))
+
+
+@native
+def test_shared_index_and_two_threads_split_by_bytes():
+    # One index tensor reused on many axes (checked once), a large matrix next to many small
+    # tensors (the byte split between threads), and an output big enough for huge-page advice.
+    g = torch.Generator().manual_seed(3)
+    p = torch.randperm(1100, generator=g)
+    tensors = [torch.randn(1100, 1100, generator=g)] + [torch.randn(1100, generator=g) for _ in range(40)]
+    tensors.append(torch.randn(1100, 16, 3, generator=g))
+    indices = [p, p] + [p] * 41
+    owners = [0, 0, *range(1, 42)]
+    axes = [0, 1] + [0] * 41
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.ops.pyrebasin.permute_multi(tensors, indices, owners, axes)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_bitwise(out, reference.permute_multi(tensors, indices, owners, axes))
+    bad = torch.cat([p[:-1], torch.tensor([1100])])
+    with pytest.raises(RuntimeError, match=r"outside \[0, 1100\)"):
+        torch.ops.pyrebasin.permute_multi(tensors[1:3], [bad, bad], [0, 1], [0, 0])

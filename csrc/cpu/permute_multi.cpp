@@ -4,12 +4,25 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <list>
 #include <vector>
 
 #include "pyrebasin/permute_multi.h"
 #include "pyrebasin/permute_multi_checks.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PYREBASIN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PYREBASIN_PREFETCH(p) ((void)(p))
+#endif
 
 namespace pyrebasin {
 namespace {
@@ -18,77 +31,177 @@ struct alignas(16) Bytes16 {
   uint64_t lo, hi;
 };
 
-// A unit of parallel work: rows [row_begin, row_end) of one tensor viewed as [rows, last_dim].
-struct Task {
-  int64_t tensor;
-  int64_t row_begin;
-  int64_t row_end;
+constexpr int64_t kLine = 64;  // cache line bytes: the unit of the software prefetch
+
+// How one output row is produced (see plan_rows). A row is the last dim, or the last two dims when
+// the last dim is a short unpermuted contiguous block (a conv weight's input channels x k*k taps).
+enum class RowKind {
+  kBlocks,    // gathered (or strided) blocks of `block` contiguous elements
+  kGather32,  // contiguous row gathered through a 32-bit index
+  kGather64,  // strided row gathered through the 64-bit index
+  kCopy,      // contiguous row, not permuted: memcpy
+  kStrided,   // strided row, not permuted
 };
 
-// A row is the last dim (row_dims == 1) or, when the last dim is a short unpermuted contiguous
-// block, the last two dims (row_dims == 2: a gathered dim of small blocks, e.g. a conv weight's input
-// channels x k*k taps), so that the per-row index arithmetic is paid once per many elements.
+struct RowPlan {
+  RowKind kind;
+  int lead;          // dims before the row
+  int64_t row_len;   // output elements per row
+  bool prefetch;     // the source of a row is one contiguous span of row_len elements
+  const int32_t* index32;
+};
+
+// Copies n bytes, n the same on every call of a row loop (so the size branches predict perfectly);
+// small blocks as two possibly overlapping loads/stores instead of a memcpy call.
+inline void copy_block(char* d, const char* s, int64_t n) {
+  if (n > 64) {
+    std::memcpy(d, s, n);
+  } else if (n > 32) {  // 3x3 float32 conv taps (36 bytes) land here
+    Bytes16 a, b, c, e;
+    std::memcpy(&a, s, 16);
+    std::memcpy(&b, s + 16, 16);
+    std::memcpy(&c, s + n - 32, 16);
+    std::memcpy(&e, s + n - 16, 16);
+    std::memcpy(d, &a, 16);
+    std::memcpy(d + 16, &b, 16);
+    std::memcpy(d + n - 32, &c, 16);
+    std::memcpy(d + n - 16, &e, 16);
+  } else if (n >= 16) {
+    Bytes16 a, b;
+    std::memcpy(&a, s, 16);
+    std::memcpy(&b, s + n - 16, 16);
+    std::memcpy(d, &a, 16);
+    std::memcpy(d + n - 16, &b, 16);
+  } else if (n >= 8) {
+    uint64_t a, b;
+    std::memcpy(&a, s, 8);
+    std::memcpy(&b, s + n - 8, 8);
+    std::memcpy(d, &a, 8);
+    std::memcpy(d + n - 8, &b, 8);
+  } else if (n >= 4) {
+    uint32_t a, b;
+    std::memcpy(&a, s, 4);
+    std::memcpy(&b, s + n - 4, 4);
+    std::memcpy(d, &a, 4);
+    std::memcpy(d + n - 4, &b, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  }
+}
+
+// Rows [row_begin, row_end). Rows come in permuted order, so the hardware prefetcher cannot guess
+// the next source row: while one row is gathered, the next row's source span is prefetched, one
+// line per line of output written, which keeps the gather as fast as a streaming copy.
 template <typename elem_t>
-void permute_rows(const PermuteTensorDesc& d, int row_dims, const int32_t* inner_index32,
-                  int64_t row_begin, int64_t row_end) {
+void permute_rows(const PermuteTensorDesc& d, const RowPlan& p, int64_t row_begin,
+                  int64_t row_end) {
   const auto* src = reinterpret_cast<const elem_t*>(d.src);
   auto* dst = reinterpret_cast<elem_t*>(d.dst);
-  const int lead = d.ndim - row_dims;
+  const int lead = p.lead;
   const int last = d.ndim - 1;
   const int64_t inner = d.sizes[last];
   const int64_t inner_stride = d.src_strides[last];
   const int64_t* inner_index = d.index[last];
-  const int64_t row_len = row_dims == 2 ? d.sizes[lead] * inner : inner;
+  constexpr int64_t kPer = sizeof(elem_t) >= kLine ? 1 : kLine / sizeof(elem_t);
 
-  // Coordinates of row_begin over the leading dims, then advanced like an odometer.
   int64_t coord[kMaxPermuteDims] = {0};
   int64_t r = row_begin;
   for (int a = lead - 1; a >= 0; --a) {
     coord[a] = r % d.sizes[a];
     r /= d.sizes[a];
   }
-  for (int64_t row = row_begin; row < row_end; ++row) {
+  auto row_base = [&]() {
     int64_t base = 0;
-    for (int a = 0; a < lead; ++a) {
-      const int64_t c = d.index[a] ? d.index[a][coord[a]] : coord[a];
-      base += c * d.src_strides[a];
-    }
-    elem_t* out = dst + row * row_len;
-    const elem_t* in = src + base;
-    if (row_dims == 2) {
-      const int64_t groups = d.sizes[lead], group_stride = d.src_strides[lead];
-      const int64_t* group_index = d.index[lead];
-      for (int64_t g = 0; g < groups; ++g, out += inner) {
-        const elem_t* blk = in + (group_index ? group_index[g] : g) * group_stride;
-        for (int64_t j = 0; j < inner; ++j) out[j] = blk[j];
-      }
-    } else if (inner_index32 && inner_stride == 1) {
-      // 32-bit source offsets: half the index bytes, so index + row stay cache-resident.
-      for (int64_t j = 0; j < inner; ++j) out[j] = in[inner_index32[j]];
-    } else if (inner_index) {
-      for (int64_t j = 0; j < inner; ++j) out[j] = in[inner_index[j] * inner_stride];
-    } else if (inner_stride == 1) {
-      std::memcpy(out, in, sizeof(elem_t) * inner);
-    } else {
-      for (int64_t j = 0; j < inner; ++j) out[j] = in[j * inner_stride];
-    }
-    for (int a = lead - 1; a >= 0; --a) {
+    for (int a = 0; a < lead; ++a) base += (d.index[a] ? d.index[a][coord[a]] : coord[a]) * d.src_strides[a];
+    return base;
+  };
+  int64_t base = row_base();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    for (int a = lead - 1; a >= 0; --a) {  // odometer: coord of the next row (wraps to row 0)
       if (++coord[a] < d.sizes[a]) break;
       coord[a] = 0;
     }
+    const int64_t next_base = row_base();
+    const char* pf = reinterpret_cast<const char*>(src + next_base);
+    elem_t* out = dst + row * p.row_len;
+    const elem_t* in = src + base;
+    switch (p.kind) {
+      case RowKind::kBlocks: {
+        const int64_t groups = d.sizes[lead], group_stride = d.src_strides[lead];
+        const int64_t* group_index = d.index[lead];
+        const int64_t block_bytes = inner * static_cast<int64_t>(sizeof(elem_t));
+        int64_t done = 0, fetched = 0;
+        for (int64_t g = 0; g < groups; ++g, out += inner) {
+          const elem_t* blk = in + (group_index ? group_index[g] : g) * group_stride;
+          copy_block(reinterpret_cast<char*>(out), reinterpret_cast<const char*>(blk), block_bytes);
+          if (p.prefetch) {
+            for (done += block_bytes; fetched < done; fetched += kLine) PYREBASIN_PREFETCH(pf + fetched);
+          }
+        }
+        break;
+      }
+      case RowKind::kGather32: {
+        const int32_t* idx = p.index32;
+        int64_t j = 0;
+        for (; j + kPer <= inner; j += kPer, pf += kLine) {
+          PYREBASIN_PREFETCH(pf);
+          for (int64_t k = 0; k < kPer; ++k) out[j + k] = in[idx[j + k]];
+        }
+        for (; j < inner; ++j) out[j] = in[idx[j]];
+        break;
+      }
+      case RowKind::kGather64:
+        for (int64_t j = 0; j < inner; ++j) out[j] = in[inner_index[j] * inner_stride];
+        break;
+      case RowKind::kCopy: {
+        const int64_t bytes = inner * static_cast<int64_t>(sizeof(elem_t));
+        if (bytes <= 4096) {
+          for (int64_t b = 0; b < bytes; b += kLine) PYREBASIN_PREFETCH(pf + b);
+        }
+        std::memcpy(out, in, bytes);
+        break;
+      }
+      case RowKind::kStrided:
+        for (int64_t j = 0; j < inner; ++j) out[j] = in[j * inner_stride];
+        break;
+    }
+    base = next_base;
   }
 }
 
-void run_task(const PermuteTensorDesc& d, int row_dims, const int32_t* idx32, const Task& t) {
+void run_rows(const PermuteTensorDesc& d, const RowPlan& p, int64_t begin, int64_t end) {
   switch (d.elem_size) {
-    case 1: return permute_rows<uint8_t>(d, row_dims, idx32, t.row_begin, t.row_end);
-    case 2: return permute_rows<uint16_t>(d, row_dims, idx32, t.row_begin, t.row_end);
-    case 4: return permute_rows<uint32_t>(d, row_dims, idx32, t.row_begin, t.row_end);
-    case 8: return permute_rows<uint64_t>(d, row_dims, idx32, t.row_begin, t.row_end);
-    case 16: return permute_rows<Bytes16>(d, row_dims, idx32, t.row_begin, t.row_end);
+    case 1: return permute_rows<uint8_t>(d, p, begin, end);
+    case 2: return permute_rows<uint16_t>(d, p, begin, end);
+    case 4: return permute_rows<uint32_t>(d, p, begin, end);
+    case 8: return permute_rows<uint64_t>(d, p, begin, end);
+    case 16: return permute_rows<Bytes16>(d, p, begin, end);
   }
   TORCH_INTERNAL_ASSERT(false, "permute_multi: element size ", d.elem_size);
 }
+
+// A unit of parallel work: rows [row_begin, row_end) of one tensor.
+// Large outputs are first touched by this kernel: asking for transparent huge pages there turns
+// one page fault per 4 KiB (the bulk of a fresh multi-GB copy) into one per 2 MiB. Advice only:
+// no effect where THP is off, and only the 2 MiB-aligned interior of the buffer is marked.
+void advise_huge_pages(const at::Tensor& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (out.nbytes() < 2 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(out.const_data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + out.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)out;
+#endif
+}
+
+struct Task {
+  int64_t tensor;
+  int64_t row_begin;
+  int64_t row_end;
+};
 
 }  // namespace
 
@@ -99,17 +212,33 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
   outputs.reserve(tensors.size());
   std::vector<PermuteTensorDesc> descs;
   descs.reserve(tensors.size());
+  std::vector<RowPlan> plans;
+  plans.reserve(tensors.size());
+  // int32 copies of last-axis indices, one per distinct index (std::list: stable addresses).
+  std::list<std::pair<const int64_t*, std::vector<int32_t>>> inner32;
+  auto index32_of = [&](const int64_t* index, int64_t n) -> const int32_t* {
+    for (const auto& [from, to] : inner32) {
+      if (from == index && static_cast<int64_t>(to.size()) == n) return to.data();
+    }
+    auto& to = inner32.emplace_back(index, std::vector<int32_t>(index, index + n)).second;
+    return to.data();
+  };
   std::vector<Task> tasks;
-  std::vector<at::Tensor> inner32;  // per desc: int32 copy of the last axis' index (or undefined)
-  std::vector<int> row_dims_of;     // per desc: 1 or 2 dims per row (see permute_rows)
+  std::vector<int64_t> task_start;  // first byte of each task in the concatenated output
+  int64_t total_bytes = 0;
   // ~64 KiB per task: large enough to amortise scheduling, small enough to balance two cores on a
   // single big matrix.
   constexpr int64_t kTaskBytes = 1 << 16;
+  static const bool use_huge_pages = [] {
+    const char* v = std::getenv("PYREBASIN_NO_HUGEPAGES");
+    return v == nullptr || v[0] == '\0' || v[0] == '0';
+  }();
   for (size_t t = 0; t < tensors.size(); ++t) {
     const auto& x = tensors[t];
     auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     outputs.push_back(out);
     if (x.numel() == 0) continue;
+    if (use_huge_pages) advise_huge_pages(out);
     if (x.dim() == 0) {
       out.copy_(x);
       continue;
@@ -148,30 +277,49 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
       d.src_strides[a] = strides[r];
       d.index[a] = idxs[r].defined() ? idxs[r].const_data_ptr<int64_t>() : nullptr;
     }
-    // Short contiguous unpermuted last dim (< 64 elements): rows span the last two dims.
-    const int row_dims = (d.ndim >= 2 && !d.index[d.ndim - 1] && d.src_strides[d.ndim - 1] == 1 &&
-                          d.sizes[d.ndim - 1] < 64) ? 2 : 1;
-    row_dims_of.push_back(row_dims);
-    const int64_t inner = row_dims == 2 ? d.sizes[d.ndim - 1] * d.sizes[d.ndim - 2] : d.sizes[d.ndim - 1];
-    const int64_t rows = x.numel() / inner;
-    const int64_t rows_per_task =
-        std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, inner * x.element_size()));
+    const int last = d.ndim - 1;
+    const int64_t inner = d.sizes[last];
+    RowPlan p{};
+    if (d.ndim >= 2 && !d.index[last] && d.src_strides[last] == 1 && inner < 64) {
+      p.kind = RowKind::kBlocks;
+      p.lead = d.ndim - 2;
+      p.row_len = d.sizes[p.lead] * inner;
+      p.prefetch = d.src_strides[p.lead] == inner;
+    } else {
+      p.lead = last;
+      p.row_len = inner;
+      if (d.index[last] && d.src_strides[last] == 1 && d.ndim > 1 &&
+          inner <= std::numeric_limits<int32_t>::max()) {
+        // 32-bit source offsets: half the index bytes, so index + row stay cache-resident.
+        p.kind = RowKind::kGather32;
+        p.index32 = index32_of(d.index[last], inner);
+      } else if (d.index[last]) {
+        p.kind = RowKind::kGather64;
+      } else {
+        p.kind = d.src_strides[last] == 1 ? RowKind::kCopy : RowKind::kStrided;
+      }
+    }
+    const int64_t row_bytes = p.row_len * x.element_size();
+    const int64_t rows = x.numel() / p.row_len;
+    const int64_t rows_per_task = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
     const int64_t id = static_cast<int64_t>(descs.size());
     descs.push_back(d);
-    const auto& last_idx = idxs.front();
-    inner32.push_back(last_idx.defined() && strides.front() == 1 && d.ndim > 1 &&
-                              inner <= std::numeric_limits<int32_t>::max()
-                          ? last_idx.to(at::kInt)
-                          : at::Tensor());
+    plans.push_back(p);
     for (int64_t r = 0; r < rows; r += rows_per_task) {
-      tasks.push_back({id, r, std::min(rows, r + rows_per_task)});
+      const int64_t e = std::min(rows, r + rows_per_task);
+      tasks.push_back({id, r, e});
+      task_start.push_back(total_bytes);
+      total_bytes += (e - r) * row_bytes;
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const auto& idx32 = inner32[tasks[i].tensor];
-      run_task(descs[tasks[i].tensor], row_dims_of[tasks[i].tensor],
-               idx32.defined() ? idx32.const_data_ptr<int32_t>() : nullptr, tasks[i]);
+  if (tasks.empty()) return outputs;
+  // Split by bytes, not by task count: each thread takes the tasks that start in its byte range,
+  // so many small tensors and one huge one balance alike.
+  at::parallel_for(0, total_bytes, kTaskBytes, [&](int64_t begin, int64_t end) {
+    auto i = std::lower_bound(task_start.begin(), task_start.end(), begin) - task_start.begin();
+    for (; i < static_cast<int64_t>(tasks.size()) && task_start[i] < end; ++i) {
+      const Task& task = tasks[i];
+      run_rows(descs[task.tensor], plans[task.tensor], task.row_begin, task.row_end);
     }
   });
   return outputs;

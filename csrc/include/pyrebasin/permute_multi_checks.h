@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "pyrebasin/permute_multi.h"
@@ -28,6 +29,7 @@ inline std::vector<std::vector<at::Tensor>> check_permute_multi_args(
                 t, "] has unsupported element size ", es);
     per_tensor[t].resize(x.dim());
   }
+  std::vector<const c10::TensorImpl*> checked;
   for (size_t k = 0; k < indices.size(); ++k) {
     const int64_t owner = owners[k];
     TORCH_CHECK(owner >= 0 && owner < static_cast<int64_t>(tensors.size()),
@@ -49,14 +51,29 @@ inline std::vector<std::vector<at::Tensor>> check_permute_multi_args(
                 ")), got ", idx.sizes());
     TORCH_CHECK(idx.device() == x.device(), "permute_multi: indices[", k, "] is on ",
                 idx.device(), " but tensors[", owner, "] is on ", x.device());
-    if (idx.numel() > 0) {
-      // One cheap pass so that a bad index is a caller error, never an out-of-bounds read.
-      auto [lo, hi] = at::aminmax(idx);
-      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    auto contiguous = idx.contiguous();
+    const c10::TensorImpl* impl = idx.unsafeGetTensorImpl();
+    if (idx.numel() > 0 && std::find(checked.begin(), checked.end(), impl) == checked.end()) {
+      // One cheap pass so that a bad index is a caller error, never an out-of-bounds read; once
+      // per distinct index tensor (one perm usually permutes many axes), a plain loop on the CPU.
+      int64_t lo_v, hi_v;
+      if (contiguous.is_cpu()) {
+        const int64_t* v = contiguous.const_data_ptr<int64_t>();
+        lo_v = hi_v = v[0];
+        for (int64_t i = 1; i < contiguous.numel(); ++i) {
+          lo_v = std::min(lo_v, v[i]);
+          hi_v = std::max(hi_v, v[i]);
+        }
+      } else {
+        auto [lo, hi] = at::aminmax(contiguous);
+        lo_v = lo.item<int64_t>();
+        hi_v = hi.item<int64_t>();
+      }
       TORCH_CHECK(lo_v >= 0 && hi_v < x.size(axis), "permute_multi: indices[", k,
                   "] has values in [", lo_v, ", ", hi_v, "], outside [0, ", x.size(axis), ")");
+      checked.push_back(impl);  // its length is x.size(axis), so the range holds wherever it is used
     }
-    per_tensor[owner][axis] = idx.contiguous();
+    per_tensor[owner][axis] = std::move(contiguous);
   }
   return per_tensor;
 }

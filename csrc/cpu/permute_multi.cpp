@@ -226,6 +226,7 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
   std::vector<Task> tasks;
   std::vector<int64_t> task_start;  // first byte of each task in the concatenated output
   int64_t total_bytes = 0;
+  std::vector<int64_t> desc_of(tensors.size(), -1);  // tensor -> its descriptor (-1: none)
   // ~64 KiB per task: large enough to amortise scheduling, small enough to balance two cores on a
   // single big matrix.
   constexpr int64_t kTaskBytes = 1 << 16;
@@ -235,14 +236,7 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
   }();
   for (size_t t = 0; t < tensors.size(); ++t) {
     const auto& x = tensors[t];
-    auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-    outputs.push_back(out);
-    if (x.numel() == 0) continue;
-    if (use_huge_pages) advise_huge_pages(out);
-    if (x.dim() == 0) {
-      out.copy_(x);
-      continue;
-    }
+    if (x.numel() == 0 || x.dim() == 0) continue;
     // Coalesce, innermost first: a dim joins the block to its right when neither is permuted and
     // the source is contiguous across them; unpermuted size-1 dims vanish. Conv weights [O, I, k, k]
     // become [O, I, k*k]: rows of k*k elements instead of k, so per-row overhead stops dominating.
@@ -267,7 +261,7 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
     }
     PermuteTensorDesc d{};
     d.src = static_cast<const char*>(x.const_data_ptr());
-    d.dst = static_cast<char*>(out.mutable_data_ptr());
+    d.dst = nullptr;  // set once every output exists (below)
     d.numel = x.numel();
     d.ndim = static_cast<int32_t>(sizes.size());
     d.elem_size = static_cast<int32_t>(x.element_size());
@@ -303,6 +297,7 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
     const int64_t rows = x.numel() / p.row_len;
     const int64_t rows_per_task = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
     const int64_t id = static_cast<int64_t>(descs.size());
+    desc_of[t] = static_cast<int64_t>(descs.size());
     descs.push_back(d);
     plans.push_back(p);
     for (int64_t r = 0; r < rows; r += rows_per_task) {
@@ -311,6 +306,19 @@ std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList
       task_start.push_back(total_bytes);
       total_bytes += (e - r) * row_bytes;
     }
+  }
+  // Outputs last and back to back, after every temporary of the plan: the same allocation pattern
+  // as clone() of the dict, so that the allocator can reuse freed memory the same way.
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const auto& x = tensors[t];
+    auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (desc_of[t] >= 0) {
+      if (use_huge_pages) advise_huge_pages(out);
+      descs[desc_of[t]].dst = static_cast<char*>(out.mutable_data_ptr());
+    } else if (x.dim() == 0) {
+      out.copy_(x);
+    }
+    outputs.push_back(std::move(out));
   }
   if (tasks.empty()) return outputs;
   // Split by bytes, not by task count: each thread takes the tasks that start in its byte range,

@@ -3,6 +3,8 @@
 Usage: python benchmarks/permute_ratios.py [--repeat 20] [--json out.json]
 Cases: a ResNet20x8 BatchNorm state dict, and a transformer-block-shaped dict (attention 4096 + a
 4096/11008 MLP, LLaMA-style). Floor: clone() of every tensor (one read + one write per byte).
+Fresh outputs cost page faults on both sides (whether glibc reuses freed memory varies from run to
+run); native asks for huge pages on outputs >= 4 MiB, PYREBASIN_NO_HUGEPAGES=1 turns that off.
 """
 from __future__ import annotations
 

@@ -154,3 +154,16 @@ def test_shared_index_and_two_threads_split_by_bytes():
     bad = torch.cat([p[:-1], torch.tensor([1100])])
     with pytest.raises(RuntimeError, match=r"outside \[0, 1100\)"):
         torch.ops.pyrebasin.permute_multi(tensors[1:3], [bad, bad], [0, 1], [0, 0])
+
+
+@native
+@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (2900, 2901)), (torch.float32, (2049, 2051)),
+                                          (torch.float64, (1450, 1451)), (torch.int8, (4100, 4099))])
+def test_outputs_past_the_streaming_threshold(dtype, shape):
+    # >= 16 MiB with a permuted last dim: non-temporal stores; odd rows start both 16-byte aligned
+    # and not, and end in a tail shorter than a line.
+    g = torch.Generator().manual_seed(4)
+    x = _random_tensor(shape, dtype, g)
+    idx = [torch.randperm(shape[0], generator=g), torch.randperm(shape[1], generator=g)]
+    out = torch.ops.pyrebasin.permute_multi([x], idx, [0, 0], [0, 1])
+    _assert_bitwise(out, [x.index_select(0, idx[0]).index_select(1, idx[1])])

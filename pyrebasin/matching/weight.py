@@ -237,7 +237,7 @@ def _objective(a, b, spec: PermutationSpec, perms) -> float:
     return sum(_dot64(a[k], pb[k], buffers) for k in a)
 
 
-DEFAULT_SCHEDULE = (0.25, 0.5, 1.0)
+DEFAULT_SCHEDULE = (0.2, 1.0)
 
 
 @torch.no_grad()

@@ -238,6 +238,7 @@ def _objective(a, b, spec: PermutationSpec, perms) -> float:
 
 
 DEFAULT_SCHEDULE = (0.2, 1.0)
+WARM_START_MAX_MOVED = 0.1  # warm-start a group's LAP only if its last solve moved <= 10% of its units
 
 
 @torch.no_grad()
@@ -279,6 +280,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     names = list(sizes)
     solver = solver or default_solver()
     lap_states: dict = dict.fromkeys(sizes)
+    moved = dict.fromkeys(sizes, 0)  # units the last solve of each group moved
     gen = torch.Generator().manual_seed(seed)
     history = [_objective(a, b, spec, device_perms)]
     phase_starts: list[int] = []
@@ -298,8 +300,11 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     continue  # nothing it reads changed: the LAP would return the same optimum
                 solved_at[p] = snapshot
                 cost = builder.cost(p, coupling).to("cpu")
-                new, lap_states[p] = solve_lap(cost, solver=solver, return_state=True,
-                                               warm_start=lap_states[p] if warm_start else None)
+                # A warm start pays when the last solve of this group moved few units; after a
+                # big move most kept rows turn out loose and a cold solve is faster (docs).
+                warm = lap_states[p] if warm_start and moved[p] <= WARM_START_MAX_MOVED * sizes[p] else None
+                new, lap_states[p] = solve_lap(cost, solver=solver, return_state=True, warm_start=warm)
+                moved[p] = int((new != perms[p]).sum())
                 rows = torch.arange(sizes[p])
                 gain = float(cost[rows, new].sum() - cost[rows, perms[p]].sum())
                 if gain > tol:

@@ -21,14 +21,135 @@ struct Task {
   int64_t end;
 };
 
+// ---- element granularity, 4-lane distributions (uniform, bernoulli): the vector path ----
+// combine_span draws one Philox block per 4 coefficients through a scalar call and a per-lane switch
+// (~4x the cost of the arithmetic it feeds). Here kBlocks Philox counters run side by side in
+// structure-of-arrays form, so the 10 rounds (32x32->64 multiplies, xors) and the u24 -> lambda map
+// vectorise; a plain b + lambda (a - b) loop then consumes the stack buffer. Same operations, same
+// rounding (every double/float op is IEEE-exact per lane and -ffp-contract=off forbids FMA), hence
+// bit-identical to combine_span and to the reference. x86-64: an AVX2 clone picked at load time
+// (ifunc), the baseline (SSE2) clone elsewhere; never -march=native, so the wheel runs anywhere.
+constexpr int kBlocks = 32;              // Philox calls per batch
+constexpr int kLanesPerBatch = 4 * kBlocks;  // coefficients per batch
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define PRB_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PRB_CPU_CLONES
+#endif
+
+// Words of Philox blocks [blk0, blk0 + kBlocks) of (seed, sample), stream 0 (rng::draw), lane-major:
+// w[l * kBlocks + j] = word l of block blk0 + j.
+PRB_CPU_CLONES void philox_batch(uint64_t seed, uint32_t sample, uint64_t blk0, uint32_t* w) {
+  uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) {
+    const uint64_t blk = blk0 + static_cast<uint64_t>(j);
+    c0[j] = static_cast<uint32_t>(blk);
+    c1[j] = static_cast<uint32_t>(blk >> 32);
+    c2[j] = sample;
+    c3[j] = 0u;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int j = 0; j < kBlocks; ++j) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[j];
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[j];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[j] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[j] ^ k1;
+      c1[j] = static_cast<uint32_t>(p1);
+      c3[j] = static_cast<uint32_t>(p0);
+      c0[j] = n0;
+      c2[j] = n2;
+    }
+  }
+  for (int j = 0; j < kBlocks; ++j) {
+    w[j] = c0[j];
+    w[kBlocks + j] = c1[j];
+    w[2 * kBlocks + j] = c2[j];
+    w[3 * kBlocks + j] = c3[j];
+  }
+}
+
+// lambda of coefficients 4 * blk0 + [0, kLanesPerBatch), in coefficient order, as rng::lane_coefficient
+// computes them (double) and then rounded to opmath_t as combine_span does.
+template <typename opmath_t>
+PRB_CPU_CLONES void lambda_batch(int32_t dist, const double* params, uint64_t seed, uint32_t sample,
+                                 uint64_t blk0, opmath_t* lam) {
+  uint32_t w[4 * kBlocks];
+  philox_batch(seed, sample, blk0, w);
+  double u[4 * kBlocks];  // rng::u24; r >> 8 < 2^24 converts through int32 (vectorises), exactly
+  for (int i = 0; i < 4 * kBlocks; ++i) {
+    u[i] = (static_cast<double>(static_cast<int32_t>(w[i] >> 8)) + 0.5) * 5.9604644775390625e-08;
+  }
+  if (dist == rng::kUniform) {
+    const double lo = params[0], span = rng::sub(params[1], params[0]);
+    for (int l = 0; l < 4; ++l) {
+      for (int j = 0; j < kBlocks; ++j) lam[4 * j + l] = static_cast<opmath_t>(lo + span * u[l * kBlocks + j]);
+    }
+  } else {  // bernoulli
+    const double prob = params[0];
+    for (int l = 0; l < 4; ++l) {
+      for (int j = 0; j < kBlocks; ++j) lam[4 * j + l] = static_cast<opmath_t>(u[l * kBlocks + j] < prob);
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void combine_span_element4(const CombineTensorDesc& d, const CombineParams& p, int64_t k,
+                           int64_t e0, int64_t e1) {
+  const scalar_t* a = static_cast<const scalar_t*>(d.a);
+  const scalar_t* b = static_cast<const scalar_t*>(d.b);
+  scalar_t* out = static_cast<scalar_t*>(d.out) + k * d.numel;
+  const uint32_t sample = static_cast<uint32_t>(p.sample_begin + k);
+  alignas(64) opmath_t lam[kLanesPerBatch];
+  int64_t q = e0 % d.coef_mod;
+  int64_t e = e0;
+  while (e < e1) {
+    // Coefficients of [e, e + n) are idx0 + [0, n): a run inside one period of the index map.
+    const int64_t idx0 = d.coef_base + q;
+    const int64_t first = idx0 & ~int64_t{3};  // batches start on a Philox block boundary
+    const int64_t skip = idx0 - first;
+    int64_t n = kLanesPerBatch - skip;
+    n = n < e1 - e ? n : e1 - e;
+    n = n < d.coef_mod - q ? n : d.coef_mod - q;
+    lambda_batch<opmath_t>(p.dist, p.params, p.seed, sample, static_cast<uint64_t>(first >> 2), lam);
+    const opmath_t* lm = lam + skip;
+    const scalar_t* ae = a + e;
+    const scalar_t* be = b + e;
+    scalar_t* oe = out + e;
+    for (int64_t j = 0; j < n; ++j) {
+      const opmath_t av = static_cast<opmath_t>(ae[j]);
+      const opmath_t bv = static_cast<opmath_t>(be[j]);
+      oe[j] = static_cast<scalar_t>(bv + lm[j] * (av - bv));
+    }
+    e += n;
+    q += n;
+    if (q == d.coef_mod) q = 0;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void combine_span_cpu(const CombineTensorDesc& d, const CombineParams& p, int64_t k, int64_t e0,
+                      int64_t e1) {
+  if (d.coef_div == 1 && (p.dist == rng::kUniform || p.dist == rng::kBernoulli)) {
+    combine_span_element4<scalar_t, opmath_t>(d, p, k, e0, e1);
+  } else {
+    combine_span<scalar_t, opmath_t>(d, p, k, e0, e1);
+  }
+}
+
 void run_task(const CombineTensorDesc& d, const CombineParams& p, int64_t num_samples,
               const Task& t) {
   for (int64_t k = 0; k < num_samples; ++k) {
     switch (d.dtype) {
-      case kF32: combine_span<float, float>(d, p, k, t.begin, t.end); break;
-      case kF64: combine_span<double, double>(d, p, k, t.begin, t.end); break;
-      case kF16: combine_span<at::Half, float>(d, p, k, t.begin, t.end); break;
-      default: combine_span<at::BFloat16, float>(d, p, k, t.begin, t.end); break;
+      case kF32: combine_span_cpu<float, float>(d, p, k, t.begin, t.end); break;
+      case kF64: combine_span_cpu<double, double>(d, p, k, t.begin, t.end); break;
+      case kF16: combine_span_cpu<at::Half, float>(d, p, k, t.begin, t.end); break;
+      default: combine_span_cpu<at::BFloat16, float>(d, p, k, t.begin, t.end); break;
     }
   }
 }

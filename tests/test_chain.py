@@ -72,6 +72,14 @@ def test_forward_matches_vmap_functional_call(k, group_bytes, monkeypatch):
         assert torch.equal(x, x0)   # the leading ReLU must not write into the caller's input
 
 
+def test_hooked_models_take_the_general_path():
+    seq = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    handle = seq[1].register_forward_hook(lambda mod, inp, out: out * 2)
+    assert linear_chain(seq) is None
+    handle.remove()
+    assert linear_chain(seq) is not None
+
+
 def test_forward_rejects_non_matrix_inputs():
     chain = linear_chain(nn.Sequential(nn.Linear(8, 3)))
     assert not chain.accepts(torch.randn(2, 3, 8))

@@ -2,9 +2,12 @@
 // cost matrix by shortest augmenting paths (Jonker-Volgenant / Crouse, as in scipy's
 // linear_sum_assignment), optionally warm-started from the column duals and assignment of a
 // previous solve: rows whose old column is still tight keep it, only the others are augmented.
+// Before the Dijkstra phase, JV's augmenting row reduction settles most free rows at one row scan
+// each (cold solves and warm ones alike).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -55,6 +58,120 @@ int64_t augmenting_path(int64_t n, const double* cost, const double* u, const do
   return sink;
 }
 
+// The shortest-augmenting-path state: costs, duals and the assignment in both directions.
+struct LapWork {
+  int64_t n;
+  const double* cost;
+  double* v;
+  int64_t* col4row;
+  std::vector<double> u;
+  std::vector<int64_t> row4col;
+};
+
+// Jonker-Volgenant's augmenting row reduction: each free row takes its cheapest column at the
+// price of its second cheapest (lowering that column's dual), evicting the row that held it. Each
+// step costs one row scan and keeps every reduced cost >= 0 and assigned edges tight, so the
+// Dijkstra phase afterwards starts with far fewer free rows. Two passes, as in JV.
+void augmenting_row_reduction(LapWork& w) {
+  const int64_t n = w.n;
+  std::vector<int64_t> free_rows;
+  for (int64_t i = 0; i < n; ++i)
+    if (w.col4row[i] == -1) free_rows.push_back(i);
+  for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
+    size_t current = 0, kept = 0;
+    int64_t steps = 0;
+    // JV bounds the steps by (free rows) * n; price wars between near-tied rows make that slow here,
+    // and 8 steps per free row settled ~99% of them on weight-matching costs (docs/alignment.md).
+    const int64_t limit = static_cast<int64_t>(free_rows.size()) * 8;
+    while (current < free_rows.size()) {
+      const int64_t i = free_rows[current++];
+      ++steps;
+      const double* row = w.cost + i * n;
+      double u1 = std::numeric_limits<double>::infinity(), u2 = u1;
+      int64_t j1 = -1, j2 = -1;
+      for (int64_t j = 0; j < n; ++j) {
+        const double r = row[j] - w.v[j];
+        if (r < u2) {
+          if (r < u1) {
+            u2 = u1; j2 = j1; u1 = r; j1 = j;
+          } else {
+            u2 = r; j2 = j;
+          }
+        }
+      }
+      int64_t i0 = w.row4col[j1];
+      const bool lowers = j2 >= 0 && u1 < u2;
+      if (steps < limit) {
+        if (lowers) {
+          w.v[j1] -= u2 - u1;
+        } else if (i0 >= 0 && j2 >= 0) {
+          j1 = j2;  // a tie: take the other cheapest column if it is free
+          i0 = w.row4col[j1];
+        }
+        if (i0 >= 0) {
+          w.col4row[i0] = -1;
+          if (lowers) free_rows[--current] = i0; else free_rows[kept++] = i0;
+        }
+      } else if (i0 >= 0) {
+        w.col4row[i0] = -1;
+        free_rows[kept++] = i0;
+      }
+      w.col4row[i] = j1;
+      w.row4col[j1] = i;
+      w.u[i] = row[j1] - w.v[j1];  // tight; <= every other reduced cost of row i
+    }
+    free_rows.resize(kept);
+  }
+}
+
+void solve_dense(LapWork& w, const int64_t* prev, int64_t* augmentations) {
+  const int64_t n = w.n;
+  const double* cost = w.cost;
+  double* v = w.v;
+  std::vector<double> spc(n);
+  std::vector<int64_t> path(n, -1), remaining(n);
+  std::vector<char> SR(n), SC(n);
+  if (prev != nullptr) {
+    // u_i = min_j (c_ij - v_j) keeps every reduced cost >= 0; a row keeps its old column only if
+    // that column attains the minimum (complementary slackness), so the result stays optimal.
+    for (int64_t i = 0; i < n; ++i) {
+      const double* row = cost + i * n;
+      double best = std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < n; ++j) best = std::min(best, row[j] - v[j]);
+      w.u[i] = best;
+      const int64_t j = prev[i];
+      // Ties of the previous solve come back within rounding: accept the old column within a
+      // relative 1e-13 of the minimum (made exactly tight; others' reduced costs >= -1e-13|u|).
+      if (j >= 0 && w.row4col[j] == -1 && row[j] - v[j] <= best + 1e-13 * (std::abs(best) + 1.0)) {
+        w.u[i] = row[j] - v[j];
+        w.col4row[i] = j;
+        w.row4col[j] = i;
+      }
+    }
+  }
+  augmenting_row_reduction(w);
+  for (int64_t cur = 0; cur < n; ++cur) {
+    if (w.col4row[cur] != -1) continue;
+    double min_val = 0;
+    const int64_t sink = augmenting_path(n, cost, w.u.data(), v, path.data(), w.row4col.data(),
+                                         spc.data(), SR.data(), SC.data(), remaining.data(), cur, &min_val);
+    TORCH_CHECK(sink >= 0, "lap_solve: the assignment problem is infeasible");
+    ++*augmentations;
+    w.u[cur] += min_val;
+    for (int64_t i = 0; i < n; ++i)
+      if (SR[i] && i != cur) w.u[i] += min_val - spc[w.col4row[i]];
+    for (int64_t j = 0; j < n; ++j)
+      if (SC[j]) v[j] -= min_val - spc[j];
+    int64_t j = sink;
+    while (true) {
+      const int64_t i = path[j];
+      w.row4col[j] = i;
+      std::swap(w.col4row[i], j);
+      if (i == cur) break;
+    }
+  }
+}
+
 }  // namespace
 
 // Returns (col4row int64 [n], v float64 [n] column duals, augmentations int64 scalar).
@@ -70,6 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   const bool warm = v_in.has_value() && col4row_in.has_value();
   TORCH_CHECK(v_in.has_value() == col4row_in.has_value(),
               "lap_solve: pass both v and col4row for a warm start, or neither");
+  const int64_t* prev = nullptr;
+  at::Tensor prev_t;
   if (warm) {
     TORCH_CHECK(v_in->scalar_type() == at::kDouble && v_in->dim() == 1 && v_in->size(0) == n &&
                     v_in->device().is_cpu(),
@@ -78,58 +197,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
                     col4row_in->size(0) == n && col4row_in->device().is_cpu(),
                 "lap_solve: col4row must be an int64 CPU tensor of shape [", n, "], got ",
                 col4row_in->sizes());
+    prev_t = col4row_in->contiguous();
+    prev = prev_t.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(prev[i] >= -1 && prev[i] < n, "lap_solve: col4row[", i, "] = ", prev[i], " is out of range");
   }
   const auto cost_t = cost_in.contiguous();
-  const double* cost = cost_t.const_data_ptr<double>();
   TORCH_CHECK(at::isfinite(cost_t).all().item<bool>(), "lap_solve: cost has NaN or infinite entries");
   at::Tensor col4row_t = at::full({n}, -1, at::kLong);
-  at::Tensor v_t = warm ? v_in->clone() : at::zeros({n}, at::kDouble);
-  int64_t* col4row = col4row_t.data_ptr<int64_t>();
-  double* v = v_t.data_ptr<double>();
-  std::vector<double> u(n, 0.0), spc(n);
-  std::vector<int64_t> path(n, -1), row4col(n, -1), remaining(n);
-  std::vector<char> SR(n), SC(n);
-  if (warm) {
-    // u_i = min_j (c_ij - v_j) keeps every reduced cost >= 0; a row keeps its old column only if
-    // that column attains the minimum (complementary slackness), so the result stays optimal.
-    const int64_t* prev = col4row_in->const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i) {
-      const double* row = cost + i * n;
-      double best = std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < n; ++j) best = std::min(best, row[j] - v[j]);
-      u[i] = best;
-      const int64_t j = prev[i];
-      TORCH_CHECK(j >= -1 && j < n, "lap_solve: col4row[", i, "] = ", j, " is out of range");
-      // Ties of the previous solve come back within rounding: accept the old column within a
-      // relative 1e-13 of the minimum (made exactly tight; others' reduced costs >= -1e-13|u|).
-      if (j >= 0 && row4col[j] == -1 && row[j] - v[j] <= best + 1e-13 * (std::abs(best) + 1.0)) {
-        u[i] = row[j] - v[j];
-        col4row[i] = j;
-        row4col[j] = i;
-      }
-    }
-  }
+  at::Tensor v_t = warm ? v_in->clone().contiguous() : at::zeros({n}, at::kDouble);
+  LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),
+            std::vector<double>(n, 0.0), std::vector<int64_t>(n, -1)};
   int64_t augmentations = 0;
-  for (int64_t cur = 0; cur < n; ++cur) {
-    if (col4row[cur] != -1) continue;
-    double min_val = 0;
-    const int64_t sink = augmenting_path(n, cost, u.data(), v, path.data(), row4col.data(), spc.data(),
-                                         SR.data(), SC.data(), remaining.data(), cur, &min_val);
-    TORCH_CHECK(sink >= 0, "lap_solve: the assignment problem is infeasible");
-    ++augmentations;
-    u[cur] += min_val;
-    for (int64_t i = 0; i < n; ++i)
-      if (SR[i] && i != cur) u[i] += min_val - spc[col4row[i]];
-    for (int64_t j = 0; j < n; ++j)
-      if (SC[j]) v[j] -= min_val - spc[j];
-    int64_t j = sink;
-    while (true) {
-      const int64_t i = path[j];
-      row4col[j] = i;
-      std::swap(col4row[i], j);
-      if (i == cur) break;
-    }
-  }
+  solve_dense(w, prev, &augmentations);
   return {col4row_t, v_t, at::scalar_tensor(augmentations, at::kLong)};
 }
 

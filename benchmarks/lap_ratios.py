@@ -44,7 +44,7 @@ def main():
     weight_mod.solve_lap = recording
     try:
         t = time.perf_counter()
-        result = prb.weight_matching(spec, st[0], st[1], max_iter=args.max_iter)
+        result = prb.weight_matching(spec, st[0], st[1], max_iter=args.max_iter, schedule=None)
         total = time.perf_counter() - t
     finally:
         weight_mod.solve_lap = real

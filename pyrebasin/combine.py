@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import ops, rng
+from ._chain import linear_chain
 from .spec import Blocked, PermutationSpec
 
 __all__ = ["Distribution", "CoefficientLayout", "Coefficients", "CombinationResult", "GRANULARITIES",
@@ -349,8 +350,9 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     """Loss and accuracy of every combination θ_B + λ_k ⊙ (θ_A − θ_B), `chunk` models at a time.
 
     Each chunk's K parameter sets come from one fused `combine_batched` call and run through one
-    `torch.func.vmap` of `functional_call(model, ...)`, so the per-model Python overhead of a loop
-    disappears and peak memory is bounded by `chunk` (reported). The model runs in eval mode (its
+    `torch.func.vmap` of `functional_call(model, ...)` (a plain chain of Linear layers and activations
+    runs as addmm/baddbmm on the stacked parameters instead), so the per-model Python overhead of a
+    loop disappears and peak memory is bounded by `chunk` (reported). The model runs in eval mode (its
     flag is restored); neither it nor the state dicts are modified. `coefficients`: see
     `combine_states`. Non-float buffers (e.g. num_batches_tracked) are taken from A.
     """
@@ -374,6 +376,10 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
         return torch.func.functional_call(model, (params, fixed), (x,), strict=False)
 
     vforward = torch.func.vmap(forward, in_dims=(0, None))
+    # Linear/activation chains (MLPs) skip vmap: addmm/baddbmm straight on the stacked parameters.
+    chain = linear_chain(model) if not fixed else None
+    if chain is not None and all(chain.accepts(x) for x, _ in batches):
+        vforward = chain.forward  # noqa: F811 - same signature and result as the vmap'd functional_call
     losses, accs, all_logits = [], [], []
     total = sum(len(y) for _, y in batches)
     flags = [(m, m.training) for m in model.modules()]  # per module: model.train(x) would clobber mixed flags

@@ -129,3 +129,15 @@ if given is not None:
         a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         args = ([base], [div], [mod], dist[0], dist[1], seed, begin, k)
         assert torch.equal(ops.combine_batched([a], [b], *args)[0], reference.combine_batched([a], [b], *args)[0])
+
+
+@pytest.mark.parametrize("dist,params", [("uniform", [-0.5, 1.5]), ("bernoulli", [0.3])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_element_vector_path_batches_and_wraps(dist, params, dtype):
+    # The CPU element path draws 128 coefficients per batch from 4-aligned Philox blocks: unaligned
+    # bases, periods (mod) shorter than the tensor, and spans crossing task and batch boundaries.
+    a, b = torch.randn(3001, 7, dtype=dtype), torch.randn(3001, 7, dtype=dtype)
+    for base, mod in [(0, 21007), (5, 333), (3, 130), (2**33 + 1, 21007), (7, 1)]:
+        nat = ops.combine_batched([a], [b], [base], [1], [mod], dist, params, 17, 3, 2)[0]
+        ref = reference.combine_batched([a], [b], [base], [1], [mod], dist, params, 17, 3, 2)[0]
+        assert torch.equal(nat, ref), (base, mod)

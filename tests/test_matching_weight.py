@@ -154,9 +154,10 @@ def test_cost_cache_updates_equal_fresh_builds(name):
         idx = torch.randperm(sizes[p], generator=g)[:k]
         q[idx] = q[idx.roll(1)]  # a k-cycle: exactly k units move
         perms[p] = q
+        w = (0.2, 1.0, 0.5)[step % 3]  # phases of a coupling schedule rescale the cached costs in place
         for r in sizes:
-            fresh = _CostBuilder(terms, sizes, perms, dtype, cache_bytes=0).cost(r)
-            torch.testing.assert_close(cached.cost(r), fresh, rtol=0, atol=1e-12 * float(fresh.abs().max() + 1))
+            fresh = _CostBuilder(terms, sizes, perms, dtype, cache_bytes=0).cost(r, w)
+            torch.testing.assert_close(cached.cost(r, w), fresh, rtol=0, atol=1e-12 * float(fresh.abs().max() + 1))
     assert cached.cache  # the cache was used
 
 

@@ -101,8 +101,8 @@ class _CostBuilder:
     """Builds each group's cost matrix: the terms that no other perm touches are summed once; the
     others gather B along its other permuted axes in one fused `permute_multi` call, then one GEMM each.
 
-    Later sweeps change few units, so each group's coupling part (the terms that read other perms) is
-    cached in float64 (within `cache_bytes`) with the gather indices it was built from; when a term's
+    Later sweeps change few units, so each group's cost (constant + weight x the terms that read other
+    perms) is cached in float64 (within `cache_bytes`) with the gather indices it was built from; when a term's
     indices changed on one axis at few positions S (at most 3/5 of the axis), it is updated by the
     rank-|S| product A_S (B[new S] - B[old S])ᵀ instead of a full GEMM. A full rebuild happens when the
     change is larger or the updates add up to two full axes (bounding the rounding drift)."""
@@ -110,7 +110,7 @@ class _CostBuilder:
     def __init__(self, terms, sizes, device_perms, dtype, cache_bytes: int = 1 << 30):
         self.terms, self.sizes, self.perms, self.dtype = terms, sizes, device_perms, dtype
         self.constant: dict[str, torch.Tensor | None] = {}
-        self.cache: dict[str, tuple] = {}  # perm -> (float64 coupling part, per-term indices, drift)
+        self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
         self.cache_left = cache_bytes
         for p, ts in terms.items():
             fixed = [t for t in ts if not t.deps]
@@ -143,9 +143,10 @@ class _CostBuilder:
             x = x.index_select(d, idx)
         return x
 
-    def _update(self, var, cost, old, new) -> float | None:
-        """Rank-|S| updates of `cost` in place; the drift they add (changed share of an axis), or
-        None when a term changed on several dims or too many positions (then rebuild)."""
+    def _update(self, var, total, old, new, weight: float) -> float | None:
+        """Rank-|S| updates of the cached `total` in place (scaled by `weight`); the drift they add
+        (changed share of an axis), or None when a term changed on several dims or too many
+        positions (then rebuild)."""
         plans = []
         for t, o, nw in zip(var, old, new):
             changed = [(d, io, inew) for (d, io), (_, inew) in zip(o, nw) if not torch.equal(io, inew)]
@@ -164,35 +165,39 @@ class _CostBuilder:
             a_s = t.a_units.reshape(t.b_view.shape).index_select(d, pos).reshape(n, -1)
             diff = self._gather(t.b_view.index_select(d, inew[pos]), others) - \
                 self._gather(t.b_view.index_select(d, io[pos]), others)
-            cost.add_((a_s @ diff.reshape(n, -1).T).to(torch.float64))
+            diff = diff.reshape(n, -1)
+            if a_s.shape[1] <= 512:  # thin update: float64 GEMM straight into the cache, no n×n temporary
+                total.addmm_(a_s.to(torch.float64), diff.to(torch.float64).T, alpha=weight)
+            else:
+                total.add_(a_s @ diff.T, alpha=weight)
             drift += pos.numel() / io.numel()
         return drift
 
     def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
         """Group `p`'s cost matrix, float64, on the tensors' device: constant terms + `coupling` x the
-        terms that read other perms (1.0: the true objective's cost)."""
+        terms that read other perms (1.0: the true objective's cost). May be the cached tensor
+        itself: read it, never modify it."""
         n = self.sizes[p]
         base = self.constant[p]
-        var = self._coupling(p)
-        if var is None:
-            return base if base is not None else torch.zeros(n, n, dtype=torch.float64)
-        if base is None:
-            return var * coupling
-        return base.add(var, alpha=coupling)
-
-    def _coupling(self, p: str) -> torch.Tensor | None:
-        n = self.sizes[p]
         var = [t for t in self.terms[p] if t.deps]
         if not var:
-            return None
+            return base if base is not None else torch.zeros(n, n, dtype=torch.float64)
         new = [self._indices(t) for t in var]
         if p in self.cache:
-            cost, old, drift = self.cache[p]
-            step = self._update(var, cost, old, new)
-            if step is not None and drift + step < 2.0:
-                self.cache[p] = (cost, new, drift + step)
-                return cost
-            self.cache_left += cost.numel() * 8
+            total, old, drift, weight = self.cache[p]
+            if weight != coupling and weight != 0.0:  # a new phase: rescale the coupling part in place
+                if base is not None:
+                    total.sub_(base)
+                total.mul_(coupling / weight)
+                if base is not None:
+                    total.add_(base)
+                weight = coupling
+            if weight == coupling:
+                step = self._update(var, total, old, new, weight)
+                if step is not None and drift + step < 2.0:
+                    self.cache[p] = (total, new, drift + step, weight)
+                    return total
+            self.cache_left += total.numel() * 8
             del self.cache[p]
         tensors, indices, owners, axes = [], [], [], []
         for j, (t, idx) in enumerate(zip(var, new)):
@@ -206,11 +211,13 @@ class _CostBuilder:
         for t, g in zip(var, gathered):
             g2 = g.reshape(n, -1)
             c = t.a_units @ g2.T if c is None else c.addmm_(t.a_units, g2.T)
-        c = c.to(torch.float64)
+        total = c.to(torch.float64).mul_(coupling)
+        if base is not None:
+            total.add_(base)
         if n * n * 8 <= self.cache_left:
             self.cache_left -= n * n * 8
-            self.cache[p] = (c, new, 0.0)
-        return c
+            self.cache[p] = (total, new, 0.0, coupling)
+        return total
 
 
 def _dot64(x: torch.Tensor, y: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]) -> float:

@@ -6,6 +6,7 @@ when the forward is anything else (then callers keep `torch.func.functional_call
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,10 @@ _FUNCTION_ACTIVATIONS = {torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh",
                          F.tanh: "tanh", F.sigmoid: "sigmoid"}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout)  # Dropout: the chain only runs in eval mode
 # CPU: models per GEMM call chosen so that one layer's activations of the group stay under this many
-# bytes (cache-sized; bounds the activation memory too). Measured on a 1 MiB L2 / 32 MiB L3 CPU for
-# the 3x512 MLP over 1000 examples, 1-64 MiB are within ~3%: the gain over vmap comes from the fused
-# addmm/baddbmm bias and the in-place activations, not from the grouping.
-_GROUP_BYTES = 4 << 20
+# bytes (cache-sized; bounds the activation memory too). Measured on a 1 MiB L2 / 32 MiB L3 CPU: the
+# 3x512 MLP over 1000 examples is within ~3% for 1-64 MiB; the width-64 MLP over 256 examples (where
+# the transposed layout and the shared first-layer GEMM made it 1.6x faster) is best at 1-4 MiB.
+_GROUP_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -48,35 +49,37 @@ class LinearChain:
         # Groups exist for CPU caches; a GPU wants the whole chunk in one batched GEMM per layer.
         group = max(1, min(k, _GROUP_BYTES // max(1, per_model))) if x.device.type == "cpu" else k
         outs = [self._run(params, x, k0, min(k, k0 + group)) for k0 in range(0, k, group)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)
 
     def accepts(self, x: torch.Tensor) -> bool:
         """Whether x reaches the first Linear as [B, features] (as the model itself would take it)."""
         return x.dim() == 2 or (x.dim() > 2 and self.steps[0][0] == "flatten")
 
     def _run(self, params, x, k0: int, k1: int) -> torch.Tensor:
+        """Models k0..k1 in the transposed layout hᵀ [G, features, B]: every weight is used as stored
+        ([out, in], no transposed copies), and the first Linear, whose input all models share, is one
+        big GEMM W_stack [G·out, in] @ xᵀ instead of G small ones."""
+        g = k1 - k0
         h, shared, owned = x, True, False   # shared: one input for every model (before the first Linear)
         for step in self.steps:
             kind = step[0]
             if kind == "flatten":
-                h = h.flatten(1)   # only ever the first step: h is still the shared input
+                h = h.flatten(1)   # only ever the first step: h is still the shared input [B, in]
             elif kind == "linear":
-                w = params[step[1]][k0:k1]
+                w = params[step[1]][k0:k1]                      # [G, out, in]
                 bias = params[step[2]][k0:k1] if step[2] is not None else None
-                if k1 - k0 == 1:    # one model: the 2-D GEMM (+ bias) path, the fastest CPU kernel
-                    hh = h if shared else h[0]
-                    y = torch.addmm(bias[0], hh, w[0].t()) if bias is not None else hh @ w[0].t()
-                    h = y.unsqueeze(0)
+                if shared:
+                    wf = w.reshape(-1, w.shape[-1])             # [G·out, in]
+                    ht = torch.addmm(bias.reshape(-1, 1), wf, h.t()) if bias is not None else wf @ h.t()
+                    h = ht.view(g, w.shape[1], -1)              # [G, out, B]
                 else:
-                    hh = h.expand(k1 - k0, *h.shape) if shared else h
-                    wt = w.transpose(1, 2)
-                    h = torch.baddbmm(bias.unsqueeze(1), hh, wt) if bias is not None else torch.bmm(hh, wt)
+                    h = torch.baddbmm(bias.unsqueeze(2), w, h) if bias is not None else torch.bmm(w, h)
                 shared, owned = False, True
             else:
                 if not owned:   # an activation before any Linear: never write into the caller's x
                     h, owned = h.clone(), True
                 _ACTIVATIONS[kind](h)
-        return h   # linear_chain guarantees a Linear, so h is per-model here
+        return h.transpose(1, 2)   # [G, B, out]; linear_chain guarantees a Linear, so h is per-model
 
 
 def _chain_input(node, prev) -> bool:
@@ -93,8 +96,21 @@ def _flatten_args(node) -> bool:
     return start == 1 and end == -1
 
 
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What the trace depends on: the module tree (names, objects, types), the forward functions
+    (class or instance), the Linear biases present and the state's float keys."""
+    mods = tuple((n, id(m), type(m), getattr(type(m), "forward", None), m.__dict__.get("forward"))
+                 for n, m in model.named_modules())
+    linears = tuple(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
+    return mods, linears, tuple(k for k, v in model.state_dict().items() if v.is_floating_point())
+
+
 def linear_chain(model: nn.Module) -> LinearChain | None:
-    """The model's forward as a Linear/activation chain, or None if it is anything else.
+    """The model's forward as a Linear/activation chain, or None if it is anything else (the fx
+    trace is cached per model and redone when its module tree or forward changes).
 
     Recognised (fx-traced): one tensor input; nn.Linear; ReLU/Tanh/Sigmoid as modules, torch
     functions or tensor methods (not in place); nn.Identity, nn.Dropout (eval); flatten(1) as a
@@ -104,6 +120,16 @@ def linear_chain(model: nn.Module) -> LinearChain | None:
     """
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return None   # fx does not see hooks; functional_call runs them
+    key = _fingerprint(model)
+    hit = _TRACES.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    chain = _trace(model)
+    _TRACES[model] = (key, chain)
+    return chain
+
+
+def _trace(model: nn.Module) -> LinearChain | None:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - any untraceable forward simply takes the general path

@@ -40,7 +40,8 @@ class LinearChain:
         return [state[s[1]].shape[-2] for s in self.steps if s[0] == "linear"]
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Logits [K, B, out] of the K parameter sets params[key] [K, *shape] on inputs x [B, ...]."""
+        """Logits [K, B, out] of the K parameter sets params[key] [K, *shape] on inputs x [B, ...]
+        (a transposed view of contiguous [K, out, B] memory)."""
         if not self.accepts(x):
             raise ValueError(f"LinearChain.forward: inputs of shape {list(x.shape)} are not [B, features]"
                              " (and the chain does not start with flatten)")
@@ -49,7 +50,8 @@ class LinearChain:
         # Groups exist for CPU caches; a GPU wants the whole chunk in one batched GEMM per layer.
         group = max(1, min(k, _GROUP_BYTES // max(1, per_model))) if x.device.type == "cpu" else k
         outs = [self._run(params, x, k0, min(k, k0 + group)) for k0 in range(0, k, group)]
-        return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)
+        # [K, classes, B] memory seen as [K, B, classes]: losses read it without a transposing copy
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).transpose(1, 2)
 
     def accepts(self, x: torch.Tensor) -> bool:
         """Whether x reaches the first Linear as [B, features] (as the model itself would take it)."""
@@ -79,7 +81,7 @@ class LinearChain:
                 if not owned:   # an activation before any Linear: never write into the caller's x
                     h, owned = h.clone(), True
                 _ACTIVATIONS[kind](h)
-        return h.transpose(1, 2)   # [G, B, out]; linear_chain guarantees a Linear, so h is per-model
+        return h   # [G, out, B]; linear_chain guarantees a Linear, so h is per-model
 
 
 def _chain_input(node, prev) -> bool:

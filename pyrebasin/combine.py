@@ -343,6 +343,25 @@ def _check_labels(y: torch.Tensor, classes: int) -> None:
                          f"got range [{int(y.min())}, {int(y.max())}]")
 
 
+def _loss_and_correct(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and number of correct argmax predictions per model of logits [K, B, C]."""
+    k = out.shape[0]
+    t = out.transpose(1, 2)   # [K, C, B]: contiguous when the logits come from the Linear chain
+    if not t.is_contiguous():
+        loss = F.cross_entropy(out.flatten(0, 1).float(), y.repeat(k), reduction="none").view(k, -1).sum(1)
+        return loss, (out.argmax(-1) == y).sum(1)
+    t = t.float()
+    loss = F.cross_entropy(t, y.expand(k, -1), reduction="none").sum(1)
+    # argmax(-1) == y, without a strided argmax over C: the target logit beats every earlier class
+    # strictly and ties or beats every later one (argmax returns the first maximum).
+    tgt = t.gather(1, y.view(1, 1, -1).expand(k, 1, -1))            # [K, 1, B]
+    before = torch.arange(t.shape[1], device=t.device).view(1, -1, 1) < y.view(1, 1, -1)
+    neg = torch.tensor(float("-inf"), device=t.device)
+    ok = (torch.where(before, t, neg).amax(1, keepdim=True) < tgt) & \
+        (torch.where(before, neg, t).amax(1, keepdim=True) <= tgt)
+    return loss, ok.sum((1, 2))
+
+
 @torch.no_grad()
 def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State, coefficients, data, *,
                           chunk: int = 16, batch_size: int | None = 1000, return_logits: bool = False,
@@ -397,9 +416,9 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
                 out = vforward(stacked, x)                      # [K, B, classes]
                 if begin == 0:  # once per batch: cross_entropy would fail deep inside (IndexError)
                     _check_labels(y, out.shape[-1])
-                loss += F.cross_entropy(out.flatten(0, 1).float(), y.repeat(end - begin),
-                                        reduction="none").view(end - begin, -1).sum(1).double()
-                correct += (out.argmax(-1) == y).sum(1).double()
+                chunk_loss, chunk_correct = _loss_and_correct(out, y)
+                loss += chunk_loss.double()
+                correct += chunk_correct.double()
                 if return_logits:
                     chunk_logits.append(out.float().cpu())
             losses.append(loss / total)

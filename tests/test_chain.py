@@ -102,3 +102,22 @@ def test_evaluate_combinations_chain_equals_general_path(gran, monkeypatch):
     torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-6, atol=1e-6)
     assert torch.equal(fast.accuracy, slow.accuracy) or (fast.accuracy - slow.accuracy).abs().max() <= 1 / 37
+
+
+def test_loss_and_correct_fast_layout_equals_general_path():
+    # The chain hands back [K, C, B] memory seen as [K, B, C]; its loss/argmax shortcut must match
+    # the general computation, ties included (argmax takes the first maximum).
+    from pyrebasin.combine import _loss_and_correct
+
+    g = torch.Generator().manual_seed(0)
+    k, b, c = 5, 37, 7
+    logits = torch.randn(k, c, b, generator=g)
+    logits[0] = 0.0                                   # every class tied
+    logits[1, 3:5] = logits[1, 3:5].amax(0)           # classes 3 and 4 tied
+    y = torch.randint(0, c, (b,), generator=g)
+    y[:7] = torch.arange(7)
+    fast = _loss_and_correct(logits.transpose(1, 2), y)
+    slow = _loss_and_correct(logits.transpose(1, 2).contiguous(), y)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast[1], slow[1])
+    assert int(fast[1][0]) == int((y == 0).sum())

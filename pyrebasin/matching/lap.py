@@ -21,10 +21,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 @dataclass
 class LapState:
-    """What a `jv` solve leaves for the next one on a similar cost: the assignment and column duals."""
+    """What a `jv` solve leaves for the next one on a similar cost: the assignment and column duals,
+    and how many augmenting paths (Dijkstra searches, after the row reduction) the solve needed."""
 
     perm: torch.Tensor
     duals: torch.Tensor
+    augmentations: int = 0
 
 
 def available_solvers() -> list[str]:
@@ -78,8 +80,8 @@ def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.T
                 raise ValueError(f"solve_lap: warm_start has shape {list(warm_start.perm.shape)}, expected [{n}]")
             v, col = warm_start.duals.to(torch.float64), warm_start.perm.to(torch.long)
         # lap_solve minimises: negate (exact in float64) and keep the duals of the negated problem.
-        perm, duals, _ = ops.lap_solve(torch.from_numpy(-c), v, col)
-        state = LapState(perm, duals)
+        perm, duals, aug = ops.lap_solve(torch.from_numpy(-c), v, col)
+        state = LapState(perm, duals, int(aug))
     else:
         order = None
         if warm_start is not None:

@@ -245,7 +245,30 @@ def _objective(a, b, spec: PermutationSpec, perms) -> float:
 
 
 COUPLING_SCHEDULE = (0.2, 1.0)  # the schedule measured in docs/alignment.md (opt-in)
-WARM_START_MAX_MOVED = 0.1  # warm-start a group's LAP only if its last solve moved <= 10% of its units
+
+
+class _WarmChooser:
+    """Per group, whether the next LAP starts warm or cold, from the augmenting paths (Dijkstra
+    searches after the row reduction, a deterministic count) each start needed the last time it
+    ran. On trained weights warm starts need ~5 paths where cold ones need ~100; on random wide
+    layers the row reduction settles a cold solve (~3 paths) while stale duals leave ~30 long ones
+    (docs/alignment.md). The other start is re-tried every `explore`-th solve."""
+
+    def __init__(self, names, explore: int = 8):
+        self.last = {p: {True: None, False: None} for p in names}
+        self.count = dict.fromkeys(names, 0)
+        self.explore = explore
+
+    def warm(self, p: str) -> bool:
+        self.count[p] += 1
+        w, c = self.last[p][True], self.last[p][False]
+        if w is None or c is None:
+            return w is None   # try each once (the very first solve has no state: it runs cold)
+        better = w <= c
+        return (not better) if self.count[p] % self.explore == 0 else better
+
+    def record(self, p: str, warm: bool, augmentations: int) -> None:
+        self.last[p][warm] = augmentations
 
 
 @torch.no_grad()
@@ -258,7 +281,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
 
     Each sweep visits the perm groups in a seeded random order and solves one LAP per group (cost on
     the tensors' device, LAP on the CPU, `solver` as in `solve_lap`; with the default "jv" solver and
-    `warm_start`, each group's LAP restarts from its previous duals); a group whose dependencies did
+    `warm_start`, a group's LAP restarts from its previous duals when, the last time both were
+    tried, that needed fewer augmenting paths than a cold start); a group whose dependencies did
     not change since its last solve is skipped (its LAP would return the same answer). A phase stops
     after a sweep without an improvement > `tol` or after `max_iter` sweeps.
 
@@ -289,7 +313,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     names = list(sizes)
     solver = solver or default_solver()
     lap_states: dict = dict.fromkeys(sizes)
-    moved = dict.fromkeys(sizes, 0)  # units the last solve of each group moved
+    chooser = _WarmChooser(names)
     gen = torch.Generator().manual_seed(seed)
     history = [_objective(a, b, spec, device_perms)]
     phase_starts: list[int] = []
@@ -309,11 +333,11 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     continue  # nothing it reads changed: the LAP would return the same optimum
                 solved_at[p] = snapshot
                 cost = builder.cost(p, coupling).to("cpu")
-                # A warm start pays when the last solve of this group moved few units; after a
-                # big move most kept rows turn out loose and a cold solve is faster (docs).
-                warm = lap_states[p] if warm_start and moved[p] <= WARM_START_MAX_MOVED * sizes[p] else None
-                new, lap_states[p] = solve_lap(cost, solver=solver, return_state=True, warm_start=warm)
-                moved[p] = int((new != perms[p]).sum())
+                warm = warm_start and lap_states[p] is not None and chooser.warm(p)
+                new, lap_states[p] = solve_lap(cost, solver=solver, return_state=True,
+                                               warm_start=lap_states[p] if warm else None)
+                if lap_states[p] is not None:
+                    chooser.record(p, warm, lap_states[p].augmentations)
                 rows = torch.arange(sizes[p])
                 gain = float(cost[rows, new].sum() - cost[rows, perms[p]].sum())
                 if gain > tol:

@@ -49,33 +49,53 @@ class LinearChain:
         per_model = x.shape[0] * max(self.widths(params)) * x.element_size()
         # Groups exist for CPU caches; a GPU wants the whole chunk in one batched GEMM per layer.
         group = max(1, min(k, _GROUP_BYTES // max(1, per_model))) if x.device.type == "cpu" else k
-        outs = [self._run(params, x, k0, min(k, k0 + group)) for k0 in range(0, k, group)]
+        # Hidden activations ping-pong between two buffers reused by every group (fresh multi-MB
+        # tensors per layer would page-fault each time); the last layer writes into the result.
+        hidden = [params[s[1]].shape[1] for s in self.steps if s[0] == "linear"][:-1]
+        size = min(k, group) * max(hidden, default=0) * x.shape[0]
+        bufs = (x.new_empty(size), x.new_empty(size)) if len(hidden) > 1 else (x.new_empty(size),) * 2
+        last = next(s for s in reversed(self.steps) if s[0] == "linear")
+        logits = x.new_empty((k, params[last[1]].shape[1], x.shape[0]))
+        for k0 in range(0, k, group):
+            self._run(params, x, k0, min(k, k0 + group), logits[k0:k0 + group], bufs)
         # [K, classes, B] memory seen as [K, B, classes]: losses read it without a transposing copy
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).transpose(1, 2)
+        return logits.transpose(1, 2)
 
     def accepts(self, x: torch.Tensor) -> bool:
         """Whether x reaches the first Linear as [B, features] (as the model itself would take it)."""
         return x.dim() == 2 or (x.dim() > 2 and self.steps[0][0] == "flatten")
 
-    def _run(self, params, x, k0: int, k1: int) -> torch.Tensor:
+    def _run(self, params, x, k0: int, k1: int, out: torch.Tensor, bufs) -> torch.Tensor:
         """Models k0..k1 in the transposed layout hᵀ [G, features, B]: every weight is used as stored
         ([out, in], no transposed copies), and the first Linear, whose input all models share, is one
-        big GEMM W_stack [G·out, in] @ xᵀ instead of G small ones."""
+        big GEMM W_stack [G·out, in] @ xᵀ instead of G small ones. `out`: where the last Linear
+        writes (contiguous [G, out, B]); the others alternate between the two flat `bufs`."""
         g = k1 - k0
+        last = max(i for i, st in enumerate(self.steps) if st[0] == "linear")
         h, shared, owned = x, True, False   # shared: one input for every model (before the first Linear)
-        for step in self.steps:
+        n_linear = 0
+        for i, step in enumerate(self.steps):
             kind = step[0]
             if kind == "flatten":
                 h = h.flatten(1)   # only ever the first step: h is still the shared input [B, in]
             elif kind == "linear":
                 w = params[step[1]][k0:k1]                      # [G, out, in]
                 bias = params[step[2]][k0:k1] if step[2] is not None else None
+                if i == last:
+                    dst = out
+                else:
+                    dst = bufs[n_linear % 2][:g * w.shape[1] * x.shape[0]].view(g, w.shape[1], x.shape[0])
+                n_linear += 1
                 if shared:
                     wf = w.reshape(-1, w.shape[-1])             # [G·out, in]
-                    ht = torch.addmm(bias.reshape(-1, 1), wf, h.t()) if bias is not None else wf @ h.t()
+                    flat = dst.view(-1, dst.shape[-1]) if dst is not None else None
+                    ht = torch.addmm(bias.reshape(-1, 1), wf, h.t(), out=flat) if bias is not None \
+                        else torch.mm(wf, h.t(), out=flat)
                     h = ht.view(g, w.shape[1], -1)              # [G, out, B]
+                elif bias is not None:
+                    h = torch.baddbmm(bias.unsqueeze(2), w, h, out=dst)
                 else:
-                    h = torch.baddbmm(bias.unsqueeze(2), w, h) if bias is not None else torch.bmm(w, h)
+                    h = torch.bmm(w, h, out=dst)
                 shared, owned = False, True
             else:
                 if not owned:   # an activation before any Linear: never write into the caller's x

@@ -55,39 +55,30 @@ struct RowPlan {
   const int32_t* index32;
 };
 
+// Copies n bytes (sizeof(T) <= n <= 2 sizeof(T)) as two possibly overlapping T-sized moves.
+template <typename T>
+inline void copy_two(char* d, const char* s, int64_t n) {
+  T a, b;
+  std::memcpy(&a, s, sizeof(T));
+  std::memcpy(&b, s + n - sizeof(T), sizeof(T));
+  std::memcpy(d, &a, sizeof(T));
+  std::memcpy(d + n - sizeof(T), &b, sizeof(T));
+}
+
 // Copies n bytes, n the same on every call of a row loop (so the size branches predict perfectly);
 // small blocks as two possibly overlapping loads/stores instead of a memcpy call.
 inline void copy_block(char* d, const char* s, int64_t n) {
   if (n > 64) {
     std::memcpy(d, s, n);
-  } else if (n > 32) {  // 3x3 float32 conv taps (36 bytes) land here
-    Bytes16 a, b, c, e;
-    std::memcpy(&a, s, 16);
-    std::memcpy(&b, s + 16, 16);
-    std::memcpy(&c, s + n - 32, 16);
-    std::memcpy(&e, s + n - 16, 16);
-    std::memcpy(d, &a, 16);
-    std::memcpy(d + 16, &b, 16);
-    std::memcpy(d + n - 32, &c, 16);
-    std::memcpy(d + n - 16, &e, 16);
+  } else if (n > 32) {  // 3x3 float32 conv taps (36 bytes) land here; source and output never alias
+    copy_two<Bytes16>(d, s, 32);
+    copy_two<Bytes16>(d + n - 32, s + n - 32, 32);
   } else if (n >= 16) {
-    Bytes16 a, b;
-    std::memcpy(&a, s, 16);
-    std::memcpy(&b, s + n - 16, 16);
-    std::memcpy(d, &a, 16);
-    std::memcpy(d + n - 16, &b, 16);
+    copy_two<Bytes16>(d, s, n);
   } else if (n >= 8) {
-    uint64_t a, b;
-    std::memcpy(&a, s, 8);
-    std::memcpy(&b, s + n - 8, 8);
-    std::memcpy(d, &a, 8);
-    std::memcpy(d + n - 8, &b, 8);
+    copy_two<uint64_t>(d, s, n);
   } else if (n >= 4) {
-    uint32_t a, b;
-    std::memcpy(&a, s, 4);
-    std::memcpy(&b, s + n - 4, 4);
-    std::memcpy(d, &a, 4);
-    std::memcpy(d + n - 4, &b, 4);
+    copy_two<uint32_t>(d, s, n);
   } else {
     for (int64_t i = 0; i < n; ++i) d[i] = s[i];
   }

@@ -36,28 +36,25 @@ class LinearChain:
     steps: tuple[tuple, ...]
     keys: frozenset[str]
 
-    def widths(self, state) -> list[int]:
-        return [state[s[1]].shape[-2] for s in self.steps if s[0] == "linear"]
-
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits [K, B, out] of the K parameter sets params[key] [K, *shape] on inputs x [B, ...]
         (a transposed view of contiguous [K, out, B] memory)."""
         if not self.accepts(x):
             raise ValueError(f"LinearChain.forward: inputs of shape {list(x.shape)} are not [B, features]"
                              " (and the chain does not start with flatten)")
-        k = next(iter(params.values())).shape[0]
-        per_model = x.shape[0] * max(self.widths(params)) * x.element_size()
+        linear = [i for i, s in enumerate(self.steps) if s[0] == "linear"]
+        widths = [params[self.steps[i][1]].shape[1] for i in linear]
+        k, batch = next(iter(params.values())).shape[0], x.shape[0]
+        per_model = batch * max(widths) * x.element_size()
         # Groups exist for CPU caches; a GPU wants the whole chunk in one batched GEMM per layer.
         group = max(1, min(k, _GROUP_BYTES // max(1, per_model))) if x.device.type == "cpu" else k
         # Hidden activations ping-pong between two buffers reused by every group (fresh multi-MB
         # tensors per layer would page-fault each time); the last layer writes into the result.
-        hidden = [params[s[1]].shape[1] for s in self.steps if s[0] == "linear"][:-1]
-        size = min(k, group) * max(hidden, default=0) * x.shape[0]
-        bufs = (x.new_empty(size), x.new_empty(size)) if len(hidden) > 1 else (x.new_empty(size),) * 2
-        last = next(s for s in reversed(self.steps) if s[0] == "linear")
-        logits = x.new_empty((k, params[last[1]].shape[1], x.shape[0]))
+        hidden = widths[:-1]
+        bufs = [x.new_empty(min(k, group) * max(hidden) * batch) for _ in range(min(2, len(hidden)))]
+        logits = x.new_empty((k, widths[-1], batch))
         for k0 in range(0, k, group):
-            self._run(params, x, k0, min(k, k0 + group), logits[k0:k0 + group], bufs)
+            self._run(params, x, k0, min(k, k0 + group), linear[-1], logits[k0:k0 + group], bufs)
         # [K, classes, B] memory seen as [K, B, classes]: losses read it without a transposing copy
         return logits.transpose(1, 2)
 
@@ -65,13 +62,12 @@ class LinearChain:
         """Whether x reaches the first Linear as [B, features] (as the model itself would take it)."""
         return x.dim() == 2 or (x.dim() > 2 and self.steps[0][0] == "flatten")
 
-    def _run(self, params, x, k0: int, k1: int, out: torch.Tensor, bufs) -> torch.Tensor:
+    def _run(self, params, x, k0: int, k1: int, last: int, out: torch.Tensor, bufs) -> torch.Tensor:
         """Models k0..k1 in the transposed layout hᵀ [G, features, B]: every weight is used as stored
         ([out, in], no transposed copies), and the first Linear, whose input all models share, is one
-        big GEMM W_stack [G·out, in] @ xᵀ instead of G small ones. `out`: where the last Linear
-        writes (contiguous [G, out, B]); the others alternate between the two flat `bufs`."""
+        big GEMM W_stack [G·out, in] @ xᵀ instead of G small ones. `out`: where the last Linear (step
+        `last`) writes (contiguous [G, out, B]); the others alternate between the flat `bufs`."""
         g = k1 - k0
-        last = max(i for i, st in enumerate(self.steps) if st[0] == "linear")
         h, shared, owned = x, True, False   # shared: one input for every model (before the first Linear)
         n_linear = 0
         for i, step in enumerate(self.steps):
@@ -88,7 +84,7 @@ class LinearChain:
                 n_linear += 1
                 if shared:
                     wf = w.reshape(-1, w.shape[-1])             # [G·out, in]
-                    flat = dst.view(-1, dst.shape[-1]) if dst is not None else None
+                    flat = dst.view(-1, dst.shape[-1])
                     ht = torch.addmm(bias.reshape(-1, 1), wf, h.t(), out=flat) if bias is not None \
                         else torch.mm(wf, h.t(), out=flat)
                     h = ht.view(g, w.shape[1], -1)              # [G, out, B]

@@ -144,7 +144,7 @@ def test_cost_cache_updates_equal_fresh_builds(name):
     _, b = model_state(name, seed=1, dtype=torch.float64)
     sizes, a2, b2, terms, dtype = _prepare(model.permutation_spec(), a, b)
     perms = {p: torch.arange(n) for p, n in sizes.items()}
-    cached = _CostBuilder(terms, sizes, perms, dtype)
+    cached = _CostBuilder(terms, sizes, perms)
     g = torch.Generator().manual_seed(0)
     names = [p for p, n in sizes.items() if n >= 2]
     for step in range(3 * len(names)):
@@ -156,7 +156,7 @@ def test_cost_cache_updates_equal_fresh_builds(name):
         perms[p] = q
         w = (0.2, 1.0, 0.5)[step % 3]  # phases of a coupling schedule rescale the cached costs in place
         for r in sizes:
-            fresh = _CostBuilder(terms, sizes, perms, dtype, cache_bytes=0).cost(r, w)
+            fresh = _CostBuilder(terms, sizes, perms, cache_bytes=0).cost(r, w)
             torch.testing.assert_close(cached.cost(r, w), fresh, rtol=0, atol=1e-12 * float(fresh.abs().max() + 1))
     assert cached.cache  # the cache was used
 

@@ -148,15 +148,12 @@ PRB_CPU_CLONES void lambda_batch(int32_t dist, const double* params, const uint3
   if (dist == rng::kUniform) {
     const double lo = params[0], span = rng::sub(params[1], params[0]);
     for (int i = 0; i < kLanesPerBatch; ++i) {
-      // rng::u24; r >> 8 < 2^24 converts exactly through int32 (which vectorises)
-      const double u = (static_cast<double>(static_cast<int32_t>(w[i] >> 8)) + 0.5) * 5.9604644775390625e-08;
-      lam[i] = static_cast<opmath_t>(lo + span * u);
+      lam[i] = static_cast<opmath_t>(lo + span * rng::u24(w[i]));
     }
   } else {  // bernoulli
     const double prob = params[0];
     for (int i = 0; i < kLanesPerBatch; ++i) {
-      const double u = (static_cast<double>(static_cast<int32_t>(w[i] >> 8)) + 0.5) * 5.9604644775390625e-08;
-      lam[i] = static_cast<opmath_t>(u < prob);
+      lam[i] = static_cast<opmath_t>(rng::u24(w[i]) < prob);
     }
   }
 }

@@ -124,7 +124,7 @@ void augmenting_row_reduction(LapWork& w) {
   }
 }
 
-void solve_dense(LapWork& w, const int64_t* prev, int64_t* augmentations) {
+void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
   const int64_t n = w.n;
   const double* cost = w.cost;
   double* v = w.v;
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),
             std::vector<double>(n, 0.0), std::vector<int64_t>(n, -1)};
   int64_t augmentations = 0;
-  solve_dense(w, prev, &augmentations);
+  solve(w, prev, &augmentations);
   return {col4row_t, v_t, at::scalar_tensor(augmentations, at::kLong)};
 }
 

@@ -107,8 +107,9 @@ class _CostBuilder:
     rank-|S| product A_S (B[new S] - B[old S])ᵀ instead of a full GEMM. A full rebuild happens when the
     change is larger or the updates add up to two full axes (bounding the rounding drift)."""
 
-    def __init__(self, terms, sizes, device_perms, dtype, cache_bytes: int = 1 << 30):
-        self.terms, self.sizes, self.perms, self.dtype = terms, sizes, device_perms, dtype
+    def __init__(self, terms, sizes, device_perms, cache_bytes: int = 1 << 30):
+        self.terms, self.sizes, self.perms = terms, sizes, device_perms
+        self.coupled = {p: [t for t in ts if t.deps] for p, ts in terms.items()}
         self.constant: dict[str, torch.Tensor | None] = {}
         self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
         self.cache_left = cache_bytes
@@ -179,7 +180,7 @@ class _CostBuilder:
         itself: read it, never modify it."""
         n = self.sizes[p]
         base = self.constant[p]
-        var = [t for t in self.terms[p] if t.deps]
+        var = self.coupled[p]
         if not var:
             return base if base is not None else torch.zeros(n, n, dtype=torch.float64)
         new = [self._indices(t) for t in var]
@@ -307,7 +308,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
         perms = {p: init[p].detach().to("cpu", torch.long).clone() for p in sizes}
     device = next(iter(a.values())).device if a else torch.device("cpu")
     device_perms = {p: v.to(device) for p, v in perms.items()}
-    builder = _CostBuilder(terms, sizes, device_perms, dtype)
+    builder = _CostBuilder(terms, sizes, device_perms)
     deps = {p: sorted(builder.deps(p)) for p in sizes}
     version = dict.fromkeys(sizes, 0)
     names = list(sizes)

@@ -118,7 +118,10 @@ PRB_HD U32x4 draw(uint64_t seed, uint32_t sample, uint64_t block, uint32_t strea
 }
 
 // Uniform in (0, 1) from 24 bits (exact in float32 and double).
-PRB_HD double u24(uint32_t r) { return (static_cast<double>(r >> 8) + 0.5) * 5.9604644775390625e-08; }
+// r >> 8 < 2^24 converts exactly through int32, which CPU compilers vectorise (combine_batched).
+PRB_HD double u24(uint32_t r) {
+  return (static_cast<double>(static_cast<int32_t>(r >> 8)) + 0.5) * 5.9604644775390625e-08;
+}
 // Uniform in (0, 1) from 32 bits.
 PRB_HD double u32(uint32_t r) { return (static_cast<double>(r) + 0.5) * 2.3283064365386963e-10; }
 // Uniform in (0, 1) from 52 bits of two words: (2m + 1) 2^-53 is exact in double.

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_torch_save
+
 __all__ = ["cache_dir", "mnist1d", "digits", "load", "DATASETS"]
 
 Dataset = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -26,12 +28,6 @@ def cache_dir() -> Path:
     return path
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _cached(name: str, config: dict, build) -> Dataset:
     key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"{name}-{key}.pt"
@@ -41,7 +37,7 @@ def _cached(name: str, config: dict, build) -> Dataset:
         except Exception:  # a torn or stale file: rebuild it
             path.unlink(missing_ok=True)
     data = build()
-    _atomic_save(list(data), path)
+    atomic_torch_save(list(data), path)
     return data
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .fileio import atomic_write, atomic_write_text
 
 __all__ = ["load_state", "save_state", "atomic_write", "atomic_write_text", "atomic_savefig",
            "resolve_arch", "parse_kwargs", "STATE_SUFFIXES"]
@@ -68,29 +69,6 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place, so a
-    reader never sees a half-written file (and a failed write leaves any old file intact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:

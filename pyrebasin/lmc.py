@@ -15,7 +15,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["Curve", "interpolate", "barrier", "lerp_state", "check_state", "eval_mode", "BARRIER_KINDS"]
+from .module_state import check_pair, lerp_state
+
+__all__ = ["Curve", "interpolate", "barrier", "eval_mode", "BARRIER_KINDS"]
 
 State = Mapping[str, torch.Tensor]
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -133,25 +135,6 @@ def barrier(curve: Curve, metric: str = "loss", kind: str = "endpoint_mean", *, 
 
 
 # ---------------------------------------------------------------- states and models
-def check_state(model: nn.Module, state: State, name: str = "state") -> None:
-    """`state` must hold exactly the model's keys with the model's shapes (ValueError naming them)."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{name} must be a mapping of str -> Tensor, got {type(state).__name__}")
-    ref = model.state_dict(keep_vars=True)
-    missing = [k for k in ref if k not in state]
-    extra = [k for k in state if k not in ref]
-    if missing or extra:
-        raise ValueError(f"{name} does not match the model: missing keys {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected keys {extra[:6]}"
-                         f"{' ...' if len(extra) > 6 else ''}")
-    for k, v in ref.items():
-        t = state[k]
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {k!r} is a {type(t).__name__}, not a Tensor")
-        if t.shape != v.shape:
-            raise ValueError(f"{name}: {k!r} has shape {list(t.shape)} but the model expects {list(v.shape)}")
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Run `model` in eval mode for a block and restore every submodule's own flag afterwards.
@@ -165,20 +148,6 @@ def eval_mode(model: nn.Module):
     finally:
         for m, f in flags:
             m.training = f
-
-
-def lerp_state(state_a: State, state_b: State, t: float) -> dict[str, torch.Tensor]:
-    """(1−t)·θ_A + t·θ_B for floating tensors (exact at t=0 and t=1); integer buffers come from A."""
-    return {k: torch.lerp(a, state_b[k].to(a.dtype), float(t)) if a.is_floating_point() else a.clone()
-            for k, a in state_a.items()}
-
-
-def _check_pair(model: nn.Module, state_a: State, state_b: State) -> None:
-    check_state(model, state_a, "state_a")
-    check_state(model, state_b, "state_b")
-    for k, a in state_a.items():
-        if a.is_floating_point() != state_b[k].is_floating_point():
-            raise ValueError(f"{k!r}: state_a is {a.dtype} but state_b is {state_b[k].dtype}")
 
 
 def _splits(data) -> dict[str, Split]:
@@ -281,7 +250,7 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
     """
     if buffers not in ("interpolate", "reset"):
         raise ValueError(f"buffers={buffers!r}; expected 'interpolate' or 'reset'")
-    _check_pair(model, state_a, state_b)
+    check_pair(model, state_a, state_b)
     splits = _splits(data)
     tlist = _ts(ts)
     if stat_data is None and (buffers == "reset" or repair):

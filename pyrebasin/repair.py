@@ -18,7 +18,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .lmc import _check_pair, check_state, eval_mode, lerp_state
+from .lmc import eval_mode
+from .module_state import check_pair, check_state, lerp_state
 from .moments import CrossMoments
 
 __all__ = ["RepairPoint", "EndpointStats", "find_points", "endpoint_stats", "renormalize", "repair", "reset_bn"]
@@ -156,7 +157,7 @@ def endpoint_stats(model: nn.Module, state_a: State, state_b: State, data, *,
                    progress: bool = False) -> EndpointStats:
     """Stream the two endpoint networks over `data` (inputs, or an (x, y) pair) and accumulate each
     repair point's per-channel moments with `CrossMoments` (float64, any number of batches)."""
-    _check_pair(model, state_a, state_b)
+    check_pair(model, state_a, state_b)
     x = _x(data)
     pts = find_points(model, state_a, x[:2], points)
     acts: dict[str, torch.Tensor] = {}

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .fileio import atomic_write, atomic_write_text
 from .spec import PermutationSpec, apply_permutation, check_permutations
 
 __all__ = ["shard_files", "permute_safetensors"]
@@ -79,13 +80,11 @@ def permute_safetensors(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
         sub = spec.restrict(state)
         new = apply_permutation(sub, {p: perms[p] for p in sub.perm_to_axes}, state)
         target = out / f.name
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        save_file(new, str(tmp), metadata=metadata)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: save_file(new, tmp, metadata=metadata))
         written.append(target)
     index = _index_file(source)
     if index is not None:
-        (out / index.name).write_text(index.read_text())
+        atomic_write_text(out / index.name, index.read_text())
     return written
 
 

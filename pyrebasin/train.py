@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .fileio import atomic_write
 from . import zoo
 
 __all__ = ["TrainConfig", "train_", "train_zoo", "evaluate"]
@@ -94,8 +94,5 @@ def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: Tra
         train_(model, x, y, config, progress=progress)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(state, str(tmp), metadata={"config": key})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"config": key}))
     return model, state

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import pyrebasin as prb
-from pyrebasin.lmc import barrier, interpolate, lerp_state
+from pyrebasin.lmc import barrier, interpolate
+from pyrebasin.module_state import lerp_state
 from pyrebasin.repair import endpoint_stats, find_points, repair, reset_bn
 from tests.test_lmc import mnist1d_splits, trained_pair
 

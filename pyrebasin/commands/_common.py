@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..io import load_state, parse_kwargs, resolve_arch
-from ..lmc import check_state
+from ..module_state import check_state
 
 
 def add_pair_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """The frontend-neutral graph walk of `trace_spec`: one `Call` per op, one atom list per tensor axis.
 
 Frontends (fx, torch.export) turn a model into `Graph`s of `Call`s with aten-style names and
-argument order; `Engine.run` applies the op rules (rules.py) and leaves the union-find to trace.py.
+argument order; `Engine.run` applies the op rules (registry.py) and leaves the union-find to trace.py.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .atoms import Atoms
+from .registry import rule_for
 
 Axes = list[list[int]]  # per tensor axis: the atoms whose row-major product it is
 
@@ -71,8 +72,6 @@ class Engine:
 
     def __init__(self, graph: Graph, state_shapes: dict[str, tuple[int, ...]],
                  unknown: str = "error"):
-        from .rules import rule_for  # rules import the engine's types
-        self.rule_for = rule_for
         self.g, self.unknown = graph, unknown
         self.A = Atoms()
         self.vals: dict[Any, Axes | Multi] = {}
@@ -105,6 +104,34 @@ class Engine:
 
     def fresh(self, shape, reason: str | None) -> Axes:
         return [[self.A.new(s, reason)] for s in shape]
+
+    def out_shape(self, c: Call):
+        """The shape of c's output: a tuple, a list of shapes (several outputs), or None."""
+        return self.g.shape(c.out)
+
+    def fresh_out(self, c: Call, reason: str | None) -> None:
+        """Describe c's output(s) by new atoms, frozen for `reason` (None: free to permute)."""
+        shape = self.out_shape(c)
+        if isinstance(shape, tuple):
+            self.vals[c.out] = self.fresh(shape, reason)
+        elif isinstance(shape, list):
+            self.vals[c.out] = Multi(self.fresh(s, reason) if isinstance(s, tuple) else None for s in shape)
+
+    def unmodelled(self, c: Call) -> None:
+        """The rule of ops without one: fine when no permutable axis reaches them (constants, masks,
+        position ids); otherwise an UnsupportedOpError (unknown="error") or frozen axes (unknown="freeze")."""
+        ins = self.tensor_args(c)
+        live = [a for axes in ins for atoms in axes for a in atoms if not self.A.is_frozen(a)
+                and self.A.size[a] > 1]
+        why = f"unsupported {c.where()}"
+        if live:
+            if self.unknown == "error":
+                raise UnsupportedOpError(
+                    f"trace_spec cannot model {c.where()}: its tensor inputs carry permutable axes. "
+                    f"Pass unknown='freeze' to freeze every axis it touches, or write the spec by hand.")
+            for axes in ins:
+                self.freeze(axes, why)
+        self.fresh_out(c, why if live else "computed from constants and inputs only")
 
     def size(self, atoms: list[int]) -> int:
         n = 1
@@ -183,12 +210,15 @@ class Engine:
                 self.vals[v] = self.fresh(shape, "constant tensor (not in the state dict)")
         for c in self.g.calls:
             self.mark_used(c)
-            self.rule_for(c.name)(self, c)
+            rule = rule_for(c.name)
+            if rule is None:
+                self.unmodelled(c)
+                continue
+            rule(self, c)
             shape = self.g.shape(c.out)
             if c.out not in self.vals and (isinstance(shape, tuple) or (
                     isinstance(shape, list) and any(isinstance(x, tuple) for x in shape))):
-                from .rules import generic  # the rule left a tensor output undescribed
-                generic(self, c)
+                self.unmodelled(c)  # the rule left a tensor output undescribed
         for key, where in self.used.items():  # passed to an op whose rule never read it
             if key not in self.params:
                 self.params[key] = self.fresh(self.state_shapes[key], f"passed to {where}, "

@@ -6,19 +6,8 @@ whole model is invariant once inputs and outputs are frozen. When unsure, a rule
 """
 from __future__ import annotations
 
-import re
-
-from .engine import Call, Engine, Multi, UnsupportedOpError
-
-RULES: dict = {}
-
-
-def rule(*names):
-    def deco(fn):
-        for n in names:
-            RULES[n] = fn
-        return fn
-    return deco
+from .engine import Call, Engine, Multi
+from .registry import RULES, rule
 
 
 def _dims(d, ndim: int) -> list[int]:
@@ -28,36 +17,7 @@ def _dims(d, ndim: int) -> list[int]:
     return sorted(x % ndim for x in d) if d else list(range(ndim))
 
 
-def _shape(E: Engine, c: Call):
-    return E.g.shape(c.out)
-
-
-# --- fallback and trivial ops ------------------------------------------------------------------
-def generic(E: Engine, c: Call) -> None:
-    """Ops without a rule: fine when no permutable axis reaches them (constants, masks, position
-    ids); otherwise an UnsupportedOpError (unknown="error") or frozen axes (unknown="freeze")."""
-    ins = E.tensor_args(c)
-    live = [a for axes in ins for atoms in axes for a in atoms if not E.A.is_frozen(a)
-            and E.A.size[a] > 1]
-    why = f"unsupported {c.where()}"
-    if live:
-        if E.unknown == "error":
-            raise UnsupportedOpError(
-                f"trace_spec cannot model {c.where()}: its tensor inputs carry permutable axes. "
-                f"Pass unknown='freeze' to freeze every axis it touches, or write the spec by hand.")
-        for axes in ins:
-            E.freeze(axes, why)
-    _fresh_out(E, c, why if live else "computed from constants and inputs only")
-
-
-def _fresh_out(E: Engine, c: Call, reason: str) -> None:
-    shape = _shape(E, c)
-    if isinstance(shape, tuple):
-        E.vals[c.out] = E.fresh(shape, reason)
-    elif isinstance(shape, list):
-        E.vals[c.out] = Multi(E.fresh(s, reason) if isinstance(s, tuple) else None for s in shape)
-
-
+# --- trivial ops ---------------------------------------------------------------------------------
 NO_TENSOR_OUT = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_size",
                  "sym_numel", "sym_stride", "sym_storage_offset", "sym_constrain_range",
                  "sym_constrain_range_for_size", "_functional_assert_async", "size", "dim", "numel",
@@ -69,10 +29,10 @@ for _n in NO_TENSOR_OUT:  # shape/metadata queries and assertions: nothing to pe
 CONSTANT_MAKERS = ("arange", "empty", "tensor", "randn", "rand", "randint", "eye", "linspace",
                    "new_empty", "new_tensor", "empty_strided", "lift_fresh_copy")
 for _n in CONSTANT_MAKERS:
-    RULES[_n] = lambda E, c: _fresh_out(E, c, "constant tensor")
+    RULES[_n] = lambda E, c: E.fresh_out(c, "constant tensor")
 UNIFORM_MAKERS = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "scalar_tensor")
 for _n in UNIFORM_MAKERS:  # every entry equal: invariant to any permutation of any axis
-    RULES[_n] = lambda E, c: _fresh_out(E, c, None)
+    RULES[_n] = lambda E, c: E.fresh_out(c, None)
 
 
 # --- elementwise ---------------------------------------------------------------------------------
@@ -92,7 +52,7 @@ UNARY = ("relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_
 def unary(E: Engine, c: Call) -> None:
     """Pointwise (or equivariant along every axis: softmax) in its first tensor argument."""
     x = E.ax(c.arg(0, "self"))
-    if x is None or [E.size(a) for a in x] != list(_shape(E, c)):
+    if x is None or [E.size(a) for a in x] != list(E.out_shape(c)):
         return elementwise(E, c)
     E.set_out(c, x)
 
@@ -117,9 +77,9 @@ ELEMENTWISE = ("add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_
 @rule(*ELEMENTWISE)
 def elementwise(E: Engine, c: Call) -> None:
     """Broadcasting pointwise op: axes aligned from the right share atoms (size-1 ones broadcast)."""
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     if not isinstance(shape, tuple):
-        return None if not E.tensor_args(c) else generic(E, c)
+        return None if not E.tensor_args(c) else E.unmodelled(c)
     out: list = [None] * len(shape)
     for axes in E.tensor_args(c):
         off = len(shape) - len(axes)
@@ -148,7 +108,7 @@ def reduce(E: Engine, c: Call) -> None:
     sort, diff) freeze the axes they run along."""
     x = E.ax(c.arg(0, "self"))
     if x is None:
-        return generic(E, c)
+        return E.unmodelled(c)
     nd = len(x)
     dim = c.arg(2, "dim") if c.name == "linalg_vector_norm" else c.arg(1, "dim")
     if c.name in ("max", "min") and (len(c.args) < 2 and "dim" not in c.kwargs):
@@ -164,7 +124,7 @@ def reduce(E: Engine, c: Call) -> None:
     dims = _dims(dim, nd) if nd else []
     if c.name in ORDERED:
         E.freeze([x[d] for d in dims], f"order along the axis matters for {c.where()}")
-    shapes = _shape(E, c)
+    shapes = E.out_shape(c)
     for_shapes = shapes if isinstance(shapes, list) else [shapes]
     outs = []
     for s in for_shapes:
@@ -179,21 +139,3 @@ def reduce(E: Engine, c: Call) -> None:
             outs.append(E.fresh(s, f"output of {c.where()}"))
     E.set_out(c, Multi(outs) if isinstance(shapes, list) else outs[0])
 
-
-from . import rules_nn, rules_shape  # noqa: E402,F401  (register their rules into RULES)
-
-_POOL = re.compile(r"^(max_pool|avg_pool|adaptive_avg_pool|adaptive_max_pool|lp_pool|"
-                   r"fractional_max_pool|max_unpool|upsample_\w+|reflection_pad|replication_pad|"
-                   r"_upsample_\w+)(\d)d(_with_indices)?$")
-
-
-def rule_for(name: str):
-    """The rule for an op name (pooling-like ops share one rule via a pattern)."""
-    if name in RULES:
-        return RULES[name]
-    if name.endswith("_") and name[:-1] in RULES:  # in-place variant: same axes
-        return RULES[name[:-1]]
-    m = _POOL.match(name)
-    if m:
-        return lambda E, c: rules_nn.spatial(E, c, int(m.group(2)))
-    return generic

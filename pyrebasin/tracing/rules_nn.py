@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from .engine import Call, Engine, Multi
-from .rules import generic, rule
+from .registry import rule, rule_pattern
+from .rules import UNIFORM_MAKERS
 
 OUT_HINT, HEAD_HINT = 1, 3  # name priorities: attention roles beat "output of layer X"
 
@@ -20,7 +21,7 @@ def linear(E: Engine, c: Call) -> None:
     """y = x W^T + b: x's last axis is W's input axis, y's last axis W's output axis (= b)."""
     x, w, b = E.ax(c.arg(0, "input")), E.ax(c.arg(1, "weight")), E.ax(c.arg(2, "bias"))
     if len(w) != 2:
-        return generic(E, c)
+        return E.unmodelled(c)
     E.tie(x[-1], w[1], f"input features of {c.where()}")
     if b is not None:
         E.tie(w[0], b[0], f"bias of {c.where()}")
@@ -34,7 +35,7 @@ def matmul(E: Engine, c: Call) -> None:
     off = 1 if c.name in ("addmm", "baddbmm", "addmv") else 0
     a, b = E.ax(c.arg(off, "self" if not off else "mat1")), E.ax(c.arg(off + 1, "mat2"))
     if a is None or b is None:
-        return generic(E, c)
+        return E.unmodelled(c)
     a1, b1 = len(a) == 1, len(b) == 1
     a2 = [[E.A.new(1)]] + a if a1 else a
     b2 = b + [[E.A.new(1)]] if b1 else b
@@ -97,7 +98,7 @@ def einsum(E: Engine, c: Call) -> None:
     lhs, _, rhs = eq.partition("->")
     terms = lhs.split(",")
     if "->" not in eq or any(t is None for t in axes) or len(terms) != len(axes):
-        return generic(E, c)
+        return E.unmodelled(c)
     letters: dict[str, list[int]] = {}
     ell_n = max((len(ax) - len(t.replace("...", "")) for t, ax in zip(terms, axes) if "..." in t),
                 default=0)
@@ -169,6 +170,13 @@ def spatial(E: Engine, c: Call, k: int) -> None:
     outs = [x[:len(x) - k] + E.fresh(s[len(x) - k:], f"positions of {c.where()}")
             for s in (shapes if isinstance(shapes, list) else [shapes])]
     E.set_out(c, Multi(outs) if isinstance(shapes, list) else outs[0])
+
+
+@rule_pattern(r"^(max_pool|avg_pool|adaptive_avg_pool|adaptive_max_pool|lp_pool|fractional_max_pool|max_unpool|"
+              r"upsample_\w+|reflection_pad|replication_pad|_upsample_\w+)(\d)d(_with_indices)?$")
+def _spatial_family(m):
+    k = int(m.group(2))
+    return lambda E, c: spatial(E, c, k)
 
 
 BN = {"batch_norm": (1, 2, 3, 4), "_native_batch_norm_legit_no_training": (1, 2, 3, 4),
@@ -306,7 +314,7 @@ def rnn(E: Engine, c: Call) -> None:
     batch_first = bool(c.arg(8, "batch_first"))
     per = 4 if has_b else 2
     if x is None or len(params) != layers * dirs * per or any(len(p[0]) != 1 for p in params):
-        return generic(E, c)  # projections (proj_size) or packed sequences: not modelled
+        return E.unmodelled(c)  # projections (proj_size) or packed sequences: not modelled
     gates, hidden = _GATES[c.name], E.size(params[1][1])
     t_ax = (1 if batch_first else 0) if len(x) == 3 else 0
     E.freeze(x[t_ax], f"timesteps of {c.where()} are ordered")
@@ -341,7 +349,6 @@ def rnn(E: Engine, c: Call) -> None:
 
 def _uniform(v) -> bool:
     """Made by zeros/ones/full (the default h0 of nn.LSTM/GRU): invariant, nothing to tie."""
-    from .rules import UNIFORM_MAKERS
     target = getattr(v, "target", None)
     packet = getattr(target, "overloadpacket", None)
     return getattr(packet, "__name__", None) in UNIFORM_MAKERS

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from .engine import Axes, Call, Engine, Multi
-from .rules import _fresh_out, _shape, generic, rule
+from .registry import rule, rule_for
+from .rules import unary
 
 
 # --- shape ops -----------------------------------------------------------------------------------
@@ -16,7 +17,7 @@ def reshape(E: Engine, c: Call) -> None:
     """Row-major regrouping: output axes are products of the input's factors (splitting atoms into
     finer factors where needed: (B, T, D) -> (B, T, heads, head_dim) refines D)."""
     x = E.ax(c.arg(0, "self"))
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     out = [[E.A.new(s)] for s in shape]
     flat_in = [a for atoms in x for a in atoms]
     if not E.A.unify_seq(flat_in, [o[0] for o in out]):
@@ -60,7 +61,7 @@ def transpose(E: Engine, c: Call) -> None:
 def expand(E: Engine, c: Call) -> None:
     """Expanded axes hold identical copies: any permutation of them is harmless (fresh atoms)."""
     x = E.ax(c.arg(0, "self"))
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     off = len(shape) - len(x)
     out = [[E.A.new(s)] for s in shape[:off]]
     for i, atoms in enumerate(x):
@@ -72,7 +73,7 @@ def expand(E: Engine, c: Call) -> None:
 def repeat(E: Engine, c: Call) -> None:
     """repeat(r) along an axis of atoms A gives (r, A) row-major: a copy factor, then A."""
     x = E.ax(c.arg(0, "self"))
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     off = len(shape) - len(x)
     out = [[E.A.new(s)] for s in shape[:off]]
     for i, atoms in enumerate(x):
@@ -85,7 +86,7 @@ def repeat(E: Engine, c: Call) -> None:
 def repeat_interleave(E: Engine, c: Call) -> None:
     x, reps, dim = E.ax(c.arg(0, "self")), c.arg(1, "repeats"), c.arg(2, "dim")
     if x is None or not isinstance(reps, int) or dim is None:
-        return generic(E, c)
+        return E.unmodelled(c)
     dim %= len(x)
     out = list(x)
     out[dim] = x[dim] + [E.A.new(reps)]  # (A, r) row-major: each unit repeated in place
@@ -104,7 +105,7 @@ def split(E: Engine, c: Call) -> None:
     """Equal chunks share one atom (the axis refines to (chunks, size), chunk index frozen);
     unequal chunks cannot be expressed: that axis is frozen."""
     x = E.ax(c.arg(0, "self"))
-    shapes = _shape(E, c)
+    shapes = E.out_shape(c)
     dim = c.arg(1, "dim", 0) if c.name == "unbind" else c.arg(2, "dim", 0)
     dim %= len(x)
     why = f"chunks of {c.where()} play different roles"
@@ -127,9 +128,9 @@ def cat(E: Engine, c: Call) -> None:
     """cat of equal-size pieces is (pieces, size) row-major with a frozen piece index; unequal
     pieces are frozen along the cat axis. Other axes are shared by all pieces."""
     ts = [E.ax(t) for t in c.arg(0, "tensors")]
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     if any(t is None for t in ts):
-        return generic(E, c)
+        return E.unmodelled(c)
     ts = [t for t in ts if not (len(t) == 1 and E.size(t[0]) == 0)]  # legacy empty tensors
     dim = c.arg(1, "dim", 0) % len(shape)
     why = f"pieces of {c.where()} play different roles"
@@ -165,7 +166,7 @@ def select(E: Engine, c: Call) -> None:
 @rule("slice", "narrow", "slice_copy")
 def slice_(E: Engine, c: Call) -> None:
     x = E.ax(c.arg(0, "self"))
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     dim = c.arg(1, "dim", 0) % len(x)
     if shape[dim] == E.size(x[dim]) and (c.name != "slice" or c.arg(4, "step", 1) in (None, 1)):
         return E.set_out(c, list(x))  # full slice: the identity
@@ -189,7 +190,7 @@ def pad(E: Engine, c: Call) -> None:
     why = f"{c.where()} pads the axis"
     for d in range(len(x) - k, len(x)):
         E.freeze(x[d], why)
-    E.set_out(c, x[:len(x) - k] + E.fresh(_shape(E, c)[len(x) - k:], why))
+    E.set_out(c, x[:len(x) - k] + E.fresh(E.out_shape(c)[len(x) - k:], why))
 
 
 @rule("index", "index_select", "gather", "take", "take_along_dim", "masked_select", "nonzero",
@@ -198,7 +199,7 @@ def indexing(E: Engine, c: Call) -> None:
     """Data-dependent indexing: the indexed tensor and the result are frozen (conservative)."""
     for axes in E.tensor_args(c):
         E.freeze(axes, f"indexed by {c.where()}")
-    _fresh_out(E, c, f"indexed by {c.where()}")
+    E.fresh_out(c, f"indexed by {c.where()}")
 
 
 @rule("getitem")
@@ -211,13 +212,13 @@ def getitem(E: Engine, c: Call) -> None:
         return
     x = E.ax(src)
     if x is None:
-        return None if not E.tensor_args(c) else generic(E, c)
+        return None if not E.tensor_args(c) else E.unmodelled(c)
     _tensor_getitem(E, c, x, idx)
 
 
 def _tensor_getitem(E: Engine, c: Call, x: Axes, idx) -> None:
     """x[idx] as written in Python (fx graphs): ints select, slices narrow, None adds an axis."""
-    shape = _shape(E, c)
+    shape = E.out_shape(c)
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
         return indexing(E, c)
@@ -271,12 +272,11 @@ def getattr_(E: Engine, c: Call) -> None:
         return None
     if attr in _METADATA or E.ax(c.args[0]) is None:
         return None
-    from .rules import rule_for, unary
     if attr in ("T", "mT", "mH", "H"):
         return rule_for("numpy_T" if attr == "T" else "mT")(E, c)
     if attr in ("real", "data"):
         return unary(E, c)
-    return generic(E, c)
+    return E.unmodelled(c)
 
 
 @rule("tuple")

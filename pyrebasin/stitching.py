@@ -1,29 +1,44 @@
 """Model stitching (Dr. Frankenstein): model_front up to a layer -> a trainable stitching layer ->
 model_end from a layer on, both frozen; closed-form inits from streamed moments, training, metrics.
 
-How the two halves run: forward hooks. The front model runs (via `torch.func.functional_call` on a
-frozen copy of its state) until `front_layer` fires, whose output is captured and the rest of the
+How the two halves run: forward hooks on a private eval-mode view of each model (`module_state.mode_view`:
+the caller's flags and hooks are never touched). The front model runs (via `torch.func.functional_call`
+on a frozen copy of its state) until `front_layer` fires, whose output is captured and the rest of the
 forward is skipped; the end model runs on the same input with a hook that replaces `end_layer`'s
 output by the stitched activation. Hooks work on any module whose forward calls the layer once,
 including models that call activations functionally and branch on input shape (which torch.fx
 cannot trace); the price is that the end model also computes its (discarded, gradient-free) prefix.
+
+Where to cut and along which dim channels run, a model tells through the `Stitchable` protocol
+(`stitch_points()`, optional `stitch_channel_dim`); the zoo models implement it, any other model
+falls back to its activation modules and to the activation's rank.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from . import zoo
 from ._stitch_layer import INITS, KINDS, StitchLayer, initialise
+from .batches import batches, require_reiterable
+from .module_state import mode_view
 from .similarity import LinearFit, PairMoments, linear_fit
 
-__all__ = ["KINDS", "INITS", "StitchLayer", "Stitched", "StitchMetrics", "stitch", "train_stitch_",
-           "evaluate_stitch", "candidate_layers", "layer_moments", "activation"]
+__all__ = ["KINDS", "INITS", "Stitchable", "StitchLayer", "Stitched", "StitchMetrics", "stitch", "train_stitch_",
+           "evaluate_stitch", "candidate_layers", "channel_dim_of", "layer_moments", "activation"]
+
+
+@runtime_checkable
+class Stitchable(Protocol):
+    """A model that names its own stitch points: module paths whose output is one tensor and that run
+    once per forward, input side first. It may also set `stitch_channel_dim` (an int) when its
+    activations do not follow the rank rule of `channel_dim_of` (e.g. -1 for [B, T, C] tokens)."""
+
+    def stitch_points(self) -> list[str]: ...
 
 
 # --- running the frozen models ---------------------------------------------------------------------
@@ -44,29 +59,29 @@ def _module(model: nn.Module, name: str, role: str) -> nn.Module:
 
 
 class _Frozen:
-    """Runs `model` in eval mode on a frozen copy of its state; restores its training flags after.
+    """Runs `model` in eval mode on a frozen copy of its state, through a private view of the module.
 
-    The caller's module is touched only for the duration of a call (eval flags, one hook), its
-    tensors never: the state is detached and, when kept beyond one call (`copy=True`), cloned.
+    The caller's module is never touched (flags, hooks), nor its tensors: the state is detached and,
+    when kept beyond one call (`copy=True`), cloned.
     """
 
     def __init__(self, model: nn.Module, layer: str, role: str, *, copy: bool = True):
+        _module(model, layer, role)  # a bad path is named against the caller's model
         self.model, self.layer, self.role = model, layer, role
-        self.module = _module(model, layer, role)
+        self.view = mode_view(model, training=False)
+        self.module = self.view.get_submodule(layer)
         tensors = list(model.named_parameters()) + list(model.named_buffers())
         self.state = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors}
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.view, self.state, (x,))
+
     def run(self, x: torch.Tensor, hook) -> torch.Tensor:
-        training = [m for m in self.model.modules() if m.training]  # usually none: zoo models come in eval
-        for m in training:
-            m.training = False
         handle = self.module.register_forward_hook(hook)
         try:
-            return torch.func.functional_call(self.model, self.state, (x,))
+            return self.forward(x)
         finally:
             handle.remove()
-            for m in training:
-                m.training = True
 
     def capture(self, x: torch.Tensor) -> torch.Tensor:
         """The output of `layer` on input x (the rest of the forward is skipped)."""
@@ -106,10 +121,15 @@ class _Frozen:
         return out
 
 
-def _default_channel_dim(model: nn.Module, rank: int) -> int:
-    if isinstance(model, zoo.Transformer) or rank <= 2:
-        return -1  # [B, C] features or [B, T, C] tokens
-    return 1       # conv maps [B, C, *spatial]
+def channel_dim_of(model: nn.Module, rank: int) -> int:
+    """The channel dim of `model`'s activations of rank `rank`: the model's `stitch_channel_dim` when
+    it sets one, else -1 for [B, C] features and 1 for conv maps [B, C, *spatial]."""
+    own = getattr(model, "stitch_channel_dim", None)
+    if own is not None:
+        if isinstance(own, bool) or not isinstance(own, int):
+            raise TypeError(f"{type(model).__name__}.stitch_channel_dim must be an int, got {own!r}")
+        return own
+    return -1 if rank <= 2 else 1
 
 
 def activation(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +169,7 @@ class Stitched(nn.Module):
         """The unstitched end model's output (the reference for relative accuracy and agreement)."""
         self._sync()
         with torch.no_grad():
-            return torch.func.functional_call(self._end.model, self._end.state, (x,))
+            return self._end.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.front_activation(x)
@@ -162,29 +182,9 @@ class Stitched(nn.Module):
 # --- data and moments ------------------------------------------------------------------------------
 
 def _batches(data, batch_size: int, *, shuffle: torch.Generator | None = None):
-    """(x, y-or-None) batches from a tensor x, an (x, y) pair of tensors or an iterable of batches."""
-    if isinstance(data, torch.Tensor):
-        data = (data, None)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
-            and (data[1] is None or isinstance(data[1], torch.Tensor)):
-        x, y = data
-        if y is not None and len(y) != len(x):
-            raise ValueError(f"data: x has {len(x)} samples but y has {len(y)}")
-        order = torch.randperm(len(x), generator=shuffle) if shuffle is not None else None
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
-            yield x[idx], (None if y is None else y[idx])
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a tensor, an (x, y) pair or an iterable of batches, got {type(data).__name__}")
-    if iter(data) is data:  # moments, training epochs and metrics each take a full pass
-        raise TypeError(f"data is a one-shot iterator ({type(data).__name__}); pass a re-iterable "
-                        "(a list of batches, a DataLoader) or tensors")
-    for batch in data:
-        if isinstance(batch, torch.Tensor):
-            yield batch, None
-        else:
-            yield batch[0], (batch[1] if len(batch) > 1 else None)
+    """(x, y-or-None) batches; moments, training epochs and metrics each take a full pass."""
+    require_reiterable(data)
+    return batches(data, batch_size=batch_size, shuffle=shuffle)
 
 
 def _stream(front: _Frozen, end: _Frozen, data, channel_dim: int | None, batch_size: int):
@@ -193,7 +193,7 @@ def _stream(front: _Frozen, end: _Frozen, data, channel_dim: int | None, batch_s
         for x, _ in _batches(data, batch_size):
             a, b = front.capture(x), end.capture(x)
             if channel_dim is None:
-                channel_dim = _default_channel_dim(front.model, a.dim())
+                channel_dim = channel_dim_of(front.model, a.dim())
             if m is None:
                 m = PairMoments(a.shape[channel_dim], b.shape[channel_dim], device=a.device)
             m.update(a, b, channel_dim=channel_dim)
@@ -241,7 +241,7 @@ def stitch(model_front: nn.Module, model_end: nn.Module, front_layer: str, end_l
     if a.dim() != b.dim():
         raise ValueError(f"front activation {list(a.shape)} and end activation {list(b.shape)} differ in rank")
     if channel_dim is None:
-        channel_dim = _default_channel_dim(model_front, a.dim())
+        channel_dim = channel_dim_of(model_front, a.dim())
     rest = lambda t: t.shape[:channel_dim % t.dim()] + t.shape[channel_dim % t.dim() + 1:]  # noqa: E731
     if rest(a) != rest(b):
         raise ValueError(f"front activation {list(a.shape)} and end activation {list(b.shape)} must agree "
@@ -338,20 +338,16 @@ _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn
 def candidate_layers(model: nn.Module) -> list[str]:
     """Module paths where `model` can be stitched, input side first.
 
-    Zoo models call torch.relu functionally, so the points are module outputs: MLP `norms.i` (the
-    pre-activation each hidden ReLU reads; an Identity without norm), VGG's ReLU modules and `fc1`
-    (pre-ReLU), ResNet20 `norm1` (stem, pre-ReLU) and every block (post-ReLU), Transformer `blocks.i`
-    (residual stream, channel_dim=-1). Other models: their activation modules (nn.ReLU, nn.GELU, ...).
-    Front and end must use the same kind of point; any module called once per forward works.
+    A `Stitchable` model names its own (every zoo model does: they call torch.relu functionally, so
+    their points are module outputs such as MLP `norms.i`); any other model: its activation modules
+    (nn.ReLU, nn.GELU, ...). Front and end must use the same kind of point; any module called once
+    per forward works.
     """
-    if isinstance(model, zoo.MLP):
-        return [f"norms.{i}" for i in range(len(model.widths))]
-    if isinstance(model, zoo.VGG):
-        return [f"features.{i}" for i, f in enumerate(model.features) if isinstance(f, nn.ReLU)] + ["fc1"]
-    if isinstance(model, zoo.ResNet20):
-        return ["norm1"] + [f"stages.{s}.{b}" for s, stage in enumerate(model.stages) for b in range(len(stage))]
-    if isinstance(model, zoo.Transformer):
-        return [f"blocks.{i}" for i in range(len(model.blocks))]
+    if isinstance(model, Stitchable):
+        points = list(model.stitch_points())
+        if not points or not all(isinstance(p, str) for p in points):
+            raise ValueError(f"{type(model).__name__}.stitch_points() must return module paths (str), got {points!r}")
+        return points
     names = [n for n, m in model.named_modules() if isinstance(m, _ACTIVATIONS)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no activation modules; pass layer paths explicitly")

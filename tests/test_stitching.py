@@ -226,6 +226,35 @@ def test_candidate_layers_cover_the_zoo():
         st.candidate_layers(nn.Linear(2, 3))
 
 
+def test_any_model_can_name_its_stitch_points_and_channel_dim():
+    # the protocol the zoo implements, on a model stitching has never heard of: tokens [B, T, C]
+    class Tokens(nn.Module):
+        stitch_channel_dim = -1
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.inner(x.view(len(x), 5, 4))).mean(1)
+
+        def stitch_points(self):
+            return ["inner"]
+
+    torch.manual_seed(0)
+    a, b, x = Tokens(), Tokens(), torch.randn(64, 20)
+    assert isinstance(a, st.Stitchable) and st.candidate_layers(a) == ["inner"]
+    s = st.stitch(a, b, "inner", data=x)
+    assert s.layer.channel_dim == -1 and (s.layer.c_in, s.layer.c_out) == (6, 6)
+    assert st.channel_dim_of(nn.Linear(2, 2), 4) == 1 and st.channel_dim_of(nn.Linear(2, 2), 3) == 1
+    a.stitch_channel_dim = "last"
+    with pytest.raises(TypeError, match="stitch_channel_dim must be an int, got 'last'"):
+        st.channel_dim_of(a, 3)
+    a.stitch_points = lambda: []
+    with pytest.raises(ValueError, match=r"stitch_points\(\) must return module paths"):
+        st.candidate_layers(a)
+
+
 def test_non_tensor_outputs_and_unknown_paths_are_named():
     class Pair(nn.Module):
         def __init__(self):

@@ -33,6 +33,11 @@ class MLP(nn.Module):
             x = torch.relu(nrm(layer(x)))
         return self.head(x)
 
+    def stitch_points(self) -> list[str]:
+        """Where `prb.stitching` cuts: `norms.i`, the pre-activation each hidden ReLU reads (an
+        Identity without norm; the ReLU itself is functional, so it has no module to hook)."""
+        return [f"norms.{i}" for i in range(len(self.widths))]
+
     def permutation_spec(self) -> PermutationSpec:
         axes = {}
         prev = None

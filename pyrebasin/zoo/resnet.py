@@ -72,6 +72,10 @@ class ResNet20(nn.Module):
             x = stage(x)
         return self.linear(x.flatten(2).mean(-1))
 
+    def stitch_points(self) -> list[str]:
+        """Where `prb.stitching` cuts: the stem's `norm1` (pre-ReLU), then every block (post-ReLU)."""
+        return ["norm1"] + [f"stages.{s}.{b}" for s, stage in enumerate(self.stages) for b in range(len(stage))]
+
     def permutation_spec(self) -> PermutationSpec:
         d, k = self.conv_dim, self.norm_kind
         bias = k is None

@@ -67,6 +67,12 @@ class Transformer(nn.Module):
             x = blk(x)
         return self.head(self.ln_f(x).mean(1))
 
+    stitch_channel_dim = -1  # activations are [B, T, C] tokens: channels last
+
+    def stitch_points(self) -> list[str]:
+        """Where `prb.stitching` cuts: the residual stream after each block."""
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
     def permutation_spec(self) -> PermutationSpec:
         res = "P_res"
         hd = self.d_model // self.heads

@@ -59,6 +59,10 @@ class VGG(nn.Module):
             x = f(x)
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
+    def stitch_points(self) -> list[str]:
+        """Where `prb.stitching` cuts: every ReLU module of the features, then `fc1` (pre-ReLU)."""
+        return [f"features.{i}" for i, f in enumerate(self.features) if isinstance(f, nn.ReLU)] + ["fc1"]
+
     def permutation_spec(self) -> PermutationSpec:
         axes = {}
         prev = None

@@ -1,19 +1,14 @@
-"""pyrebasin: align neural networks modulo permutation symmetry and study what lies between them."""
-from . import data  # noqa: I001  (one import per line keeps merges clean)
-from . import distributed
-from . import io
-from . import lmc
-from . import matching
-from . import moments
-from . import ops
-from . import reference
-from . import shards
-from . import similarity
-from . import stitching
-from . import train
-from . import zoo
-from . import experiments
-from . import rng
+"""pyrebasin: align neural networks modulo permutation symmetry and study what lies between them.
+
+`__all__` is the core: specs, matching, interpolation, REPAIR/RESET, combinations and the backend.
+Everything else is a submodule, loaded on first use: `prb.zoo`, `prb.data`, `prb.train`,
+`prb.experiments`, `prb.stitching`, `prb.similarity`, `prb.shards`, `prb.distributed`, `prb.io`, ...
+(the layers: DEVELOPERS.md). Importing pyrebasin loads no experiment and no plotting library.
+"""
+import importlib
+
+from ._backend import backend, native_available, use_backend
+from .check import CheckReport, SpecCheckError, check_spec
 from .combine import (
     CoefficientLayout,
     Coefficients,
@@ -24,8 +19,6 @@ from .combine import (
     evaluate_combinations,
     sample_coefficients,
 )
-from ._backend import backend, native_available, use_backend
-from .check import CheckReport, SpecCheckError, check_spec
 from .lmc import Curve, barrier, interpolate
 from .matching import MatchResult, activation_matching, weight_matching
 from .repair import endpoint_stats, repair, reset_bn
@@ -43,57 +36,30 @@ from .trace import UnsupportedOpError, describe_spec, spec_difference, spec_equi
 
 __version__ = "0.1.0"
 
-
 __all__ = [
-    "Curve",
-    "barrier",
-    "endpoint_stats",
-    "interpolate",
-    "io",
-    "lmc",
-    "repair",
-    "reset_bn",
-    "CoefficientLayout",
-    "Coefficients",
-    "CombinationResult",
-    "Distribution",
-    "coefficient_layout",
-    "combine_states",
-    "evaluate_combinations",
-    "rng",
-    "sample_coefficients",
-    "Blocked",
-    "CheckReport",
-    "SpecCheckError",
-    "UnsupportedOpError",
-    "check_spec",
-    "describe_spec",
-    "spec_difference",
-    "spec_equivalent",
-    "trace_spec",
-    "MatchResult",
-    "PermutationSpec",
-    "activation_matching",
-    "apply_permutation",
-    "backend",
-    "check_permutations",
-    "compose_permutations",
-    "data",
-    "distributed",
-    "experiments",
+    # permutation specs: what to permute, and permutations as plain data
+    "PermutationSpec", "Blocked", "trace_spec", "check_spec",
+    "apply_permutation", "random_permutation", "invert_permutation", "compose_permutations",
     "identity_permutation",
-    "invert_permutation",
-    "matching",
-    "moments",
-    "native_available",
-    "ops",
-    "random_permutation",
-    "reference",
-    "shards",
-    "similarity",
-    "stitching",
-    "train",
-    "use_backend",
-    "weight_matching",
-    "zoo",
+    # aligning two models
+    "weight_matching", "activation_matching", "MatchResult",
+    # what lies between them
+    "interpolate", "barrier", "Curve", "repair", "reset_bn",
+    "sample_coefficients", "evaluate_combinations", "combine_states",
+    # which implementation runs
+    "use_backend", "backend", "native_available",
 ]
+
+# Submodules reachable as attributes, imported when first touched (PEP 562).
+_SUBMODULES = ("combine", "data", "distributed", "experiments", "io", "lmc", "matching", "moments", "ops",
+               "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))

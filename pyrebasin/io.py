@@ -1,5 +1,5 @@
 """Checkpoints and files for the CLI and reports: state dicts from .safetensors/.pt, atomic writes,
-and `--arch` resolution (a zoo name or `module:factory`), with one-line errors naming what is wrong.
+and models from a `module:factory` name, with one-line errors naming what is wrong (zoo names: zoo.resolve_arch).
 """
 from __future__ import annotations
 
@@ -14,19 +14,21 @@ from torch import nn
 
 from .fileio import atomic_write, atomic_write_text
 
-__all__ = ["load_state", "save_state", "atomic_write", "atomic_write_text", "atomic_savefig",
-           "resolve_arch", "parse_kwargs", "STATE_SUFFIXES"]
+__all__ = ["load_state", "save_state", "state_suffix", "atomic_write", "atomic_write_text",
+           "model_from_factory", "parse_kwargs", "first_line", "STATE_SUFFIXES"]
 
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NESTED = ("state_dict", "model_state_dict", "model", "state")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
-def _suffix(path: Path) -> str:
+def state_suffix(path: Path) -> str:
+    """The checkpoint format of `path` by its suffix; a ValueError naming the file for any other."""
     if path.suffix not in STATE_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint format {path.suffix or '(no suffix)'!r}; "
                          f"expected one of {list(STATE_SUFFIXES)}")
@@ -41,7 +43,7 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     prefix on every key is dropped. Raises FileNotFoundError or ValueError naming the file.
     """
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = state_suffix(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if suffix == ".safetensors":
@@ -49,12 +51,12 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for a bad header
-            raise ValueError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise ValueError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in _NESTED:
             if isinstance(obj.get(key), Mapping):
@@ -71,15 +73,10 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
-
-
 def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict atomically, as safetensors or torch.save by the file's suffix."""
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = state_suffix(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -100,33 +97,34 @@ def parse_kwargs(text: str | None, what: str = "--arch-kwargs") -> dict:
     return out
 
 
-def resolve_arch(arch: str, kwargs: Mapping | None = None) -> nn.Module:
-    """Build a model from a zoo name ("mlp", "vgg", "resnet20", "transformer") or "module:factory"
-    (any importable callable returning an nn.Module), called with `kwargs`."""
-    from . import zoo
-
+def model_from_factory(arch: str, kwargs: Mapping | None = None) -> nn.Module:
+    """Build a model from "module:factory" (any importable callable returning an nn.Module, a dotted
+    attribute path after the colon), called with `kwargs`; returned in eval mode."""
     kwargs = dict(kwargs or {})
-    if ":" not in arch:
-        if arch not in zoo.ARCHS:
-            raise ValueError(f"unknown --arch {arch!r}: expected a zoo name {sorted(zoo.ARCHS)} or 'module:factory'")
-        factory = zoo.ARCHS[arch]
-    else:
-        mod_name, _, attr = arch.partition(":")
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ValueError(f"--arch {arch!r}: cannot import module {mod_name!r} ({_first_line(exc)})") from None
-        factory = module
-        for part in attr.split("."):
-            if not part or not hasattr(factory, part):
-                raise ValueError(f"--arch {arch!r}: module {mod_name!r} has no attribute {attr!r}")
-            factory = getattr(factory, part)
-        if not callable(factory):
-            raise ValueError(f"--arch {arch!r}: {attr!r} is not callable")
+    mod_name, sep, attr = arch.partition(":")
+    if not sep or not mod_name:
+        raise ValueError(f"--arch {arch!r}: expected 'module:factory'")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"--arch {arch!r}: cannot import module {mod_name!r} ({first_line(exc)})") from None
+    factory = module
+    for part in attr.split("."):
+        if not part or not hasattr(factory, part):
+            raise ValueError(f"--arch {arch!r}: module {mod_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"--arch {arch!r}: {attr!r} is not callable")
+    return call_factory(arch, factory, kwargs)
+
+
+def call_factory(arch: str, factory, kwargs: Mapping) -> nn.Module:
+    """factory(**kwargs) as a model in eval mode; a wrong argument or a non-module result is one
+    error naming `arch` (the name the user gave)."""
     try:
         model = factory(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"--arch {arch!r} with arguments {kwargs}: {_first_line(exc)}") from None
+        raise ValueError(f"--arch {arch!r} with arguments {dict(kwargs)}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"--arch {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

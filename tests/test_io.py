@@ -1,13 +1,16 @@
 """Checkpoint I/O: round trips in both formats, nested and DataParallel layouts, one-line errors for
 missing/corrupt/non-state-dict files, atomic writes that leave nothing behind, --arch resolution."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import pyrebasin as prb
-from pyrebasin.io import atomic_write, atomic_write_text, load_state, parse_kwargs, resolve_arch, save_state
+from pyrebasin.io import (atomic_write, atomic_write_text, load_state, model_from_factory, parse_kwargs, save_state,
+                          state_suffix)
+from pyrebasin.zoo import resolve_arch
 
 
 def sample_state():
@@ -90,6 +93,16 @@ def test_resolve_arch():
         resolve_arch("mlp", {"widht": 3})
     with pytest.raises(TypeError, match="returned a dict"):
         resolve_arch("builtins:dict", {"a": 1})
+    # core io knows no zoo name: only module:factory
+    assert isinstance(model_from_factory("torch.nn:Linear", {"in_features": 2, "out_features": 3}), nn.Linear)
+    with pytest.raises(ValueError, match="expected 'module:factory'"):
+        model_from_factory("mlp")
+
+
+def test_state_suffix():
+    assert state_suffix(Path("a/b.safetensors")) == ".safetensors"
+    with pytest.raises(ValueError, match=r"b.npz: unknown checkpoint format '.npz'"):
+        state_suffix(Path("a/b.npz"))
 
 
 def test_parse_kwargs():

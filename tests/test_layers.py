@@ -22,7 +22,12 @@ LAYER_OF = {"pyrebasin._C": "native", "pyrebasin._backend": "ops", "pyrebasin.op
 
 # Violations in modules still being reworked on other branches, each by its exact message. The test
 # fails on any violation not listed AND on any listed one that is gone (then delete its line).
-KNOWN: set[str] = set()
+KNOWN: set[str] = {
+    "cycle of pyrebasin.lmc, pyrebasin.repair",
+    "pyrebasin.experiments.robustness imports the private name pyrebasin.experiments.combinability._demo_pair",
+    "pyrebasin.experiments.similarity_study imports the private name pyrebasin.experiments.combinability._demo_pair",
+    "pyrebasin/combine.py has more than 400 lines",
+}
 
 
 def layer_of(module: str) -> str:
@@ -174,28 +179,32 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     return sorted(out)
 
 
-def violations() -> set[str]:
+def violations() -> dict[str, str]:
+    """Every violation: a short key without line numbers (what KNOWN lists) -> the key with its evidence."""
     graph, private = read_graph()
-    found = set(private)
+    found = {v: v for v in private}
     for comp in cycles(graph):
         ties = "; ".join(f"{a} -> {b} (line {graph[a][b]})" for a in comp for b in sorted(graph[a]) if b in comp)
-        found.add(f"cycle of {', '.join(comp)}: {ties}")
+        key = f"cycle of {', '.join(comp)}"
+        found[key] = f"{key}: {ties}"
     for a, targets in graph.items():
         for b, line in targets.items():
             if LAYERS.index(layer_of(b)) > LAYERS.index(layer_of(a)):
-                found.add(f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)}) at line {line}")
+                key = f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)})"
+                found[key] = f"{key} at line {line}"
     for name, path in modules().items():
         n = len(path.read_text().splitlines())
         if n > MAX_LINES:
-            found.add(f"{path.relative_to(ROOT)} has more than {MAX_LINES} lines")
+            key = f"{path.relative_to(ROOT)} has more than {MAX_LINES} lines"
+            found[key] = f"{key} ({n})"
     return found
 
 
 def test_import_graph():
     found = violations()
-    new, gone = sorted(found - KNOWN), sorted(KNOWN - found)
+    new, gone = sorted(set(found) - KNOWN), sorted(KNOWN - set(found))
     assert not new and not gone, "\n".join(
-        [f"{len(new)} layering violation(s):"] + [f"  {v}" for v in new]
+        ([f"{len(new)} layering violation(s):"] + [f"  {found[v]}" for v in new] if new else [])
         + ([f"{len(gone)} KNOWN entries no longer found (delete them):"] + [f"  {v}" for v in gone] if gone else []))
 
 

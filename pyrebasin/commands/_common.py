@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import load_state, parse_kwargs, resolve_arch
+from ..io import load_state, parse_kwargs
 from ..module_state import check_state
+from ..zoo import resolve_arch
 
 
 def add_pair_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..io import STATE_SUFFIXES, _suffix, atomic_write_text, save_state
+from ..io import STATE_SUFFIXES, atomic_write_text, save_state, state_suffix
 from . import _common
 
 
@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from ..similarity import weight_l2
     from ..spec import apply_permutation
 
-    _suffix(Path(args.out))  # a bad output name fails before any work
+    state_suffix(Path(args.out))  # a bad output name fails before any work
     model, state_a, state_b = _common.load_pair(args)
     x = None
     if args.method == "activation" or args.data is not None:

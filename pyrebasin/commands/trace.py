@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import pyrebasin as prb
-    from pyrebasin.io import parse_kwargs, resolve_arch
+    from pyrebasin.io import parse_kwargs
+    from pyrebasin.zoo import resolve_arch
 
     model = resolve_arch(args.arch, parse_kwargs(args.arch_kwargs))
     gen = torch.Generator().manual_seed(args.seed)

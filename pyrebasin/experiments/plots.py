@@ -1,31 +1,39 @@
-"""Matplotlib (Agg) figures of the experiments, written atomically as PNG: interpolation curves
-(loss and accuracy against t, one colour per method) and grouped barrier bars.
+"""Matplotlib figures of the experiments, written atomically as PNG: interpolation curves (loss and
+accuracy against t, one colour per method) and grouped barrier bars. Matplotlib loads on the first plot.
+
+Figures are drawn on their own Agg canvas (`figure`), never through pyplot: a notebook's backend is
+never switched, and no window opens.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+from ..fileio import atomic_write
+from ..lmc import Curve
 
-matplotlib.use("Agg")  # files only; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
+__all__ = ["figure", "plot_curves", "plot_bars", "save_figure", "atomic_savefig"]
 
-from ..io import atomic_savefig  # noqa: E402
-from ..lmc import Curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_bars", "save_figure"]
+def figure(**kwargs):
+    """A new matplotlib `Figure` on an Agg canvas of its own (kwargs go to Figure: figsize, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def atomic_savefig(fig, path: str | Path, **kwargs) -> Path:
+    """Save a figure as PNG atomically (parent folders created)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
-    """Lay out, write atomically as PNG (parent folders created) and close a figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.tight_layout()
-        return atomic_savefig(fig, path, dpi=dpi)
-    finally:
-        plt.close(fig)
+    """Lay out and write a figure atomically as PNG (parent folders created)."""
+    fig.tight_layout()
+    return atomic_savefig(fig, path, dpi=dpi)
 
 _STYLES = {"test": "-", "train": "--"}
 
@@ -34,8 +42,11 @@ def plot_curves(curves: Mapping[str, Curve], path: str | Path, *, title: str = "
                 splits: Sequence[str] | None = None) -> Path:
     """Two panels, loss and accuracy against t; one colour per curve label, one line style per split
     (test solid, train dashed)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from matplotlib import rcParams
+
+    fig = figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, c) in enumerate(curves.items()):
         for split in splits or c.splits:
             style = _STYLES.get(split, ":")
@@ -54,17 +65,15 @@ def plot_curves(curves: Mapping[str, Curve], path: str | Path, *, title: str = "
         fig.suptitle(title)
     rows = (len(labels) + 3) // 4
     fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
-    try:
-        return atomic_savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path, dpi=110)
 
 
 def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, *, title: str = "",
               ylabel: str = "loss barrier") -> Path:
     """Grouped bars: `groups[group][bar] = value` (e.g. group = alignment, bar = correction)."""
     bars = list(dict.fromkeys(b for g in groups.values() for b in g))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * max(1, len(bars)) / 2, 3.8))
+    fig = figure(figsize=(1.6 + 1.3 * len(groups) * max(1, len(bars)) / 2, 3.8))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(bars))
     for j, bar in enumerate(bars):
         xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(groups))]
@@ -79,8 +88,4 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: str | Path, *, ti
     ax.legend(fontsize=8, frameon=False)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    try:
-        return atomic_savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

@@ -10,6 +10,8 @@ from pathlib import Path
 from .. import data as data_mod
 from .. import similarity, train
 from .. import stitching as st
+from ..fileio import atomic_write_text
+from .plots import figure, save_figure
 
 __all__ = ["DEFAULT_CONFIGS", "StitchingStudy", "stitching", "stitching_section"]
 
@@ -65,22 +67,13 @@ class StitchingStudy:
         return cls(**{**d, "seeds": tuple(d["seeds"])})
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def plot(self, path: str | Path) -> Path:
         """PNG: relative accuracy per layer per configuration (solid trained, dashed at init) | CKA, CCA, R²."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         xs = range(len(self.layers))
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+        fig = figure(figsize=(12, 5.5))
+        ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
         for c, (k, i) in enumerate(self.configs()):
             color = f"C{c}"
             ax.plot(xs, self.relative_accuracy(k, i, True), "-o", color=color, label=f"{k} / {i}")
@@ -95,10 +88,7 @@ class StitchingStudy:
         ax2.set(xticks=list(xs), ylim=(0, 1.05), title="representation similarity per layer")
         ax2.set_xticklabels(self.layers, rotation=30, ha="right")
         ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def stitching(arch: str = "mlp", *, seeds: tuple[int, int] = (0, 1), configs=DEFAULT_CONFIGS,

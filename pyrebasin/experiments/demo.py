@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from .. import train as train_mod
-from ..io import atomic_write_text
+from ..fileio import atomic_write_text
 from ..lmc import Curve, barrier, interpolate
 from ..spec import apply_permutation
 

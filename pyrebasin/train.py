@@ -1,5 +1,7 @@
 """A small deterministic trainer for the zoo models (seed -> identical weights), with a cache of
 trained checkpoints so tests and the demo train each configuration once per machine.
+
+It builds zoo models by name, so it stands in the zoo's layer: the core never imports it.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .fileio import atomic_write
 from . import zoo
+from .fileio import atomic_write
+from .module_state import mode_view
 
 __all__ = ["TrainConfig", "train_", "train_zoo", "evaluate"]
 
@@ -58,15 +61,13 @@ def train_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConf
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of a model in eval mode."""
-    was = model.training
-    model.eval()
+    """(mean cross-entropy, accuracy) of a model in eval mode (a private view: the caller's flags stay)."""
+    view = mode_view(model, training=False)
     loss, correct = 0.0, 0
     for i in range(0, len(y), batch_size):
-        out = model(x[i:i + batch_size])
+        out = view(x[i:i + batch_size])
         loss += nn.functional.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
         correct += (out.argmax(-1) == y[i:i + batch_size]).sum().item()
-    model.train(was)
     return loss / len(y), correct / len(y)
 
 

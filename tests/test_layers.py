@@ -235,3 +235,13 @@ def test_import_is_quiet():
             "assert 'matplotlib' not in sys.modules, 'experiments import matplotlib before plotting'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_face_lists_the_core_and_reaches_every_submodule():
+    import pyrebasin as prb
+
+    assert all(hasattr(prb, n) for n in prb.__all__)
+    assert not [n for n in prb.__all__ if n in prb._SUBMODULES]  # submodules are attributes, not API
+    for name in prb._SUBMODULES:
+        assert getattr(prb, name).__name__ == f"pyrebasin.{name}"
+    assert prb.zoo.MLP and prb.experiments.stitching and prb.train.train_zoo and "zoo" in dir(prb)

@@ -3,6 +3,10 @@
 `prb.experiments.stitching(...)` is the stitching study; the combinability studies live in their
 modules: `combinability.combinability`, `transitivity.transitivity`, `robustness.robustness`,
 `similarity_study.similarity_study`.
+
+`import pyrebasin` does not load this package (`prb.experiments` does, on first touch), and no study
+loads matplotlib before it plots. The studies load together here, so that `stitching` is always the
+study function (a lazy load of the submodule would rebind the name to the module).
 """
 from . import combinability, robustness, similarity_study, transitivity
 from .combinability import CombinabilityStudy, combinability_section

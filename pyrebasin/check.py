@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .module_state import mode_view
 from .spec import PermutationSpec, apply_permutation, random_permutation
 from .trace import split_inputs
 
@@ -45,10 +46,14 @@ def _leaves(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _set_modes(model: nn.Module, train: bool) -> None:
-    for m in model.modules():
+def _mode(model: nn.Module, train: bool) -> nn.Module:
+    """A private view of `model` in train or eval mode (the caller's flags are never touched)."""
+    view = mode_view(model, training=train)
+    for m in view.modules():
         # dropout draws a mask per unit: permuting units permutes the mask, so it is off in both
-        m.training = train and not isinstance(m, nn.modules.dropout._DropoutNd)
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.training = False
+    return view
 
 
 def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, seed: int = 0,
@@ -62,7 +67,7 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, 
     Dropout modules are kept in eval mode (their masks are random per unit). randomize=True first
     jitters every floating tensor of the (copied) state, seeded, so that symmetric initial values
     (BatchNorm's ones and zeros, zero biases) cannot hide a wrong entry. The caller's model is
-    untouched: the state is copied per run and each submodule's training flag is restored.
+    untouched: the state is copied per run and the modes are set on a private view of the module.
     Raises SpecCheckError on a mismatch (or returns the failing report: raise_on_failure=False).
     """
     for m in modes:
@@ -78,45 +83,40 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, 
     sizes = spec.perm_sizes(state)
     perms = random_permutation(spec, state, generator=seed)
     permuted = apply_permutation(spec, perms, state)
-    saved = {m: m.training for m in model.modules()}
     diffs, failures, buffer_diff = {}, [], 0.0
-    try:
-        for mode in modes:
-            _set_modes(model, mode == "train")
-            runs = []
-            for sd in (state, permuted):
-                run_state = {k: sd[k].clone() for k in keep}
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    out = torch.func.functional_call(model, run_state, args, kwargs)
-                runs.append((_leaves(out), run_state))
-            (out_a, sd_a), (out_b, sd_b) = runs
-            if len(out_a) != len(out_b) or not out_a:
-                failures.append(f"{mode}: the model returned no comparable tensor outputs")
+    for mode in modes:
+        view = _mode(model, mode == "train")
+        runs = []
+        for sd in (state, permuted):
+            run_state = {k: sd[k].clone() for k in keep}
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = torch.func.functional_call(view, run_state, args, kwargs)
+            runs.append((_leaves(out), run_state))
+        (out_a, sd_a), (out_b, sd_b) = runs
+        if len(out_a) != len(out_b) or not out_a:
+            failures.append(f"{mode}: the model returned no comparable tensor outputs")
+            continue
+        d = 0.0
+        for i, (a, b) in enumerate(zip(out_a, out_b)):
+            if a.shape != b.shape:
+                failures.append(f"{mode}: output {i} shape {list(a.shape)} vs {list(b.shape)}")
                 continue
-            d = 0.0
-            for i, (a, b) in enumerate(zip(out_a, out_b)):
-                if a.shape != b.shape:
-                    failures.append(f"{mode}: output {i} shape {list(a.shape)} vs {list(b.shape)}")
-                    continue
-                a, b = a.double(), b.double()
-                d = max(d, float((a - b).abs().max()) if a.numel() else 0.0)
-                if not torch.allclose(a, b, atol=atol, rtol=rtol):
-                    failures.append(f"{mode}: output {i} differs by up to {d:.3e} after permuting")
-            diffs[mode] = d
-            if mode == "train":
-                full_a = {k: sd_a[k] if k in sd_a else sd_a[state_key(state_vars, k)] for k in state}
-                expect = apply_permutation(spec, perms, full_a)
-                for k in keep:
-                    e, got = expect[k].double(), sd_b[k].double()
-                    delta = float((e - got).abs().max()) if e.numel() else 0.0
-                    buffer_diff = max(buffer_diff, delta)
-                    if not torch.allclose(e, got, atol=atol, rtol=rtol):
-                        failures.append(f"train: updated {k!r} differs by {delta:.3e} from the "
-                                        f"permuted update of the original")
-    finally:
-        for m, flag in saved.items():
-            m.training = flag
+            a, b = a.double(), b.double()
+            d = max(d, float((a - b).abs().max()) if a.numel() else 0.0)
+            if not torch.allclose(a, b, atol=atol, rtol=rtol):
+                failures.append(f"{mode}: output {i} differs by up to {d:.3e} after permuting")
+        diffs[mode] = d
+        if mode == "train":
+            full_a = {k: sd_a[k] if k in sd_a else sd_a[state_key(state_vars, k)] for k in state}
+            expect = apply_permutation(spec, perms, full_a)
+            for k in keep:
+                e, got = expect[k].double(), sd_b[k].double()
+                delta = float((e - got).abs().max()) if e.numel() else 0.0
+                buffer_diff = max(buffer_diff, delta)
+                if not torch.allclose(e, got, atol=atol, rtol=rtol):
+                    failures.append(f"train: updated {k!r} differs by {delta:.3e} from the "
+                                    f"permuted update of the original")
     if any(f.startswith("train") for f in failures) and "eval" in diffs and not any(
             f.startswith("eval") for f in failures):
         failures.append("eval mode passes: train-mode differences often come from dropout inside "

@@ -79,7 +79,8 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _view(module: nn.Module, training: bool, memo: dict[int, nn.Module]) -> nn.Module:
     if id(module) in memo:  # a submodule registered twice (shared) stays shared
         return memo[id(module)]
-    c = copy.copy(module)   # new __dict__, same tensors
+    c = object.__new__(type(module))  # new __dict__, same tensors (copy.copy refuses parametrized modules)
+    c.__dict__.update(module.__dict__)
     memo[id(module)] = c
     c._parameters = dict(module._parameters)
     c._buffers = dict(module._buffers)

@@ -232,7 +232,14 @@ def test_import_is_quiet():
             "'pyrebasin.experiments', 'pyrebasin.zoo', 'pyrebasin.commands', 'pyrebasin.cli', 'pyrebasin.train'))]\n"
             "assert not bad, bad\n"
             "import pyrebasin.experiments, pyrebasin.experiments.demo\n"
-            "assert 'matplotlib' not in sys.modules, 'experiments import matplotlib before plotting'\n")
+            "assert 'matplotlib' not in sys.modules, 'experiments import matplotlib before plotting'\n"
+            # plotting draws on its own canvas: the backend a user chose stays, pyplot stays unloaded
+            "import matplotlib, tempfile, os\n"
+            "matplotlib.use('svg')\n"
+            "from pyrebasin.experiments.plots import plot_bars\n"
+            "path = plot_bars({'a': {'x': 1.0}}, os.path.join(tempfile.mkdtemp(), 'bars.png'))\n"
+            "assert open(path, 'rb').read(8) == bytes([137, 80, 78, 71, 13, 10, 26, 10]), 'not a PNG'\n"
+            "assert matplotlib.get_backend() == 'svg' and 'matplotlib.pyplot' not in sys.modules\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
 

@@ -6,6 +6,7 @@ never switched, and no window opens.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,9 +32,15 @@ def atomic_savefig(fig, path: str | Path, **kwargs) -> Path:
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 110) -> Path:
-    """Lay out and write a figure atomically as PNG (parent folders created)."""
-    fig.tight_layout()
-    return atomic_savefig(fig, path, dpi=dpi)
+    """Lay out and write a figure atomically as PNG (parent folders created); a figure that pyplot
+    made is closed after, so pyplot holds no reference to it."""
+    try:
+        fig.tight_layout()
+        return atomic_savefig(fig, path, dpi=dpi)
+    finally:
+        pyplot = sys.modules.get("matplotlib.pyplot")  # loaded only if the caller used pyplot
+        if pyplot is not None and getattr(fig.canvas, "manager", None) is not None:
+            pyplot.close(fig)
 
 _STYLES = {"test": "-", "train": "--"}
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["RULES", "rule", "rule_pattern", "rule_for"]
+__all__ = ["RULES", "rule", "rule_for", "rule_pattern"]
 
 RULES: dict[str, Callable] = {}
 _PATTERNS: list[tuple[re.Pattern, Callable]] = []  # (op-name pattern, match -> rule)

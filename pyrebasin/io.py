@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_save_safetensors, atomic_write, atomic_write_text
 
 __all__ = ["load_state", "save_state", "atomic_write", "atomic_write_text", "atomic_savefig",
            "resolve_arch", "parse_kwargs", "STATE_SUFFIXES"]
@@ -82,8 +82,7 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Pa
     suffix = _suffix(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        return atomic_save_safetensors(tensors, path)
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 

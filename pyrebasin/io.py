@@ -126,6 +126,9 @@ def resolve_arch(arch: str, kwargs: Mapping | None = None) -> nn.Module:
         model = factory(**kwargs)
     except TypeError as exc:
         raise ValueError(f"--arch {arch!r} with arguments {kwargs}: {_first_line(exc)}") from None
+    except Exception as exc:  # whatever a user's factory raises is reported as its failure, in one line
+        raise ValueError(f"--arch {arch!r}: the factory raised {type(exc).__name__} with arguments {kwargs}: "
+                         f"{_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"--arch {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

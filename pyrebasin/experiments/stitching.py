@@ -65,10 +65,9 @@ class StitchingStudy:
         return cls(**{**d, "seeds": tuple(d["seeds"])})
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        from ..fileio import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def plot(self, path: str | Path) -> Path:
         """PNG: relative accuracy per layer per configuration (solid trained, dashed at init) | CKA, CCA, R²."""
@@ -96,9 +95,12 @@ class StitchingStudy:
         ax2.set_xticklabels(self.layers, rotation=30, ha="right")
         ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        from ..io import atomic_savefig
+
+        try:
+            return atomic_savefig(fig, path, dpi=110)
+        finally:
+            plt.close(fig)
 
 
 def stitching(arch: str = "mlp", *, seeds: tuple[int, int] = (0, 1), configs=DEFAULT_CONFIGS,

@@ -15,8 +15,8 @@ from ..io import load_state, parse_kwargs, resolve_arch
 from ..module_state import check_state, mode_view
 
 
-def int_at_least(low: int):
-    """An argparse type: an int >= `low` (`--n 0`, `--examples -5` are refused, not clipped)."""
+def int_at_least(low: int, high: int | None = None):
+    """An argparse type: an int >= `low` (and <= `high`): `--n 0`, `--examples -5` are refused, not clipped."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -24,9 +24,15 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
     parse.__name__ = f"int >= {low}"
     return parse
+
+
+# A seed every generator takes (torch.Generator, the native counter-based RNG): [0, 2**63).
+SEED = int_at_least(0, 2**63 - 1)
 
 
 def finite_float(low: float | None = None, high: float | None = None, *, open_low: bool = False):

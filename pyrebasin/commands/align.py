@@ -51,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--method", choices=("weight", "activation"), default="weight")
     _common.add_data_args(p, default=None)
     p.add_argument("--perms", default=None, help="also write the permutations as JSON here")
-    p.add_argument("--seed", type=int, default=0, help="weight matching's sweep order")
+    p.add_argument("--seed", type=_common.SEED, default=0, help="weight matching's sweep order")
     p.add_argument("--max-iter", type=_common.int_at_least(1), default=100)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -81,7 +81,7 @@ def register(sub) -> None:
     p.add_argument("--distributions", nargs="+", help="e.g. uniform 'uniform(-0.25,1.25)' bernoulli(0.5) beta(0.5,0.5)")
     p.add_argument("--granularities", nargs="+", choices=["element", "neuron", "layer", "global"])
     p.add_argument("--eps", type=_common.finite_float(0), default=0.05, help="'within ε of the endpoints' mean' threshold")
-    p.add_argument("--seed", type=int, default=0, help="coefficient and matching seed")
+    p.add_argument("--seed", type=_common.SEED, default=0, help="coefficient and matching seed")
     p.add_argument("--threads", type=_common.int_at_least(0), default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="8 combinations, two distributions")
     p.add_argument("--no-progress", action="store_true")

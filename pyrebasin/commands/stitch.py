@@ -51,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--width", type=_common.int_at_least(1), default=128, help="MLP hidden width")
     p.add_argument("--depth", type=_common.int_at_least(1), default=3, help="MLP hidden layers")
     p.add_argument("--arch-kwargs", default="", help='extra zoo kwargs as JSON, e.g. \'{"width_multiplier": 2}\'')
-    p.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("FRONT", "END"))
+    p.add_argument("--seeds", type=_common.SEED, nargs=2, default=[0, 1], metavar=("FRONT", "END"))
     p.add_argument("--dataset", default="mnist1d", choices=["mnist1d", "digits"])
     p.add_argument("--epochs", type=_common.int_at_least(1), default=10, help="training epochs of the two models (cached)")
     p.add_argument("--configs", type=_config, nargs="+", metavar="KIND:INIT",
@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=_common.finite_float(0, open_low=True), default=1e-3)
     p.add_argument("--targets", default="hard", choices=["hard", "soft"])
     p.add_argument("--rank-fraction", type=_common.finite_float(0, 1, open_low=True), default=0.25, help="low_rank: rank = fraction x channels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_common.SEED, default=0)
     p.add_argument("--out", default="out/stitch", help="output folder (stitching.json/.md/.png)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -55,5 +55,5 @@ def register(sub) -> None:
                    help="ops without a rule on permutable axes: raise, or freeze what they touch")
     p.add_argument("--check", action="store_true", help="run the random-permutation invariance check")
     p.add_argument("--out", help="write the spec as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_common.SEED, default=0)
     p.set_defaults(func=run)

@@ -268,7 +268,8 @@ _WRITERS = {"write_text", "write_bytes", "savefig", "save_file", "dump", "to_csv
 
 def test_every_file_write_in_the_package_goes_through_fileio():
     # A raw write can leave a truncated file (a failed write left half a spec.json). Writes are
-    # allowed only on the temporary path `tmp` that fileio.atomic_write hands its callable.
+    # allowed only on the temporary path `tmp` that fileio.atomic_write hands its callable
+    # (safetensors files go through fileio.atomic_save_safetensors).
     bad = []
     for path in (ROOT / "pyrebasin").rglob("*.py"):
         if path.name == "fileio.py":
@@ -285,6 +286,7 @@ def test_every_file_write_in_the_package_goes_through_fileio():
             writes = saves or name in _WRITERS or (name == "open" and isinstance(mode, ast.Constant)
                                                    and any(c in str(mode.value) for c in "wax+"))
             names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-            if writes and "tmp" not in names:
+            # safetensors' save_file writes its own temp beside the path it gets: never atomic here
+            if name == "save_file" or (writes and "tmp" not in names):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert not bad, bad

@@ -227,7 +227,7 @@ def _corr(m: CrossMoments, site: Site) -> tuple[torch.Tensor, int, int]:
     c = m.corr()
     if not bool(torch.isfinite(c).all()) or not bool(torch.isfinite(m.sum_xx).all() & torch.isfinite(m.sum_yy).all()):
         raise ValueError(f"activation_matching: the activations at the {site.where}put of {site.module!r} are "
-                         "not finite (they overflowed); check the data's scale and the weights")
+                         "not finite (an overflow or an invalid operation); check the data's scale and the weights")
     c = c.masked_fill(const_a[:, None] | const_b[None, :], 0.0)
     return c.cpu(), int(const_a.sum()), int(const_b.sum())
 

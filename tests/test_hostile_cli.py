@@ -11,7 +11,10 @@ import torch
 
 from pyrebasin.batches import batches
 from pyrebasin.cli import main
-from tests.test_cli import MLP_KW, ckpts, cli, cli_inprocess  # noqa: F401 (ckpts is a fixture)
+from tests import test_cli
+from tests.test_cli import MLP_KW, cli, cli_inprocess
+
+ckpts = test_cli.ckpts  # the trained checkpoints fixture (module scope)
 
 
 def one_line_error(r, command, message):

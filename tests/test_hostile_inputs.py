@@ -116,7 +116,7 @@ def test_matching_a_model_with_itself_gives_the_identity(name, case):
 
 
 def test_activation_matching_refuses_nan_data():
-    model, state = model_state("mlp")
+    model, _ = model_state("mlp")
     model.eval()
     with pytest.raises(ValueError, match="non-finite"):
         prb.activation_matching(model, model, model.permutation_spec(), torch.full((16, 12), float("nan")))

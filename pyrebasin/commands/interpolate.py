@@ -12,6 +12,7 @@ from . import _common
 
 def run(args: argparse.Namespace) -> int:
     import pyrebasin as prb
+
     from ..experiments.plots import plot_curves
     from ..io import atomic_write_text
     from ..lmc import BARRIER_KINDS, barrier, interpolate

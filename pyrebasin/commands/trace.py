@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import pyrebasin as prb
+
     from ..fileio import atomic_write_text
 
     if args.out:

@@ -135,6 +135,11 @@ def test_a_raising_factory_is_named(capsys):
     assert "weights server unreachable" in r.stderr
 
 
+def test_a_zero_width_model_is_refused(capsys):
+    r = cli_inprocess(capsys, "trace", "--arch", "mlp", "--arch-kwargs", '{"width": 0}', "--input-shape", "2,40")
+    one_line_error(r, "trace", "MLP width=0: sizes must be positive ints")
+
+
 @pytest.mark.parametrize("where", ["under_a_file", "onto_a_directory"])
 def test_an_unwritable_output_fails_before_any_work(ckpts, tmp_path, where, capsys):
     (tmp_path / "file").write_text("x")

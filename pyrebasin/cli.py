@@ -13,8 +13,15 @@ from . import commands
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the one-line form of every other caller error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyrebasin",
         description="Align neural networks modulo permutation symmetry and study what lies between them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
-        # Caller errors: one line naming what is wrong, no traceback.
-        print(f"pyrebasin {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        # Caller errors (and files that cannot be read or written: a full disk, a directory in the
+        # way): one line naming what is wrong, no traceback.
+        text = str(exc).strip().splitlines()
+        print(f"pyrebasin {args.command}: error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_save_safetensors, atomic_write, atomic_write_text
 
 __all__ = ["load_state", "save_state", "state_suffix", "atomic_write", "atomic_write_text",
            "model_from_factory", "parse_kwargs", "first_line", "STATE_SUFFIXES"]
@@ -79,8 +79,7 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Pa
     suffix = state_suffix(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        return atomic_save_safetensors(tensors, path)
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
@@ -125,6 +124,9 @@ def call_factory(arch: str, factory, kwargs: Mapping) -> nn.Module:
         model = factory(**kwargs)
     except TypeError as exc:
         raise ValueError(f"--arch {arch!r} with arguments {dict(kwargs)}: {first_line(exc)}") from None
+    except Exception as exc:  # whatever a user's factory raises is reported as its failure, in one line
+        raise ValueError(f"--arch {arch!r}: the factory raised {type(exc).__name__} with arguments {dict(kwargs)}: "
+                         f"{first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"--arch {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

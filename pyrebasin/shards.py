@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_save_safetensors, atomic_write_text
 from .spec import PermutationSpec, apply_permutation, check_permutations
 
 __all__ = ["shard_files", "permute_safetensors"]
@@ -80,7 +79,7 @@ def permute_safetensors(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
         sub = spec.restrict(state)
         new = apply_permutation(sub, {p: perms[p] for p in sub.perm_to_axes}, state)
         target = out / f.name
-        atomic_write(target, lambda tmp: save_file(new, tmp, metadata=metadata))
+        atomic_save_safetensors(new, target, metadata=metadata)
         written.append(target)
     index = _index_file(source)
     if index is not None:

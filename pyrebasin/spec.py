@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,17 @@ __all__ = [
 Perms = dict[str, torch.Tensor]
 
 
+def _size(s) -> int | None:
+    """A positive int (numpy / 0-d integer tensors included), else None; never truncates a float."""
+    if isinstance(s, bool):
+        return None
+    try:
+        n = operator.index(s)
+    except TypeError:
+        return None
+    return n if n >= 1 else None
+
+
 @dataclass(frozen=True)
 class Blocked:
     """An axis that is the row-major flattening of `shape`; `perms[i]` permutes factor i (None: not).
@@ -39,7 +51,18 @@ class Blocked:
     perms: tuple[str | None, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        for what, value in (("shape", self.shape), ("perms", self.perms)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise TypeError(f"Blocked: {what} must be a tuple, got {value!r}")
+        # int() would turn 2.9 into 2 (and True into 1): a wrong factorisation, silently
+        bad = [s for s in self.shape if _size(s) is None]
+        if bad:
+            raise ValueError(f"Blocked: shape {tuple(self.shape)!r} must hold positive ints, got {bad[0]!r}")
+        bad_names = [p for p in self.perms if p is not None and (not isinstance(p, str) or not p)]
+        if bad_names:
+            raise TypeError(f"Blocked: perms {tuple(self.perms)!r} must be perm names (non-empty str) or None, "
+                            f"got {bad_names[0]!r}")
+        object.__setattr__(self, "shape", tuple(_size(s) for s in self.shape))
         object.__setattr__(self, "perms", tuple(self.perms))
         if len(self.shape) != len(self.perms):
             raise ValueError(f"Blocked: shape {self.shape} and perms {self.perms} differ in length")
@@ -74,11 +97,25 @@ class PermutationSpec:
     fixed_reasons: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.axes_to_perm = {k: tuple(v) for k, v in self.axes_to_perm.items()}
+        if not isinstance(self.axes_to_perm, Mapping):
+            raise TypeError(f"axes_to_perm must be a dict param name -> axis entries, got "
+                            f"{type(self.axes_to_perm).__name__}")
         for key, entries in self.axes_to_perm.items():
+            if not isinstance(key, str):
+                raise TypeError(f"spec key {key!r} must be a str (a state-dict key)")
+            # tuple("PQ") would be ('P', 'Q'): a perm name per character, on two axes
+            if isinstance(entries, (str, bytes, Blocked)) or not isinstance(entries, (tuple, list)):
+                raise TypeError(f"spec entry for {key!r} must be a tuple with one entry per axis, got "
+                                f"{entries!r}" + (f" (for one axis write ({entries!r},))"
+                                                  if isinstance(entries, (str, Blocked)) else ""))
             for entry in entries:
                 if entry is not None and not isinstance(entry, (str, Blocked)):
                     raise TypeError(f"spec entry for {key!r}: expected str, Blocked or None, got {entry!r}")
+                if entry == "":
+                    raise ValueError(f"spec entry for {key!r}: a perm name must not be empty")
+        self.axes_to_perm = {k: tuple(v) for k, v in self.axes_to_perm.items()}
+        if not isinstance(self.fixed_reasons, Mapping):
+            raise TypeError(f"fixed_reasons must be a dict key -> reason, got {type(self.fixed_reasons).__name__}")
 
     @property
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -228,6 +265,8 @@ def _all_permutations(device: torch.device, ps: list[torch.Tensor], ns: list[int
 
 
 def _check_one_permutation(name: str, p: torch.Tensor, n: int) -> None:
+    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+        raise TypeError(f"perm {name!r} must be an integer tensor, got {p.dtype}")
     seen = torch.zeros(n, dtype=torch.bool, device=p.device)
     if n and (int(p.min()) < 0 or int(p.max()) >= n):
         raise ValueError(f"perm {name!r} has values outside [0, {n})")
@@ -299,18 +338,40 @@ def identity_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.T
 def random_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
                        generator: torch.Generator | int | None = None) -> Perms:
     """A uniformly random permutation of every perm group (seeded by a Generator or an int)."""
+    if isinstance(generator, bool) or not (generator is None or isinstance(generator, (int, torch.Generator))):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     return {p: torch.randperm(n, generator=generator) for p, n in spec.perm_sizes(state_dict).items()}
 
 
+def _checked(perms: Mapping[str, torch.Tensor], what: str) -> None:
+    """Each value a true permutation of 0..n-1 (argsort of duplicates or of floats is no inverse)."""
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"{what} must be a dict perm name -> LongTensor, got {type(perms).__name__}")
+    for name, p in perms.items():
+        if not isinstance(p, torch.Tensor) or p.dim() != 1:
+            raise ValueError(f"{what}: perm {name!r} must be a 1-D integer tensor, got "
+                             f"{type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)}")
+        _check_one_permutation(name, p, p.numel())
+
+
 def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Perms:
-    """π⁻¹ for every group: applying perms then their inverse is the identity."""
+    """π⁻¹ for every group: applying perms then their inverse is the identity. Each value must be a
+    permutation of 0..n-1 (TypeError / ValueError naming the group otherwise)."""
+    _checked(perms, "invert_permutation")
     return {k: torch.argsort(p) for k, p in perms.items()}
 
 
 def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> Perms:
-    """The single permutation equal to applying `first`, then `second` (= first[second])."""
+    """The single permutation equal to applying `first`, then `second` (= first[second]). Both must
+    hold permutations over the same groups, of equal sizes per group."""
+    _checked(first, "compose_permutations: first")
+    _checked(second, "compose_permutations: second")
     if set(first) != set(second):
         raise ValueError(f"cannot compose perms over different groups: {sorted(set(first) ^ set(second))}")
-    return {k: first[k][second[k]] for k in first}
+    for k in first:  # first[second] with a shorter second would silently drop units
+        if first[k].numel() != second[k].numel():
+            raise ValueError(f"compose_permutations: perm {k!r} has {first[k].numel()} units in first but "
+                             f"{second[k].numel()} in second")
+    return {k: first[k][second[k].to(first[k].device)] for k in first}

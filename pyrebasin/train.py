@@ -10,13 +10,13 @@ import json
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .fileio import atomic_save_safetensors
 from . import zoo
-from .fileio import atomic_write
 from .module_state import mode_view
 
 __all__ = ["TrainConfig", "train_", "train_zoo", "evaluate"]
@@ -95,5 +95,5 @@ def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: Tra
         train_(model, x, y, config, progress=progress)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if cache:
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"config": key}))
+        atomic_save_safetensors(state, path, metadata={"config": key})
     return model, state

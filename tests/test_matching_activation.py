@@ -73,11 +73,29 @@ def test_iterable_data_and_two_modules():
     assert all(torch.equal(r3.perms[p], r1.perms[p]) for p in r1.perms)
 
 
+def test_train_mode_model_is_evaluated_in_eval_mode_and_left_as_it_was():
+    # (it used to be refused) BatchNorm in train mode would use batch statistics: the result must be
+    # the eval-mode one, and the caller's flags and running statistics must not change.
+    model, state = model_state("mlp_bn")
+    model.load_state_dict(state)
+    spec = model.permutation_spec()
+    pi = prb.random_permutation(spec, state, generator=3)
+    state_b = prb.apply_permutation(spec, pi, state)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    result = prb.activation_matching(model, model, spec, inputs("mlp_bn"), state_b=state_b)
+    inverse = prb.invert_permutation(pi)
+    assert all(torch.equal(result.perms[p], inverse[p]) for p in pi)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.eval()
+    ref = prb.activation_matching(model, model, spec, inputs("mlp_bn"), state_b=state_b)
+    assert ref.objective == result.objective and not any(m.training for m in model.modules())
+
+
 def test_errors():
     model, state = model_state("mlp")
     spec = model.permutation_spec()
-    with pytest.raises(ValueError, match="training mode"):
-        prb.activation_matching(model, model, spec, inputs("mlp"))
     model.eval()
     with pytest.raises(ValueError, match="no batches"):
         prb.activation_matching(model, model, spec, [])

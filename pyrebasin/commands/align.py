@@ -17,12 +17,16 @@ def run(args: argparse.Namespace) -> int:
     from ..similarity import weight_l2
     from ..spec import apply_permutation
 
-    state_suffix(Path(args.out))  # a bad output name fails before any work
+    # a bad output name, a directory in its place or an input as output fail before any work
+    state_suffix(Path(args.out))
+    _common.check_outputs({"--out": args.out, "--perms": args.perms},
+                          {"--a": args.a, "--b": args.b, "--data": _common.data_file(args.data)})
     model, state_a, state_b = _common.load_pair(args)
     x = None
     if args.method == "activation" or args.data is not None:
-        x = _common.load_splits(args.data or "mnist1d", args.samples)["train"][0]
-        _common.probe(model, state_a, x, f"--data {args.data}")
+        name = args.data or "mnist1d"
+        splits = _common.check_data(model, state_a, _common.load_splits(name, args.samples), f"--data {name}")
+        x = splits["train"][0]
     spec = _common.spec_of(model, x)
     spec.perm_sizes(state_a)  # names any key the spec and checkpoint disagree on
     t0 = time.perf_counter()
@@ -47,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--method", choices=("weight", "activation"), default="weight")
     _common.add_data_args(p, default=None)
     p.add_argument("--perms", default=None, help="also write the permutations as JSON here")
-    p.add_argument("--seed", type=int, default=0, help="weight matching's sweep order")
-    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--seed", type=_common.SEED, default=0, help="weight matching's sweep order")
+    p.add_argument("--max-iter", type=_common.int_at_least(1), default=100)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import _common
+
 STUDIES = ("combinability", "transitivity", "robustness", "similarity")
 
 
@@ -17,11 +19,14 @@ def run(args: argparse.Namespace) -> int:
     comb, rob, sim, trans = (importlib.import_module(f"pyrebasin.experiments.{m}")
                              for m in ("combinability", "robustness", "similarity_study", "transitivity"))
 
+    from ..fileio import atomic_write_text
+    from ..io import parse_kwargs
+
+    out = Path(args.out)
+    _common.check_outputs({"--out": out / "combine.json", "--out (md)": out / "combine.md"}, {})
     if args.threads:
         torch.set_num_threads(args.threads)
-    arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
-    if not isinstance(arch_kwargs, dict):
-        raise ValueError(f"--arch-kwargs must be a JSON object, got {args.arch_kwargs!r}")
+    arch_kwargs = parse_kwargs(args.arch_kwargs)
     if args.arch == "mlp":
         arch_kwargs = {"width": args.width, "depth": args.depth, **arch_kwargs}
     studies = args.studies or list(STUDIES)
@@ -31,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if args.examples:
         x, y = x[:args.examples], y[:args.examples]
     data = (x, y)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     perms = comb.align(spec, states[0], states[1], seed=args.seed)
     n = 8 if args.quick else args.n
@@ -55,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         report[name] = d
         pngs += p
         print(md)
-    (out / "combine.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "combine.md").write_text("# Mode combinability\n\n" + "\n".join(sections))
+    atomic_write_text(out / "combine.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out / "combine.md", "# Mode combinability\n\n" + "\n".join(sections))
     print(f"wrote {out / 'combine.json'}, {out / 'combine.md'}, " + ", ".join(str(p) for p in pngs))
     return 0
 
@@ -67,18 +71,18 @@ def register(sub) -> None:
                                    "combinability, transitivity, robustness and similarity studies.")
     p.add_argument("--studies", nargs="+", choices=STUDIES, help="default: all four")
     p.add_argument("--arch", default="mlp", choices=["mlp", "vgg", "resnet20", "transformer"])
-    p.add_argument("--width", type=int, default=128, help="MLP hidden width")
-    p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
+    p.add_argument("--width", type=_common.int_at_least(1), default=128, help="MLP hidden width")
+    p.add_argument("--depth", type=_common.int_at_least(1), default=3, help="MLP hidden layers")
     p.add_argument("--arch-kwargs", default="", help="extra zoo kwargs as JSON")
     p.add_argument("--dataset", default="mnist1d", choices=["mnist1d", "digits"])
-    p.add_argument("--epochs", type=int, default=10, help="training epochs (cached)")
-    p.add_argument("--examples", type=int, default=0, help="evaluate on the first N test examples (0: all)")
-    p.add_argument("--n", type=int, default=32, help="combinations per distribution x granularity")
+    p.add_argument("--epochs", type=_common.int_at_least(1), default=10, help="training epochs (cached)")
+    p.add_argument("--examples", type=_common.int_at_least(0), default=0, help="evaluate on the first N test examples (0: all)")
+    p.add_argument("--n", type=_common.int_at_least(1), default=32, help="combinations per distribution x granularity")
     p.add_argument("--distributions", nargs="+", help="e.g. uniform 'uniform(-0.25,1.25)' bernoulli(0.5) beta(0.5,0.5)")
     p.add_argument("--granularities", nargs="+", choices=["element", "neuron", "layer", "global"])
-    p.add_argument("--eps", type=float, default=0.05, help="'within ε of the endpoints' mean' threshold")
-    p.add_argument("--seed", type=int, default=0, help="coefficient and matching seed")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--eps", type=_common.finite_float(0), default=0.05, help="'within ε of the endpoints' mean' threshold")
+    p.add_argument("--seed", type=_common.SEED, default=0, help="coefficient and matching seed")
+    p.add_argument("--threads", type=_common.int_at_least(0), default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="8 combinations, two distributions")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="out/combine", help="output folder")

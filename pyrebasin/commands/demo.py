@@ -6,8 +6,12 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.demo import run_demo
+    from pathlib import Path
 
+    from ..experiments.demo import run_demo
+    from . import _common
+
+    _common.check_outputs({"--out": Path(args.out) / "report.json", "--out (md)": Path(args.out) / "report.md"}, {})
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     report = run_demo(args.out, quick=args.quick, progress=not args.no_progress, only=only)
     print(f"wrote {args.out}/report.md, report.json and {sum(len(s['figures']) for s in report['sections'])} "

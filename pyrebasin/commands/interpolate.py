@@ -12,14 +12,17 @@ from . import _common
 
 def run(args: argparse.Namespace) -> int:
     import pyrebasin as prb
+
     from ..experiments.plots import plot_curves
     from ..io import atomic_write_text
     from ..lmc import BARRIER_KINDS, barrier, interpolate
 
+    out = Path(args.out)
+    _common.check_outputs({"--out": out / "curve.json", "--out (png)": out / "curve.png"},
+                          {"--a": args.a, "--b": args.b, "--data": _common.data_file(args.data)})
     model, state_a, state_b = _common.load_pair(args)
-    splits = _common.load_splits(args.data, args.samples)
+    splits = _common.check_data(model, state_a, _common.load_splits(args.data, args.samples), f"--data {args.data}")
     x = splits["train"][0]
-    _common.probe(model, state_a, x, f"--data {args.data}")
     info = {"align": args.align}
     if args.align != "none":
         spec = _common.spec_of(model, x)
@@ -34,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
     c.meta.update(info, a=str(args.a), b=str(args.b), arch=args.arch)
     barriers = {f"{m}/{k}/{s}": barrier(c, m, k, split=s)
                 for m in ("loss", "accuracy") for k in BARRIER_KINDS for s in c.splits}
-    out = Path(args.out)
     atomic_write_text(out / "curve.json", json.dumps({"curve": c.to_dict(), "barriers": barriers}, indent=1))
     label = "aligned" if args.align != "none" else "naive"
     if args.repair:
@@ -53,7 +55,7 @@ def register(sub) -> None:
     _common.add_pair_args(p)
     p.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
     _common.add_data_args(p)
-    p.add_argument("--ts", type=int, default=25, help="number of evenly spaced t in [0, 1]")
+    p.add_argument("--ts", type=_common.int_at_least(2), default=25, help="number of evenly spaced t in [0, 1]")
     p.add_argument("--align", choices=("none", "weight", "activation"), default="none",
                    help="permute B onto A first")
     p.add_argument("--buffers", choices=("interpolate", "reset"), default="interpolate",

@@ -3,7 +3,8 @@ group by group with the fixed keys and why; optionally checked (random permutati
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from . import _common
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -20,17 +21,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import pyrebasin as prb
-    from pyrebasin.io import parse_kwargs
-    from pyrebasin.zoo import resolve_arch
 
-    model = resolve_arch(args.arch, parse_kwargs(args.arch_kwargs))
+    from ..fileio import atomic_write_text
+
+    if args.out:
+        _common.check_outputs({"--out": args.out}, {})
+    model = _common.build_model(args.arch, args.arch_kwargs)
     gen = torch.Generator().manual_seed(args.seed)
     x = (torch.randint(0, args.vocab, args.input_shape, generator=gen) if args.vocab
          else torch.randn(args.input_shape, generator=gen))
     spec = prb.trace_spec(model, x, frontend=args.frontend, unknown=args.unknown)
     print(prb.describe_spec(spec, model.state_dict()))
     if args.out:
-        Path(args.out).write_text(spec.to_json())
+        atomic_write_text(args.out, spec.to_json())
         print(f"wrote {args.out}")
     if args.check:
         report = prb.check_spec(model, spec, x, seed=args.seed, raise_on_failure=False)
@@ -47,11 +50,11 @@ def register(sub) -> None:
     p.add_argument("--arch", required=True, help="zoo name (mlp, vgg, resnet20, transformer) or module:factory")
     p.add_argument("--arch-kwargs", default=None, help="JSON object of arguments for the architecture")
     p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 2,40")
-    p.add_argument("--vocab", type=int, default=0, help="integer inputs in [0, VOCAB) (token ids)")
+    p.add_argument("--vocab", type=_common.int_at_least(0), default=0, help="integer inputs in [0, VOCAB) (token ids)")
     p.add_argument("--frontend", default="auto", choices=["auto", "fx", "export"])
     p.add_argument("--unknown", default="error", choices=["error", "freeze"],
                    help="ops without a rule on permutable axes: raise, or freeze what they touch")
     p.add_argument("--check", action="store_true", help="run the random-permutation invariance check")
     p.add_argument("--out", help="write the spec as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_common.SEED, default=0)
     p.set_defaults(func=run)

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batches, check_batch_size
+from ..module_state import check_finite_state, mode_view, model_state
 from ..moments import CrossMoments
 from ..spec import Blocked, PermutationSpec
 from .lap import solve_lap
@@ -99,23 +101,30 @@ def _site_view(t: torch.Tensor, site: Site, sizes: Mapping[str, int]) -> tuple[t
     return t.reshape(t.shape[:d] + (-1,) + t.shape[d + len(factors):]), d
 
 
-def _batches(data, batch_size: int):
-    if isinstance(data, torch.Tensor):
-        yield from data.split(batch_size)
-        return
-    if (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data)
-            and data[1].dim() == 1 and len(data[0]) == len(data[1]) and not data[1].is_floating_point()):
-        # An (x, y) pair, as every other function takes it: the labels are not inputs.
-        yield from data[0].split(batch_size)
-        return
-    for item in data:
-        yield item[0] if isinstance(item, (tuple, list)) else item
+def _to(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, Mapping) else x.to(device)
 
 
-def _state(model: nn.Module, state):
-    if state is not None:
-        return dict(state)
-    return {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+def _states(model: nn.Module, state, name: str, spec: PermutationSpec):
+    """(full state for functional_call, state for the spec check): the model's own tensors by default
+    (non-persistent buffers included, which a spec of state-dict keys does not declare)."""
+    if state is None:
+        full = model_state(model)
+        persistent = set(model.state_dict(keep_vars=True))
+        spec_view = {k: v for k, v in full.items() if k in persistent or k in spec.axes_to_perm}
+    else:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"activation_matching: {name} must be a mapping of str -> Tensor, "
+                            f"got {type(state).__name__}")
+        full = spec_view = dict(state)
+    for k, v in full.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"activation_matching: {name}[{k!r}] is a {type(v).__name__}, not a Tensor")
+        if v.is_meta:
+            raise ValueError(f"activation_matching: {name}[{k!r}] is a meta tensor (no data); load real weights first")
+    # NaN weights give NaN (or, through ReLU, silently zero) activations: a wrong match, never an error
+    check_finite_state(full, f"activation_matching: {name}")
+    return full, spec_view
 
 
 @torch.no_grad()
@@ -154,10 +163,11 @@ def _collect(model_a, model_b, state_a, state_b, sites, sizes, data, batch_size,
 
     device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
     n = 0
-    for batch in tqdm(_batches(data, batch_size), desc="activation statistics", disable=not progress, leave=False):
+    stream = batches(data, batch_size=batch_size, labels="ignored", name="activation_matching: data")
+    for x, _ in tqdm(stream, desc="activation statistics", disable=not progress, leave=False):
         if max_batches is not None and n >= max_batches:
             break
-        batch = batch.to(device)
+        batch = _to(x, device)
         acts_a, acts_b = run(model_a, state_a), run(model_b, state_b)
         for s in sites:
             if s not in acts_a or s not in acts_b:
@@ -199,39 +209,85 @@ def _factor_cost(corr: torch.Tensor, site: Site, p: str, sizes, perms, solved) -
     return c.amax(3).sum(1)
 
 
+# A unit whose activation's std is below this fraction of its RMS is constant over the data (float32
+# rounding of identical rows is ~1e-7 relative): its correlations are noise, so they count as 0.
+_CONSTANT_RTOL = 1e-5
+# Added to the identity's diagonal before each LAP: among (near-)optimal assignments the identity
+# wins, so units that the statistics cannot tell apart stay in place (a model matched with itself
+# is matched to the identity). Far below any correlation difference float32 activations resolve.
+_IDENTITY_TIE = 1e-9
+
+
+def _corr(m: CrossMoments, site: Site) -> tuple[torch.Tensor, int, int]:
+    """The site's correlation with rows/columns of constant units zeroed, and the number of constant
+    units of A and of B; an activation that overflowed is an error naming the module."""
+    n = m.count.clamp_min(1)
+    const_a = m.var_x <= _CONSTANT_RTOL**2 * (m.sum_xx / n)
+    const_b = m.var_y <= _CONSTANT_RTOL**2 * (m.sum_yy / n)
+    c = m.corr()
+    if not bool(torch.isfinite(c).all()) or not bool(torch.isfinite(m.sum_xx).all() & torch.isfinite(m.sum_yy).all()):
+        raise ValueError(f"activation_matching: the activations at the {site.where}put of {site.module!r} are "
+                         "not finite (an overflow or an invalid operation); check the data's scale and the weights")
+    c = c.masked_fill(const_a[:, None] | const_b[None, :], 0.0)
+    return c.cpu(), int(const_a.sum()), int(const_b.sum())
+
+
 @torch.no_grad()
-def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: torch.Tensor | Iterable,
+def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data,
                         *, state_a: Mapping[str, torch.Tensor] | None = None,
                         state_b: Mapping[str, torch.Tensor] | None = None, batch_size: int = 512,
                         max_batches: int | None = None, max_iter: int = 100, solver: str | None = None,
                         progress: bool = False) -> MatchResult:
     """Permutations of B's units maximising the summed correlation of A's and B's activations.
 
-    `data`: a tensor of inputs (split into `batch_size` batches) or an iterable of batches (or of
-    (x, y) tuples). Both models run through `torch.func.functional_call` on `state_a` / `state_b`
-    (default: each model's own parameters and buffers), so neither model nor state is modified; they
-    must be in eval mode. Returns `MatchResult`: `objective` holds Σ of matched correlations (initial
-    identity value first, then after each sweep); `iterations` the sweeps (1 unless factors couple).
+    `data`: any form `pyrebasin.batches.batches` reads — a tensor of inputs or an `(x, y)` pair (split
+    into `batch_size` rows; labels unused), an iterable of batches or a DataLoader. Non-finite inputs
+    or weights are refused (ValueError naming them). Both models run in eval mode on private views
+    (`mode_view`) through `torch.func.functional_call` on `state_a` / `state_b` (default: each model's
+    own tensors, non-persistent buffers included), so neither model, its flags nor a state is modified.
+    Units whose activation is constant over the data (dead units, a single sample, constant inputs)
+    correlate with nothing; ties go to the identity, so a model matched with itself gets the identity;
+    a group with no varying unit at all keeps the identity, with a warning. Returns `MatchResult`:
+    `objective` holds Σ of matched correlations (identity first, then after each sweep); `iterations`
+    the sweeps (1 unless factors couple).
     """
+    check_batch_size(batch_size)
+    check_batch_size(max_batches, "max_batches", allow_none=True)
+    check_batch_size(max_iter, "max_iter")
     for name, m in (("model_a", model_a), ("model_b", model_b)):
-        if m.training:
-            raise ValueError(f"activation_matching: {name} is in training mode; call .eval() first "
-                             "(BatchNorm would update its running statistics)")
-    state_a, state_b = _state(model_a, state_a), _state(model_b, state_b)
-    sizes = spec.perm_sizes(state_a)
-    sizes_b = spec.perm_sizes(state_b)
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"activation_matching: {name} must be an nn.Module, got {type(m).__name__}")
+    state_a, spec_a = _states(model_a, state_a, "state_a", spec)
+    state_b, spec_b = _states(model_b, state_b, "state_b", spec)
+    sizes = spec.perm_sizes(spec_a)
+    sizes_b = spec.perm_sizes(spec_b)
     if sizes != sizes_b:
         raise ValueError(f"activation_matching: perm sizes differ between A {sizes} and B {sizes_b}")
     sites = find_sites(model_a, spec)
-    moments, shared = _collect(model_a, model_b, state_a, state_b, sites, sizes, data, batch_size, max_batches, progress)
+    # eval-mode views: BatchNorm must not update (or use batch) statistics, and the caller's flags stay
+    view_a = mode_view(model_a)
+    view_b = view_a if model_b is model_a else mode_view(model_b)
+    moments, shared = _collect(view_a, view_b, state_a, state_b, sites, sizes, data, batch_size, max_batches, progress)
     missing = [s for s in sites if s not in moments and s not in shared]
     if missing:
         warnings.warn(f"activation_matching: sites never reached by the forward pass: {missing}", stacklevel=2)
-    corr = {s: m.corr().cpu() for s, m in moments.items()}  # the LAPs run on the CPU anyway
+    corr, varying = {}, {p: [0, 0] for p in sizes}
+    for s, m in moments.items():
+        corr[s], const_a, const_b = _corr(m, s)
+        for p in s.perms:
+            varying[p][0] += corr[s].shape[0] - const_a
+            varying[p][1] += corr[s].shape[1] - const_b
     by_perm = {p: [s for s in corr if p in s.perms] for p in sizes}
     empty = [p for p, s in by_perm.items() if not s]
     if empty:
         raise ValueError(f"activation_matching: no activations were captured for perms {empty}")
+    flat = sorted(p for p, (va, vb) in varying.items() if va == 0 or vb == 0)
+    if flat:
+        samples = int(max(float(m.count) for m in moments.values()))
+        warnings.warn(f"activation_matching: no unit of perm group(s) {flat[:6]}{' ...' if len(flat) > 6 else ''} "
+                      f"varies over the data ({samples} samples per site) in model A or B: "
+                      "their correlations are undefined and they keep the identity; pass more, or more varied, data",
+                      stacklevel=2)
     perms = {p: torch.arange(n) for p, n in sizes.items()}
     coupled = {p for p in sizes if any(len(s.perms) > 1 for s in by_perm[p])}
 
@@ -256,7 +312,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
             if p in solved and p not in coupled:
                 continue
             cost = sum(_factor_cost(c, s, p, sizes, perms, solved) for s, c in corr.items() if p in s.perms)
-            new = solve_lap(cost, solver=solver)
+            new = solve_lap(cost + _IDENTITY_TIE * torch.eye(sizes[p], dtype=cost.dtype), solver=solver)
             r = torch.arange(sizes[p])
             first = p not in solved
             solved.add(p)

@@ -17,6 +17,9 @@ class MLP(nn.Module):
         widths = [width] * depth if isinstance(width, int) else list(width)
         if not widths:
             raise ValueError("MLP needs at least one hidden layer")
+        for name, sizes in (("width", widths), ("in_features", [in_features]), ("classes", [classes])):
+            if any(isinstance(w, (bool, float)) or not hasattr(w, "__index__") or w < 1 for w in sizes):
+                raise ValueError(f"MLP {name}={width if name == 'width' else sizes[0]!r}: sizes must be positive ints")
         if norm not in (None, "ln", "bn"):
             raise ValueError(f"MLP norm={norm!r}; expected None, 'ln' or 'bn'")
         self.norm_kind = norm

@@ -55,7 +55,12 @@ def _check_finite(x, where: str) -> None:
 
 def require_reiterable(data, name: str = "data") -> None:
     """Refuse a one-shot iterator where a function needs more than one pass over the data."""
-    if not is_pair(data) and not isinstance(data, (torch.Tensor, Mapping)) and iter(data) is data:
+    if is_pair(data) or isinstance(data, (torch.Tensor, Mapping)):
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{name} must be a tensor, an (x, y) pair, an iterable of batches or a DataLoader, "
+                        f"got {type(data).__name__}")
+    if iter(data) is data:
         raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}); pass a re-iterable "
                         "(a list of batches, a DataLoader) or tensors")
 

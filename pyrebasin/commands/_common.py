@@ -57,11 +57,11 @@ def load_splits(name: str, samples: int) -> dict[str, tuple[torch.Tensor, torch.
 
 def probe(model: torch.nn.Module, state: dict, x: torch.Tensor, what: str) -> None:
     """One forward on two rows, so a data/model mismatch is a one-line error, not a deep traceback."""
-    from ..lmc import eval_mode
+    from ..module_state import mode_view
 
     try:
-        with torch.no_grad(), eval_mode(model):
-            out = torch.func.functional_call(model, state, (x[:2],))
+        with torch.no_grad():
+            out = torch.func.functional_call(mode_view(model), state, (x[:2],))
     except RuntimeError as exc:
         raise ValueError(f"the model cannot run on {what} inputs of shape {list(x.shape[1:])}: "
                          f"{str(exc).splitlines()[0]}") from None

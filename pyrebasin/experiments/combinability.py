@@ -48,14 +48,14 @@ def align(spec: PermutationSpec, state_a, state_b, *, seed: int = 0) -> dict[str
 
 
 def linear_curve(model, state_a, state_b, data, ts: int | Sequence[float] = 11, *, chunk: int = 16) -> dict:
-    """Loss and accuracy along θ(t) = θ_B + t(θ_A − θ_B) (t=0: B, t=1: A), via evaluate_combinations."""
-    ts = torch.linspace(0, 1, ts, dtype=torch.float64) if isinstance(ts, int) else torch.as_tensor(ts, dtype=torch.float64)
-    r = cmb.evaluate_combinations(model, state_a, state_b, ts, data, chunk=chunk)
-    return {"t": ts.tolist(), "loss": r.loss.tolist(), "accuracy": r.accuracy.tolist()}
+    """Loss and accuracy along θ(t) = (1−t)·θ_A + t·θ_B (t=0: A, t=1: B): `prb.interpolate` on one data set."""
+    from ..lmc import interpolate
+    c = interpolate(model, state_a, state_b, data, ts, chunk=chunk)
+    return {"t": list(c.ts), "loss": c.values("loss"), "accuracy": c.values("accuracy")}
 
 
-def barrier_of(curve: dict, metric: str = "loss", kind: str = "linear") -> float:
-    """`prb.barrier` of a `linear_curve` dict (default kind "linear": max rise above the endpoint chord)."""
+def barrier_of(curve: dict, metric: str = "loss", kind: str = "endpoint_mean") -> float:
+    """`prb.barrier` of a `linear_curve` dict (default kind "endpoint_mean", as `prb.barrier`)."""
     from ..lmc import Curve, barrier
     return barrier(Curve(list(curve["t"]), {"data": list(curve["loss"])}, {"data": list(curve["accuracy"])}),
                    metric, kind)

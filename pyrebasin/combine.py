@@ -11,7 +11,7 @@ from . import ops
 from .coefficients import (GRANULARITIES, CoefficientLayout, Coefficients, Distribution, coefficient_layout,
                            sample_coefficients)
 from .evaluation import Correction, Loss, evaluate
-from .module_state import check_finite_state, check_state
+from .module_state import check_pair, check_state
 
 __all__ = ["Distribution", "CoefficientLayout", "Coefficients", "CombinationResult", "Combinations", "GRANULARITIES",
            "coefficient_layout", "sample_coefficients", "evaluate_combinations", "combine_states"]
@@ -20,19 +20,7 @@ State = Mapping[str, torch.Tensor]
 
 
 def _check_pair(state_a: State, state_b: State) -> None:
-    for name, s in (("state_a", state_a), ("state_b", state_b)):
-        if not isinstance(s, Mapping):
-            raise TypeError(f"{name} must be a mapping of str -> Tensor, got {type(s).__name__}")
-    if set(state_a) != set(state_b):
-        raise ValueError(f"state dicts have different keys: {sorted(set(state_a) ^ set(state_b))[:8]}")
-    for k in state_a:
-        a, b = state_a[k], state_b[k]
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            raise TypeError(f"{k!r}: expected tensors, got {type(a).__name__} and {type(b).__name__}")
-        if a.shape != b.shape or a.dtype != b.dtype:
-            raise ValueError(f"{k!r}: A is {a.dtype} {list(a.shape)} but B is {b.dtype} {list(b.shape)}")
-    check_finite_state(state_a, "state_a")
-    check_finite_state(state_b, "state_b")
+    check_pair(None, state_a, state_b, same_dtype=True)   # the fused op takes one dtype per tensor pair
 
 
 def _num_samples(coefficients) -> int:

@@ -127,10 +127,13 @@ def _available_memory(device: torch.device) -> int | None:
         return None
 
 
+_CHECK_ABOVE = 64 << 20   # smaller stacks cannot be what exhausts a machine: skip reading its free memory
+
+
 def check_chunk_memory(k: int, param_bytes: int, device: torch.device, chunk: int, copies: int = 1) -> int:
     """Bytes of `k` stacked states; a ValueError naming them when `copies` of them exceed the free memory."""
     need = k * param_bytes * copies
-    free = _available_memory(device)
+    free = _available_memory(device) if need > _CHECK_ABOVE else None
     if free is not None and need > free:
         raise ValueError(f"chunk={chunk}: {k} stacked states need {need} bytes ({need / 2**30:.2f} GiB) of "
                          f"parameters but {free} bytes ({free / 2**30:.2f} GiB) are free on {device}; "

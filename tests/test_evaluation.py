@@ -302,3 +302,16 @@ def test_interpolate_from_two_threads_leaves_a_train_mode_model_in_train_mode():
     assert len(plain) == 6 and all(r.loss == want.loss for r in plain)
     assert len({tuple(r.loss["data"]) for r in reset}) == 1
     assert not any(mod._forward_hooks for mod in m.modules())
+
+
+def test_mode_view_shares_tensors_and_nothing_else():
+    from pyrebasin.module_state import mode_view
+
+    shared = nn.Linear(4, 4)
+    m = nn.Sequential(shared, nn.BatchNorm1d(4), shared).train()
+    v = mode_view(m)
+    assert not v.training and not any(x.training for x in v.modules()) and all(x.training for x in m.modules())
+    assert v[0] is v[2] and v[0] is not shared and v[0].weight is shared.weight
+    v[1].register_forward_hook(lambda *args: None)
+    v[0].weight = nn.Parameter(torch.zeros(4, 4))   # rebinding on the view leaves the caller's module
+    assert not m[1]._forward_hooks and shared.weight.abs().sum() > 0

@@ -14,7 +14,8 @@ from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from . import _chain
+from ._chain import forget as forget_chain
+from ._chain import linear_chain
 from .batches import batches, check_batch_size, check_labels, is_pair, require_reiterable, splits
 from .module_state import mode_view
 
@@ -158,7 +159,7 @@ class _Forward:
 
     def __init__(self, model, view, fixed, use_vmap: bool, fast_path: bool):
         self.model, self.view, self.fixed, self.use_vmap = model, view, fixed, use_vmap
-        self.chain = _chain.linear_chain(model) if fast_path and not fixed else None
+        self.chain = linear_chain(model) if fast_path and not fixed else None
         self.checked = False
         self.run = vmap(lambda p, x: functional_call(view, (p, self.fixed), (x,), strict=False), in_dims=(0, None))
 
@@ -176,7 +177,7 @@ class _Forward:
                 want, got = self.general(one, x[:2]), self.chain.forward(one, x[:2])
                 self.checked = True
                 if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
-                    _chain.forget(self.model)
+                    forget_chain(self.model)
                     self.chain = None
                     return self.general(params, x)
             return self.chain.forward(params, x)

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from .. import combine as cmb
+from ..batches import finite_float
 from ..spec import PermutationSpec, apply_permutation
 from .plots import save_figure
 
 __all__ = ["CombinabilityStudy", "combinability", "plot_combinability", "combinability_section", "linear_curve",
            "mode_combinability_section",
-           "barrier_of", "mnist1d_mlps", "zoo_models", "align", "DEFAULT_DISTRIBUTIONS"]
+           "barrier_of", "mnist1d_mlps", "zoo_models", "align", "demo_pair", "DEFAULT_DISTRIBUTIONS"]
 
 DEFAULT_DISTRIBUTIONS = ("uniform", "uniform(-0.25, 1.25)", "bernoulli(0.5)", "beta(0.5, 0.5)",
                          "gaussian(0.5, 0.15, clip)")
@@ -93,6 +94,7 @@ def combinability(model, spec: PermutationSpec, state_a, state_b, data, *, perms
     between A and B aligned by `perms` (weight matching when None). Reports quantiles of loss and
     accuracy and the fraction of samples within `eps` of the endpoints' mean (loss ≤ mean + eps nats,
     accuracy ≥ mean − eps). Every sample is replayable from (seed, k)."""
+    eps = finite_float(eps, "eps")
     perms = align(spec, state_a, state_b) if perms is None else perms
     pairs = {False: state_b, True: apply_permutation(spec, perms, state_b)}
     ends = cmb.evaluate_combinations(model, state_a, state_b, [1.0, 0.0], data)
@@ -170,7 +172,7 @@ def combinability_section(model, spec, state_a, state_b, data, out_dir: str | Pa
     return md, study.to_dict(), [png]
 
 
-def _demo_pair(ctx):
+def demo_pair(ctx):
     """The demo's MLP pair (A, B aligned by weight matching) and the test split."""
     ctx.aligned("mlp", "weight")
     p = ctx.pair("mlp")
@@ -179,7 +181,7 @@ def _demo_pair(ctx):
 
 def mode_combinability_section(ctx):
     """Demo report section (`pyrebasin demo`): the combinability study on the MLP pair."""
-    p, perms, data = _demo_pair(ctx)
+    p, perms, data = demo_pair(ctx)
     quick = ctx.config.quick
     return combinability_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
                                  n=8 if quick else 16,

@@ -102,8 +102,8 @@ def robustness_section(model, spec, state_a, state_b, data, out_dir, **kw):
 
 def matching_robustness_section(ctx):
     """Demo report section: perturbed weight matchings of the MLP pair."""
-    from .combinability import _demo_pair
-    p, perms, data = _demo_pair(ctx)
+    from .combinability import demo_pair
+    p, perms, data = demo_pair(ctx)
     return robustness_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
                               n=8 if ctx.config.quick else 16)
 

@@ -8,8 +8,14 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .coefficients import (GRANULARITIES, CoefficientLayout, Coefficients, Distribution, coefficient_layout,
-                           sample_coefficients)
+from .coefficients import (
+    GRANULARITIES,
+    CoefficientLayout,
+    Coefficients,
+    Distribution,
+    coefficient_layout,
+    sample_coefficients,
+)
 from .evaluation import Correction, Loss, evaluate
 from .module_state import check_pair, check_state
 

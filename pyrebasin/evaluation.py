@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 
 from ._chain import forget as forget_chain
 from ._chain import linear_chain
-from .batches import batches, check_batch_size, check_labels, is_pair, require_reiterable, splits
+from .batches import (
+    batches,
+    check_batch_size,
+    check_labels,
+    is_pair,
+    require_reiterable,
+    splits,
+)
 from .module_state import mode_view
 
 __all__ = ["StateSource", "PathPoints", "Evaluation", "evaluate", "loss_and_correct", "Correction", "Loss"]
@@ -201,7 +208,7 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     """Mean loss (cross-entropy by default) and accuracy of every state of `source` on every split of
     `data` (an (x, y) pair, an iterable of batches, a DataLoader, or a dict of named ones).
 
-    `chunk` states are stacked at a time (their bytes are checked against the free memory first) and
+    `chunk` states are stacked at a time (stacks over 64 MiB are checked against the free memory) and
     run through the model's Linear-chain fast path when it is one, else `vmap(functional_call)`
     (`use_vmap`) or one `functional_call` per state, always on a private eval-mode view of `model`
     (`mode_view`): the caller's module, its flags and the states are never modified. `correction(state,
@@ -221,7 +228,7 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
         torch.cuda.reset_peak_memory_stats(device)
     view = mode_view(model)
     forward = _Forward(model, view, source.fixed, use_vmap, fast_path)
-    f64 = dict(dtype=torch.float64, device=device)
+    f64 = {"dtype": torch.float64, "device": device}
     losses = {s: [] for s in named}
     accs = {s: [] for s in named}
     logits = {s: [] for s in named} if return_logits else None
@@ -269,7 +276,7 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     empty = torch.zeros(0, dtype=torch.float64)
-    cat = lambda d: {s: (torch.cat(v).cpu() if v else empty) for s, v in d.items()}  # noqa: E731
+    cat = lambda d: {s: (torch.cat(v).cpu() if v else empty) for s, v in d.items()}
     return Evaluation(cat(losses), cat(accs) if loss is None else None, k_max, chunk_bytes if n else 0,
                       _peak_memory(device), seconds,
                       {s: torch.cat(v) for s, v in logits.items() if v} if logits is not None else None)

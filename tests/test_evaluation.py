@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyrebasin as prb
-from pyrebasin import _chain, evaluation
+from pyrebasin import _chain
 from pyrebasin.coefficients import Distribution
 from pyrebasin.lmc import interpolate
 from pyrebasin.repair import RepairCorrection, ResetCorrection, repair, reset_bn
@@ -290,7 +290,7 @@ def test_interpolate_from_two_threads_leaves_a_train_mode_model_in_train_mode():
             for _ in range(3):
                 reset.append(interpolate(m, a, b, data, 5, batch_size=50, buffers="reset", stat_data=data[0]))
                 plain.append(interpolate(m, a, b, data, 5, batch_size=50))
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(2)]

@@ -159,7 +159,7 @@ def _stat_data(named: dict, stat_data):
 
 def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int | Sequence[float] = 25, *,
                 buffers: str = "interpolate", repair: bool = False, stat_data=None,
-                correction: Correction | None = None, batch_size: int = 1000, chunk: int | None = None,
+                correction: Correction | None = None, batch_size: int | None = 1000, chunk: int | None = None,
                 vmap_ts: bool | None = None, loss: Loss | None = None, progress: bool = False,
                 desc: str = "interpolate") -> Curve:
     """Loss and accuracy of θ(t) = (1−t)·θ_A + t·θ_B at every t (an int: that many evenly spaced
@@ -180,7 +180,7 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
     if buffers not in ("interpolate", "reset"):
         raise ValueError(f"buffers={buffers!r}; expected 'interpolate' or 'reset'")
     check_pair(model, state_a, state_b)
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, allow_none=True)   # None: every row of an (x, y) pair at once
     check_batch_size(chunk, "chunk", allow_none=True)
     named = splits(data)
     tlist = _ts(ts)

@@ -197,6 +197,9 @@ def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tupl
     renormalises with batch statistics; their count-weighted average is folded into the state.
     """
     check_state(model, state)
+    eps = finite_float(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     view = mode_view(model)
     mods = dict(view.named_modules())
     sums: dict[str, list] = {p.name: [0, 0.0, 0.0] for p in points}  # count, Σ batch means, Σ batch vars

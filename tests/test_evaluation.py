@@ -269,6 +269,8 @@ def test_repair_non_finite_t_is_refused(t):
         repair(m, a, b, t, toy()[0])
     with pytest.raises(ValueError, match="ts must"):
         interpolate(m, a, b, toy(), [0.0, t])
+    with pytest.raises(ValueError, match="eps must be finite"):
+        repair(m, a, b, 0.5, toy()[0], eps=t)
 
 
 def test_huge_chunk_reports_the_memory_it_would_need():

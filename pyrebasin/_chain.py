@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LinearChain", "linear_chain"]
+from .module_state import mode_view
+
+__all__ = ["LinearChain", "linear_chain", "forget"]
 
 # Activations applied in place on the chain's own activation buffers (never on the caller's input).
 _ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_}
@@ -115,20 +117,43 @@ def _flatten_args(node) -> bool:
 
 
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Module attributes that hold structure (compared through the module tree) or no forward logic.
+_SKIP = frozenset(("_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set",
+                   "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                   "_load_state_dict_post_hooks", "_backward_hooks", "_backward_pre_hooks",
+                   "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                   "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_is_full_backward_hook"))
+_PLAIN = (str, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _freeze(value, depth: int = 0):
+    """A comparable snapshot of an attribute: plain values by value, containers item by item, anything
+    else by identity (a forward-steering attribute replaced by another object changes the key)."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)) and depth < 3:
+        return (type(value), tuple(_freeze(v, depth + 1) for v in value))
+    if isinstance(value, dict) and depth < 3:
+        return (dict, tuple((repr(k), _freeze(v, depth + 1)) for k, v in value.items()))
+    return ("id", type(value), id(value))
 
 
 def _fingerprint(model: nn.Module) -> tuple:
     """What the trace depends on: the module tree (names, objects, types), the forward functions
-    (class or instance), the Linear biases present and the state's float keys."""
-    mods = tuple((n, id(m), type(m), getattr(type(m), "forward", None), m.__dict__.get("forward"))
+    (class or instance), every other attribute of every module (e.g. `self.act = "relu"`), the Linear
+    biases present and the state's float keys. Training flags are not in it: traces are always of the
+    eval-mode view."""
+    mods = tuple((n, id(m), type(m), getattr(type(m), "forward", None),
+                  tuple((k, _freeze(v)) for k, v in m.__dict__.items() if k not in _SKIP))
                  for n, m in model.named_modules())
     linears = tuple(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
     return mods, linears, tuple(k for k, v in model.state_dict().items() if v.is_floating_point())
 
 
 def linear_chain(model: nn.Module) -> LinearChain | None:
-    """The model's forward as a Linear/activation chain, or None if it is anything else (the fx
-    trace is cached per model and redone when its module tree or forward changes).
+    """The model's eval-mode forward as a Linear/activation chain, or None if it is anything else (the
+    fx trace of a private eval-mode view is cached per model and redone when its module tree, forwards
+    or any module attribute change; callers also compare it with the model on a probe batch).
 
     Recognised (fx-traced): one tensor input; nn.Linear; ReLU/Tanh/Sigmoid as modules, torch
     functions or tensor methods (not in place); nn.Identity, nn.Dropout (eval); flatten(1) as a
@@ -142,9 +167,14 @@ def linear_chain(model: nn.Module) -> LinearChain | None:
     hit = _TRACES.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    chain = _trace(model)
+    chain = _trace(mode_view(model))   # `if self.training:` branches resolve as in evaluation
     _TRACES[model] = (key, chain)
     return chain
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the cached trace of `model` (a caller found it disagreeing with the model)."""
+    _TRACES.pop(model, None)
 
 
 def _trace(model: nn.Module) -> LinearChain | None:

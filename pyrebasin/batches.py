@@ -23,9 +23,18 @@ def check_batch_size(value, name: str = "batch_size", *, allow_none: bool = Fals
 
 
 def is_pair(data) -> bool:
-    """True for an `(x, y)` pair of tensors (y may be None), the single-tensor-dataset convention."""
-    return (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, Mapping))
-            and (data[1] is None or isinstance(data[1], torch.Tensor)))
+    """True for an `(x, y)` pair of tensors (y may be None), the single-tensor-dataset convention.
+
+    A tuple of two is always a pair. A *list* of two tensors is ambiguous (two input batches, or
+    [x, y]): it is a pair only when y has x's row count and another shape (labels, not a second
+    batch of inputs); write a tuple to be explicit."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, Mapping))
+            and (data[1] is None or isinstance(data[1], torch.Tensor))):
+        return False
+    if isinstance(data, tuple) or data[1] is None or isinstance(data[0], Mapping):
+        return True
+    x, y = data
+    return x.dim() > 0 and y.dim() > 0 and x.shape[0] == y.shape[0] and x.shape != y.shape
 
 
 def _rows(x) -> int:
@@ -55,7 +64,12 @@ def _check_finite(x, where: str) -> None:
 
 def require_reiterable(data, name: str = "data") -> None:
     """Refuse a one-shot iterator where a function needs more than one pass over the data."""
-    if not is_pair(data) and not isinstance(data, (torch.Tensor, Mapping)) and iter(data) is data:
+    if is_pair(data) or isinstance(data, (torch.Tensor, Mapping)):
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{name} must be a tensor, an (x, y) pair, an iterable of batches or a DataLoader, "
+                        f"got {type(data).__name__}")
+    if iter(data) is data:
         raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}); pass a re-iterable "
                         "(a list of batches, a DataLoader) or tensors")
 

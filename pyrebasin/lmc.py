@@ -1,26 +1,23 @@
-"""Linear mode connectivity: loss/accuracy along θ(t) = (1−t)·θ_A + t·θ_B, and loss barriers.
-
-Models run only through `torch.func.functional_call` (optionally several t at once under `torch.func.vmap`).
-"""
+"""Linear mode connectivity: loss/accuracy along θ(t) = (1−t)·θ_A + t·θ_B (through the one batched
+evaluator, REPAIR/RESET plugged in as corrections), and the barrier family of those curves."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
+from .batches import check_batch_size, splits
+from .evaluation import Correction, Loss, PathPoints, evaluate
 from .module_state import check_pair, lerp_state
+from .repair import RepairCorrection, ResetCorrection
 
-__all__ = ["Curve", "interpolate", "barrier", "eval_mode", "BARRIER_KINDS"]
+__all__ = ["Curve", "interpolate", "barrier", "lerp_state", "BARRIER_KINDS"]
 
 State = Mapping[str, torch.Tensor]
-Split = tuple[torch.Tensor, torch.Tensor]
 BARRIER_KINDS = ("endpoint_mean", "linear", "any_chord")
 
 
@@ -134,45 +131,10 @@ def barrier(curve: Curve, metric: str = "loss", kind: str = "endpoint_mean", *, 
     return max(v - ((1 - t) * v0 + t * v1) for t, v in zip(ts, vals))
 
 
-# ---------------------------------------------------------------- states and models
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run `model` in eval mode for a block and restore every submodule's own flag afterwards.
-
-    The flag lives on the module, and functional_call reads it, so this is the one attribute a
-    function here flips (temporarily; not thread-safe for one module shared across threads)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, f in flags:
-            m.training = f
-
-
-def _splits(data) -> dict[str, Split]:
-    if isinstance(data, Mapping):
-        out = dict(data)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        out = {"data": tuple(data)}
-    else:
-        raise TypeError("data must be an (x, y) pair of tensors or a dict of named (x, y) splits, "
-                        f"got {type(data).__name__}")
-    if not out:
-        raise ValueError("data has no splits")
-    for name, xy in out.items():
-        if not (isinstance(xy, (tuple, list)) and len(xy) == 2 and all(isinstance(t, torch.Tensor) for t in xy)):
-            raise TypeError(f"data split {name!r} must be an (x, y) pair of tensors")
-        x, y = xy
-        if x.shape[0] != y.shape[0] or y.dim() != 1:
-            raise ValueError(f"data split {name!r}: x has {x.shape[0]} rows but y has shape {list(y.shape)} "
-                             "(expected 1-D labels, one per row)")
-        if x.shape[0] == 0:
-            raise ValueError(f"data split {name!r} is empty")
-    return {k: (x, y) for k, (x, y) in out.items()}
-
-
+# ---------------------------------------------------------------- curves
 def _ts(ts) -> list[float]:
+    if isinstance(ts, bool):
+        raise TypeError(f"ts must be a point count or a list of floats, got {ts!r}")
     if isinstance(ts, int):
         if ts < 2:
             raise ValueError(f"ts={ts}: need at least 2 points")
@@ -183,104 +145,61 @@ def _ts(ts) -> list[float]:
     return out
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, states: list[dict[str, torch.Tensor]], splits: dict[str, Split],
-              batch_size: int, use_vmap: bool) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """Mean cross-entropy and accuracy of each state on each split (states stacked under vmap, or
-    one at a time)."""
-    if use_vmap and len(states) > 1:
-        batched = [k for k in states[0] if states[0][k].is_floating_point()]
-        fixed = {k: v for k, v in states[0].items() if k not in batched}
-        stacked = {k: torch.stack([s[k] for s in states]) for k in batched}
-        run = vmap(lambda p, x: functional_call(model, (p, fixed), (x,)), in_dims=(0, None))
-        forward = lambda x: run(stacked, x)  # noqa: E731
-    else:
-        forward = lambda x: torch.stack([functional_call(model, s, (x,)) for s in states])  # noqa: E731
-    losses: list[dict[str, float]] = [{} for _ in states]
-    accs: list[dict[str, float]] = [{} for _ in states]
-    for split, (x, y) in splits.items():
-        ce_sum = torch.zeros(len(states), dtype=torch.float64)
-        hits = torch.zeros(len(states), dtype=torch.long)
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            logits = forward(xb)
-            if logits.dim() != 3 or logits.shape[1] != len(yb):
-                raise ValueError(f"model output has shape {list(logits.shape[1:])} for a batch of {len(yb)}; "
-                                 "expected [batch, classes] logits")
-            _check_labels(yb, logits.shape[-1], split)
-            ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), yb.repeat(len(states)), reduction="none")
-            ce_sum += ce.view(len(states), -1).sum(1).double().cpu()
-            hits += (logits.argmax(-1) == yb).sum(1).cpu()
-        for j in range(len(states)):
-            losses[j][split] = float(ce_sum[j]) / len(y)
-            accs[j][split] = int(hits[j]) / len(y)
-    return losses, accs
-
-
-def _check_labels(y: torch.Tensor, classes: int, split: str) -> None:
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"split {split!r}: labels must be integer class indices, got {y.dtype}")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ValueError(f"split {split!r}: labels must lie in [0, {classes}) (the model has {classes} "
-                         f"outputs), got range [{int(y.min())}, {int(y.max())}]")
-
-
 def _default_chunk(state: State) -> int:
     numel = sum(v.numel() * v.element_size() for v in state.values())
     return max(1, min(16, (256 << 20) // max(numel, 1)))  # stacked copies stay under ~256 MB
 
 
-def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int | Sequence[float] = 25, *,
-                buffers: str = "interpolate", repair: bool = False, stat_data: torch.Tensor | None = None,
-                batch_size: int = 1000, chunk: int | None = None, vmap_ts: bool | None = None,
-                transform: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
-                progress: bool = False, desc: str = "interpolate") -> Curve:
-    """Loss and accuracy of θ(t) = (1−t)·θ_A + t·θ_B at every t (an int: that many evenly spaced
-    points in [0, 1], endpoints included; or an explicit list).
+def _stat_data(named: dict, stat_data):
+    """RESET/REPAIR statistics data: `stat_data`, else the "train" split (else the first split)."""
+    if stat_data is not None:
+        return stat_data
+    return named["train"] if "train" in named else next(iter(named.values()))
 
-    data: an (x, y) pair (split "data") or a dict of named (x, y) splits, e.g. {"train": ..., "test": ...}.
-    buffers: "interpolate" lerps BatchNorm running stats like the weights; "reset" recomputes them
-    for every t on `stat_data` (RESET, see `reset_bn`). repair=True applies REPAIR at every t (the
-    endpoint statistics are collected once, on `stat_data`); it sets BatchNorm statistics itself.
-    stat_data defaults to the "train" split's x (else the first split's). `transform(state, t)` may
-    change each state before evaluation (e.g. a custom correction). The model runs in eval mode via
-    functional_call, one t after another; `vmap_ts=True` stacks `chunk` values of t under
-    torch.func.vmap instead (slower on CPU as measured; may pay on a GPU for small models). Inputs
-    are never modified.
+
+def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int | Sequence[float] = 25, *,
+                buffers: str = "interpolate", repair: bool = False, stat_data=None,
+                correction: Correction | None = None, batch_size: int | None = 1000, chunk: int | None = None,
+                vmap_ts: bool | None = None, loss: Loss | None = None, progress: bool = False,
+                desc: str = "interpolate") -> Curve:
+    """Loss and accuracy of θ(t) = (1−t)·θ_A + t·θ_B at every t (an int: that many evenly spaced
+    points in [0, 1], endpoints included; or an explicit list). A point t is the combination
+    λ = (1−t)·1 of `evaluate_combinations` (λ weights A); both run through `evaluation.evaluate`.
+
+    data: an (x, y) pair, an iterable of (x, y) batches or a DataLoader (split "data"), or a dict of
+    named ones, e.g. {"train": ..., "test": ...}. Corrections change each point before it is
+    evaluated: buffers="reset" recomputes BatchNorm statistics on `stat_data` (RESET,
+    `repair.ResetCorrection`), repair=True applies REPAIR (`repair.RepairCorrection`: endpoint
+    statistics collected once), and `correction(state, t)` is any other (applied after those).
+    stat_data (inputs, (x, y) or batches) defaults to the "train" split (else the first split). The
+    model runs on a private eval-mode view (the caller's module and flags are never touched, from any
+    thread); a Linear/activation chain runs `chunk` points at once, other models one point after
+    another, or stacked under vmap with `vmap_ts=True` (slower on CPU as measured). NaN/Inf in the
+    states or inputs are refused. `loss(out, y) -> [K, B]` replaces cross-entropy (no accuracy then).
     """
     if buffers not in ("interpolate", "reset"):
         raise ValueError(f"buffers={buffers!r}; expected 'interpolate' or 'reset'")
     check_pair(model, state_a, state_b)
-    splits = _splits(data)
+    check_batch_size(batch_size, allow_none=True)   # None: every row of an (x, y) pair at once
+    check_batch_size(chunk, "chunk", allow_none=True)
+    named = splits(data)
     tlist = _ts(ts)
-    if stat_data is None and (buffers == "reset" or repair):
-        stat_data = (splits["train"] if "train" in splits else next(iter(splits.values())))[0]
-    stats = None
+    fixes: list = []
     if repair:
-        from .repair import endpoint_stats  # repair builds on this module
-        stats = endpoint_stats(model, state_a, state_b, stat_data, batch_size=batch_size)
-    chunk = chunk or _default_chunk(state_a)
-    if vmap_ts is None:  # measured (benchmarks/lmc_ratios.py): on CPU vmap took 0.8-10x the loop's time
-        vmap_ts = False
-    losses: list[dict[str, float]] = []
-    accs: list[dict[str, float]] = []
-    with eval_mode(model), tqdm(total=len(tlist), desc=desc, disable=not progress, leave=False) as bar:
-        for i in range(0, len(tlist), chunk):
-            states = []
-            for t in tlist[i:i + chunk]:
-                s = lerp_state(state_a, state_b, t)
-                if repair:
-                    from .repair import repair as _repair
-                    s = _repair(model, state_a, state_b, t, stat_data, stats=stats, state=s, batch_size=batch_size)
-                elif buffers == "reset":
-                    from .repair import reset_bn
-                    s = reset_bn(model, s, stat_data, batch_size=batch_size)
-                if transform is not None:
-                    s = transform(s, t)
-                states.append(s)
-            lo, ac = _evaluate(model, states, splits, batch_size, vmap_ts)
-            losses += lo
-            accs += ac
-            bar.update(len(states))
+        fixes.append(RepairCorrection(model, state_a, state_b, _stat_data(named, stat_data), batch_size=batch_size))
+    elif buffers == "reset":
+        fixes.append(ResetCorrection(model, _stat_data(named, stat_data), batch_size=batch_size))
+    if correction is not None:
+        fixes.append(correction)
+    fix = None
+    if fixes:
+        def fix(state, t):
+            for f in fixes:
+                state = f(state, t)
+            return state
+    r = evaluate(model, PathPoints(state_a, state_b, tlist), named, chunk=chunk or _default_chunk(state_a),
+                 batch_size=batch_size, loss=loss, correction=fix, use_vmap=bool(vmap_ts), progress=progress,
+                 desc=desc)
     meta = {"buffers": buffers, "repair": bool(repair)}
-    return Curve(tlist, {s: [d[s] for d in losses] for s in splits}, {s: [d[s] for d in accs] for s in splits}, meta)
+    acc = r.accuracy or {}
+    return Curve(tlist, {s: v.tolist() for s, v in r.loss.items()}, {s: v.tolist() for s, v in acc.items()}, meta)

@@ -2,7 +2,6 @@
 and the (1−t)·θ_A + t·θ_B path — so no function flips a flag on, or copies the tensors of, a user's model."""
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
@@ -46,8 +45,10 @@ def check_finite_state(state: State, name: str = "state") -> None:
             raise ValueError(f"{name}: {k!r} holds {int((~torch.isfinite(v)).sum())} non-finite value(s) (NaN or Inf)")
 
 
-def check_pair(model: nn.Module | None, state_a: State, state_b: State, *, finite: bool = True) -> None:
-    """Two states of one model: same keys, shapes and floating-ness (and the model's keys when given)."""
+def check_pair(model: nn.Module | None, state_a: State, state_b: State, *, finite: bool = True,
+               same_dtype: bool = False) -> None:
+    """Two states of one model: same keys, shapes and floating-ness (dtypes too with `same_dtype`), tensors
+    only, NaN/Inf refused with `finite` (and the model's keys and shapes when a model is given)."""
     if model is not None:
         check_state(model, state_a, "state_a")
         check_state(model, state_b, "state_b")
@@ -58,9 +59,11 @@ def check_pair(model: nn.Module | None, state_a: State, state_b: State, *, finit
         raise ValueError(f"state_a and state_b have different keys: {sorted(set(state_a) ^ set(state_b))[:8]}")
     for k, a in state_a.items():
         b = state_b[k]
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            raise TypeError(f"{k!r}: expected tensors, got {type(a).__name__} and {type(b).__name__}")
         if a.shape != b.shape:
             raise ValueError(f"{k!r}: state_a has shape {list(a.shape)} but state_b {list(b.shape)}")
-        if a.is_floating_point() != b.is_floating_point():
+        if a.is_floating_point() != b.is_floating_point() or (same_dtype and a.dtype != b.dtype):
             raise ValueError(f"{k!r}: state_a is {a.dtype} but state_b is {b.dtype}")
     if finite:
         check_finite_state(state_a, "state_a")
@@ -79,16 +82,19 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _view(module: nn.Module, training: bool, memo: dict[int, nn.Module]) -> nn.Module:
     if id(module) in memo:  # a submodule registered twice (shared) stays shared
         return memo[id(module)]
-    c = object.__new__(type(module))  # new __dict__, same tensors (copy.copy refuses parametrized modules)
-    c.__dict__.update(module.__dict__)
+    # A new __dict__ over the same tensors, written directly: copy.copy's reduce protocol and
+    # Module.__setattr__ cost more than the rest of an evaluation call for a small model.
+    c = object.__new__(type(module))
+    d = c.__dict__
+    d.update(module.__dict__)
     memo[id(module)] = c
-    c._parameters = dict(module._parameters)
-    c._buffers = dict(module._buffers)
+    d["_parameters"] = module._parameters.copy()
+    d["_buffers"] = module._buffers.copy()
     for h in _HOOK_DICTS:  # hooks added to the view must not appear on the caller's module
-        if h in module.__dict__:
-            setattr(c, h, copy.copy(module.__dict__[h]))
-    c._modules = {n: (None if m is None else _view(m, training, memo)) for n, m in module._modules.items()}
-    c.training = training
+        if h in d:
+            d[h] = d[h].copy()
+    d["_modules"] = {n: (None if m is None else _view(m, training, memo)) for n, m in module._modules.items()}
+    d["training"] = training
     return c
 
 

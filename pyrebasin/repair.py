@@ -10,6 +10,7 @@ producing conv/linear weight and bias.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,11 +19,12 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .lmc import eval_mode
-from .module_state import check_pair, check_state, lerp_state
+from .batches import batches, check_batch_size, finite_float, require_reiterable
+from .module_state import check_pair, check_state, lerp_state, mode_view
 from .moments import CrossMoments
 
-__all__ = ["RepairPoint", "EndpointStats", "find_points", "endpoint_stats", "renormalize", "repair", "reset_bn"]
+__all__ = ["RepairPoint", "EndpointStats", "find_points", "endpoint_stats", "renormalize", "repair", "reset_bn",
+           "RepairCorrection", "ResetCorrection"]
 
 State = Mapping[str, torch.Tensor]
 _AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -51,21 +53,15 @@ class RepairPoint:
     channel_dim: int
 
 
-def _x(data) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        x = data
-    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        x = data[0]
-    else:
-        raise TypeError(f"statistics data must be a tensor of inputs or an (x, y) pair, got {type(data).__name__}")
-    if x.dim() == 0 or len(x) == 0:
-        raise ValueError(f"statistics data is empty (inputs of shape {list(x.shape)})")
-    return x
+def _inputs(data, batch_size: int | None, what: str = "statistics data"):
+    """Input batches of statistics data: inputs alone, an (x, y) pair, or (x, y) / x batches, a DataLoader."""
+    check_batch_size(batch_size, allow_none=True)
+    return (x for x, _ in batches(data, batch_size=batch_size, labels="ignored", name=what))
 
 
 @contextlib.contextmanager
 def _hooks(model: nn.Module, fns: Mapping[str, object], pre: bool = False):
-    """Temporarily hook modules of the caller's model (removed on exit, whatever happens)."""
+    """Hook modules of a private view for a block (removed on exit, whatever happens)."""
     mods = dict(model.named_modules())
     handles = []
     try:
@@ -113,8 +109,9 @@ def find_points(model: nn.Module, state: State, example: torch.Tensor,
         return hook
 
     watch = {n: record(n) for n, m in mods.items() if isinstance(m, (_BN,) + _AFFINE) or _per_channel_norm(m)}
-    with eval_mode(model), _hooks(model, watch):
-        final = functional_call(model, dict(state), (example,))
+    view = mode_view(model)
+    with _hooks(view, watch):
+        final = functional_call(view, dict(state), (example,))
     points = []
     for name in dict.fromkeys(order):  # forward order, each module once
         m = mods[name]
@@ -158,8 +155,7 @@ def endpoint_stats(model: nn.Module, state_a: State, state_b: State, data, *,
     """Stream the two endpoint networks over `data` (inputs, or an (x, y) pair) and accumulate each
     repair point's per-channel moments with `CrossMoments` (float64, any number of batches)."""
     check_pair(model, state_a, state_b)
-    x = _x(data)
-    pts = find_points(model, state_a, x[:2], points)
+    require_reiterable(data, "statistics data")
     acts: dict[str, torch.Tensor] = {}
     moments: dict[str, CrossMoments] = {}
 
@@ -168,18 +164,25 @@ def endpoint_stats(model: nn.Module, state_a: State, state_b: State, data, *,
             acts[name] = out
         return hook
 
-    hooks = {p.name: grab(p.name) for p in pts}
-    with eval_mode(model), _hooks(model, hooks):
-        for i in tqdm(range(0, len(x), batch_size), desc="REPAIR endpoint stats", disable=not progress, leave=False):
-            xb = x[i:i + batch_size]
-            functional_call(model, dict(state_a), (xb,))
+    view = mode_view(model)
+    stream = iter(_inputs(data, batch_size))
+    first = next(stream)
+    pts = find_points(model, state_a, first[:2], points)
+    with _hooks(view, {p.name: grab(p.name) for p in pts}):
+        for xb in tqdm(itertools.chain([first], stream), desc="REPAIR endpoint stats", disable=not progress,
+                       leave=False):
+            functional_call(view, dict(state_a), (xb,))
             got_a = dict(acts)
-            functional_call(model, dict(state_b), (xb,))
+            functional_call(view, dict(state_b), (xb,))
             for p in pts:
                 a, b = got_a[p.name], acts[p.name]
                 if p.name not in moments:
                     moments[p.name] = CrossMoments(a.shape[p.channel_dim], b.shape[p.channel_dim], device=a.device)
                 moments[p.name].update(a, b, channel_dim=p.channel_dim)
+    for name, m in moments.items():
+        if float(m.count) < 2:  # one value per channel: std 0, and REPAIR would zero the channel
+            raise ValueError(f"REPAIR endpoint statistics of {name!r} rest on {int(m.count)} value per channel; "
+                             "pass at least 2 samples (std of one value is 0)")
     return EndpointStats(pts, {n: m.mean_x for n, m in moments.items()}, {n: m.var_x.sqrt() for n, m in moments.items()},
                          {n: m.mean_y for n, m in moments.items()}, {n: m.var_y.sqrt() for n, m in moments.items()})
 
@@ -194,8 +197,11 @@ def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tupl
     renormalises with batch statistics; their count-weighted average is folded into the state.
     """
     check_state(model, state)
-    x = _x(data)
-    mods = dict(model.named_modules())
+    eps = finite_float(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    view = mode_view(model)
+    mods = dict(view.named_modules())
     sums: dict[str, list] = {p.name: [0, 0.0, 0.0] for p in points}  # count, Σ batch means, Σ batch vars
 
     def goal(p: RepairPoint, n_ch: int, like: torch.Tensor):
@@ -214,6 +220,9 @@ def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tupl
             src = inputs[0] if p.kind == "bn" else out  # BN: renormalise its input, replacing its output
             mean, var = _channel_stats(src, p.channel_dim)
             n = src.numel() // src.shape[p.channel_dim]
+            if n < 2:  # the variance of one value is 0: it would become running_var (or blow up the scale)
+                raise ValueError(f"{p.name!r} sees {n} value per channel in a batch; renormalising needs >= 2 "
+                                 "(pass batch_size >= 2 and at least 2 samples)")
             acc = sums[p.name]
             acc[0] += n
             acc[1] = acc[1] + mean.double() * n
@@ -230,9 +239,9 @@ def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tupl
             raise ValueError(f"BatchNorm {p.name!r} has no affine parameters to fold REPAIR's targets into")
         if p.kind == "affine" and f"{p.name}.bias" not in state:
             raise ValueError(f"REPAIR cannot shift the channels of {p.name!r}: it has no bias")
-    with eval_mode(model), _hooks(model, {p.name: hook_for(p) for p in points}):
-        for i in tqdm(range(0, len(x), batch_size), desc="renormalize", disable=not progress, leave=False):
-            functional_call(model, dict(state), (x[i:i + batch_size],))
+    with _hooks(view, {p.name: hook_for(p) for p in points}):
+        for xb in tqdm(_inputs(data, batch_size), desc="renormalize", disable=not progress, leave=False):
+            functional_call(view, dict(state), (xb,))
     out = {k: v.clone() for k, v in state.items()}
     for p in points:
         n, sm, sv = sums[p.name]
@@ -267,6 +276,7 @@ def repair(model: nn.Module, state_a: State, state_b: State, t: float, data, *,
     are folded into running stats and affine; others into their conv/linear weight and bias (so LN and
     norm-free nets work too). Returns a new state dict; the model and inputs are untouched.
     """
+    t = finite_float(t, "t")
     if stats is None:
         stats = endpoint_stats(model, state_a, state_b, data, points=points, batch_size=batch_size, progress=progress)
     cur = lerp_state(state_a, state_b, t) if state is None else state
@@ -287,3 +297,36 @@ def reset_bn(model: nn.Module, state: State, data, *, batch_size: int = 1000,
         if f"{p.name}.running_mean" not in state:
             raise ValueError(f"reset_bn: BatchNorm {p.name!r} tracks no running statistics")
     return renormalize(model, state, data, {}, points, batch_size=batch_size, progress=progress)
+
+
+class RepairCorrection:
+    """REPAIR as a correction for the evaluator: `fix(state, t)` renormalises a path point to the
+    endpoint statistics at t (collected once, here, on `data`). Needs the path position t."""
+
+    def __init__(self, model: nn.Module, state_a: State, state_b: State, data, *, stats: EndpointStats | None = None,
+                 points: Sequence[str] | None = None, batch_size: int = 1000, eps: float = 1e-5):
+        require_reiterable(data, "statistics data")
+        self.model, self.data, self.batch_size, self.eps = model, data, batch_size, finite_float(eps, "eps")
+        self.stats = stats if stats is not None else endpoint_stats(model, state_a, state_b, data, points=points,
+                                                                    batch_size=batch_size)
+
+    def __call__(self, state: State, t: float | None) -> dict[str, torch.Tensor]:
+        if t is None:
+            raise ValueError("REPAIR needs the path position t of the state (its targets are (1−t)·μ_A + t·μ_B); "
+                             "this state has none (a combination whose λ is not one global constant)")
+        t = finite_float(t, "t")
+        return renormalize(self.model, state, self.data, self.stats.targets(t), self.stats.points,
+                           batch_size=self.batch_size, eps=self.eps)
+
+
+class ResetCorrection:
+    """RESET as a correction for the evaluator: `fix(state, t)` recomputes BatchNorm statistics on `data`."""
+
+    def __init__(self, model: nn.Module, data, *, batch_size: int = 1000):
+        require_reiterable(data, "statistics data")
+        if not any(isinstance(m, _BN) for m in model.modules()):
+            raise ValueError(f"reset_bn: {type(model).__name__} has no BatchNorm layers to reset")
+        self.model, self.data, self.batch_size = model, data, batch_size
+
+    def __call__(self, state: State, t: float | None = None) -> dict[str, torch.Tensor]:
+        return reset_bn(self.model, state, self.data, batch_size=self.batch_size)

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pyrebasin as prb
-from pyrebasin import _chain, combine
+from pyrebasin import _chain, evaluation
 from pyrebasin._chain import linear_chain
 
 
@@ -97,7 +97,7 @@ def test_evaluate_combinations_chain_equals_general_path(gran, monkeypatch):
     x, y = torch.randn(37, 40), torch.randint(0, 10, (37,))
     c = prb.sample_coefficients(m.permutation_spec(), 6, "uniform(-0.3, 1.3)", gran, seed=5, state=a)
     fast = prb.evaluate_combinations(m, a, b, c, (x, y), chunk=4, batch_size=16, return_logits=True)
-    monkeypatch.setattr(combine, "linear_chain", lambda model: None)
+    monkeypatch.setattr(evaluation, "linear_chain", lambda model: None)
     slow = prb.evaluate_combinations(m, a, b, c, (x, y), chunk=4, batch_size=16, return_logits=True)
     torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-6, atol=1e-6)
@@ -107,8 +107,6 @@ def test_evaluate_combinations_chain_equals_general_path(gran, monkeypatch):
 def test_loss_and_correct_fast_layout_equals_general_path():
     # The chain hands back [K, C, B] memory seen as [K, B, C]; its loss/argmax shortcut must match
     # the general computation, ties included (argmax takes the first maximum).
-    from pyrebasin.combine import _loss_and_correct
-
     g = torch.Generator().manual_seed(0)
     k, b, c = 5, 37, 7
     logits = torch.randn(k, c, b, generator=g)
@@ -116,8 +114,8 @@ def test_loss_and_correct_fast_layout_equals_general_path():
     logits[1, 3:5] = logits[1, 3:5].amax(0)           # classes 3 and 4 tied
     y = torch.randint(0, c, (b,), generator=g)
     y[:7] = torch.arange(7)
-    fast = _loss_and_correct(logits.transpose(1, 2), y)
-    slow = _loss_and_correct(logits.transpose(1, 2).contiguous(), y)
+    fast = evaluation.loss_and_correct(logits.transpose(1, 2), y)
+    slow = evaluation.loss_and_correct(logits.transpose(1, 2).contiguous(), y)
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(fast[1], slow[1])
     assert int(fast[1][0]) == int((y == 0).sum())

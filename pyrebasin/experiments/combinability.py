@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from .. import combine as cmb
+from ..batches import finite_float
 from ..spec import PermutationSpec, apply_permutation
 from .plots import save_figure
 
 __all__ = ["CombinabilityStudy", "combinability", "plot_combinability", "combinability_section", "linear_curve",
            "mode_combinability_section",
-           "barrier_of", "mnist1d_mlps", "zoo_models", "align", "DEFAULT_DISTRIBUTIONS"]
+           "barrier_of", "mnist1d_mlps", "zoo_models", "align", "demo_pair", "DEFAULT_DISTRIBUTIONS"]
 
 DEFAULT_DISTRIBUTIONS = ("uniform", "uniform(-0.25, 1.25)", "bernoulli(0.5)", "beta(0.5, 0.5)",
                          "gaussian(0.5, 0.15, clip)")
@@ -48,14 +49,14 @@ def align(spec: PermutationSpec, state_a, state_b, *, seed: int = 0) -> dict[str
 
 
 def linear_curve(model, state_a, state_b, data, ts: int | Sequence[float] = 11, *, chunk: int = 16) -> dict:
-    """Loss and accuracy along θ(t) = θ_B + t(θ_A − θ_B) (t=0: B, t=1: A), via evaluate_combinations."""
-    ts = torch.linspace(0, 1, ts, dtype=torch.float64) if isinstance(ts, int) else torch.as_tensor(ts, dtype=torch.float64)
-    r = cmb.evaluate_combinations(model, state_a, state_b, ts, data, chunk=chunk)
-    return {"t": ts.tolist(), "loss": r.loss.tolist(), "accuracy": r.accuracy.tolist()}
+    """Loss and accuracy along θ(t) = (1−t)·θ_A + t·θ_B (t=0: A, t=1: B): `prb.interpolate` on one data set."""
+    from ..lmc import interpolate
+    c = interpolate(model, state_a, state_b, data, ts, chunk=chunk)
+    return {"t": list(c.ts), "loss": c.values("loss"), "accuracy": c.values("accuracy")}
 
 
-def barrier_of(curve: dict, metric: str = "loss", kind: str = "linear") -> float:
-    """`prb.barrier` of a `linear_curve` dict (default kind "linear": max rise above the endpoint chord)."""
+def barrier_of(curve: dict, metric: str = "loss", kind: str = "endpoint_mean") -> float:
+    """`prb.barrier` of a `linear_curve` dict (default kind "endpoint_mean", as `prb.barrier`)."""
     from ..lmc import Curve, barrier
     return barrier(Curve(list(curve["t"]), {"data": list(curve["loss"])}, {"data": list(curve["accuracy"])}),
                    metric, kind)
@@ -93,6 +94,7 @@ def combinability(model, spec: PermutationSpec, state_a, state_b, data, *, perms
     between A and B aligned by `perms` (weight matching when None). Reports quantiles of loss and
     accuracy and the fraction of samples within `eps` of the endpoints' mean (loss ≤ mean + eps nats,
     accuracy ≥ mean − eps). Every sample is replayable from (seed, k)."""
+    eps = finite_float(eps, "eps")
     perms = align(spec, state_a, state_b) if perms is None else perms
     pairs = {False: state_b, True: apply_permutation(spec, perms, state_b)}
     ends = cmb.evaluate_combinations(model, state_a, state_b, [1.0, 0.0], data)
@@ -170,7 +172,7 @@ def combinability_section(model, spec, state_a, state_b, data, out_dir: str | Pa
     return md, study.to_dict(), [png]
 
 
-def _demo_pair(ctx):
+def demo_pair(ctx):
     """The demo's MLP pair (A, B aligned by weight matching) and the test split."""
     ctx.aligned("mlp", "weight")
     p = ctx.pair("mlp")
@@ -179,7 +181,7 @@ def _demo_pair(ctx):
 
 def mode_combinability_section(ctx):
     """Demo report section (`pyrebasin demo`): the combinability study on the MLP pair."""
-    p, perms, data = _demo_pair(ctx)
+    p, perms, data = demo_pair(ctx)
     quick = ctx.config.quick
     return combinability_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
                                  n=8 if quick else 16,

@@ -36,11 +36,11 @@ class RobustnessStudy:
         return asdict(self)
 
 
-def _evaluate(model, spec, state_a, state_b, perms, found, data, coef, ts):
+def _evaluate(model, spec, state_a, state_b, perms, found, data, coef, ts, kind):
     b = apply_permutation(spec, perms, state_b)
     curve = linear_curve(model, state_a, b, data, ts)
     r = cmb.evaluate_combinations(model, state_a, b, coef, data)
-    return {"hamming": hamming_fraction(perms, found), "barrier": barrier_of(curve),
+    return {"hamming": hamming_fraction(perms, found), "barrier": barrier_of(curve, "loss", kind),
             "midpoint_accuracy": curve["accuracy"][len(curve["t"]) // 2],
             "combination_accuracy_median": float(r.accuracy.median()),
             "combination_accuracy_mean": float(r.accuracy.mean()), "combination_loss_mean": float(r.loss.mean())}
@@ -48,20 +48,21 @@ def _evaluate(model, spec, state_a, state_b, perms, found, data, coef, ts):
 
 def robustness(model, spec: PermutationSpec, state_a, state_b, data, *, perms=None, qs: Sequence[float] = DEFAULT_QS,
                noise: Sequence[float] = DEFAULT_NOISE, n: int = 16, distribution: str = "uniform",
-               granularity: str = "element", ts: int = 5, seed: int = 0) -> RobustnessStudy:
-    """Barrier and combination accuracy against the perturbation level and the Hamming distance to the
-    found matching (`perms`, weight matching when None). All perturbations are seeded."""
+               granularity: str = "element", ts: int = 5, seed: int = 0, kind: str = "endpoint_mean") -> RobustnessStudy:
+    """Barrier (`prb.barrier` of `kind` on a `prb.interpolate` curve) and combination accuracy against
+    the perturbation level and the Hamming distance to the found matching (`perms`, weight matching
+    when None). All perturbations are seeded."""
     found = align(spec, state_a, state_b, seed=seed) if perms is None else perms
     coef = cmb.sample_coefficients(spec, n, distribution, granularity, seed=seed, state=state_a)
     study = RobustnessStudy(distribution=str(coef.distribution), granularity=granularity)
     for q in qs:
         p = perturb_permutation(found, q, seed)
         study.rows.append({"kind": "shuffle", "level": q, **_evaluate(model, spec, state_a, state_b, p, found, data,
-                                                                       coef, ts)})
+                                                                       coef, ts, kind)})
     for s in noise:
         p = noisy_matching(spec, state_a, state_b, found, s, seed)
         study.rows.append({"kind": "noise", "level": s, **_evaluate(model, spec, state_a, state_b, p, found, data,
-                                                                     coef, ts)})
+                                                                     coef, ts, kind)})
     return study
 
 
@@ -101,8 +102,8 @@ def robustness_section(model, spec, state_a, state_b, data, out_dir, **kw):
 
 def matching_robustness_section(ctx):
     """Demo report section: perturbed weight matchings of the MLP pair."""
-    from .combinability import _demo_pair
-    p, perms, data = _demo_pair(ctx)
+    from .combinability import demo_pair
+    p, perms, data = demo_pair(ctx)
     return robustness_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
                               n=8 if ctx.config.quick else 16)
 

@@ -107,8 +107,8 @@ def similarity_section(model, spec, state_a, state_b, data, out_dir, **kw):
 
 def combination_similarity_section(ctx):
     """Demo report section: functional and weight similarity of combinations of the MLP pair."""
-    from .combinability import _demo_pair
-    p, perms, data = _demo_pair(ctx)
+    from .combinability import demo_pair
+    p, perms, data = demo_pair(ctx)
     return similarity_section(p.model, p.spec, p.state_a, p.state_b, data, ctx.out, perms=perms,
                               n=4 if ctx.config.quick else 8)
 

@@ -16,7 +16,8 @@ __all__ = ["TransitivityStudy", "transitivity", "plot_transitivity", "transitivi
 
 @dataclass
 class TransitivityStudy:
-    """Loss barriers and linear curves for the naive, direct (B→A) and transitive (A→C, B→C) pairs."""
+    """Loss and accuracy barriers (`prb.barrier`, endpoint_mean by default) and the `prb.interpolate`
+    curves (t=0: A) of the naive, direct (B→A) and transitive (A→C, B→C) pairs."""
 
     barriers: dict[str, float]
     accuracy_barriers: dict[str, float]
@@ -27,17 +28,17 @@ class TransitivityStudy:
 
 
 def transitivity(model, spec: PermutationSpec, state_a, state_b, state_c, data, *, ts: int = 11,
-                 seed: int = 0) -> TransitivityStudy:
-    """Barriers of A–B naive, A–π(B) with π from weight matching B onto A, and π_A(A)–π_B(B) with both
-    matched onto C."""
+                 seed: int = 0, kind: str = "endpoint_mean") -> TransitivityStudy:
+    """Barriers (`prb.barrier` of `kind` on `prb.interpolate` curves) of A–B naive, A–π(B) with π from
+    weight matching B onto A, and π_A(A)–π_B(B) with both matched onto C."""
     direct_b = apply_permutation(spec, align(spec, state_a, state_b, seed=seed), state_b)
     a_to_c = apply_permutation(spec, align(spec, state_c, state_a, seed=seed), state_a)
     b_to_c = apply_permutation(spec, align(spec, state_c, state_b, seed=seed), state_b)
     curves = {"naive": linear_curve(model, state_a, state_b, data, ts),
               "direct": linear_curve(model, state_a, direct_b, data, ts),
               "transitive": linear_curve(model, a_to_c, b_to_c, data, ts)}
-    return TransitivityStudy({k: barrier_of(c) for k, c in curves.items()},
-                             {k: barrier_of(c, "accuracy") for k, c in curves.items()}, curves)
+    return TransitivityStudy({k: barrier_of(c, "loss", kind) for k, c in curves.items()},
+                             {k: barrier_of(c, "accuracy", kind) for k, c in curves.items()}, curves)
 
 
 def plot_transitivity(study: TransitivityStudy, path: str | Path) -> Path:
@@ -50,7 +51,7 @@ def plot_transitivity(study: TransitivityStudy, path: str | Path) -> Path:
             ax.plot(c["t"], c[metric], marker="o", ms=3, label=f"{name} (barrier {study.barriers[name]:.3f})"
                     if metric == "loss" else name)
     for ax, metric in zip(axes, ("loss", "accuracy")):
-        ax.set_xlabel("t (0: B, 1: A)")
+        ax.set_xlabel("t (0: A, 1: B)")
         ax.set_ylabel(metric)
     axes[0].legend(fontsize=8)
     return save_figure(fig, path)

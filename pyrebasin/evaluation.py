@@ -1,0 +1,282 @@
+"""The one batched evaluator: per-state loss (and accuracy) of n parameter sets, K at a time, on data read
+through `batches` — LMC curves, combinations and REPAIR/RESET-corrected points all run through `evaluate`."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ._chain import forget as forget_chain
+from ._chain import linear_chain
+from .batches import (
+    batches,
+    check_batch_size,
+    check_labels,
+    is_pair,
+    require_reiterable,
+    splits,
+)
+from .module_state import mode_view
+
+__all__ = ["StateSource", "PathPoints", "Evaluation", "evaluate", "loss_and_correct", "Correction", "Loss"]
+
+State = Mapping[str, torch.Tensor]
+Params = dict[str, torch.Tensor]
+# loss(out [K, B, ...], y [B] | None) -> per-example losses [K, B]: the hook for non-classifier losses
+Loss = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# correction(state, t) -> a new state (t: the path position of the state, None where it has none)
+Correction = Callable[[dict[str, torch.Tensor], "float | None"], dict[str, torch.Tensor]]
+
+
+class StateSource(Protocol):
+    """n parameter sets, made `stack(begin, end)` at a time: float key -> [K, *shape]. `fixed`: the
+    non-float tensors every set shares; `position(i)`: set i's path position t (or None)."""
+
+    fixed: dict[str, torch.Tensor]
+    param_bytes: int      # floating bytes of one set
+    device: torch.device  # where the sets are made
+
+    def __len__(self) -> int: ...
+    def stack(self, begin: int, end: int) -> Params: ...
+    def position(self, i: int) -> float | None: ...
+
+
+class PathPoints:
+    """The points θ(t) = (1−t)·θ_A + t·θ_B of a path (exact at t = 0 and 1; integer buffers from A)."""
+
+    def __init__(self, state_a: State, state_b: State, ts: Sequence[float]):
+        self.a, self.b, self.ts = state_a, state_b, [float(t) for t in ts]
+        self.keys = [k for k, v in state_a.items() if v.is_floating_point()]
+        self.fixed = {k: v for k, v in state_a.items() if not v.is_floating_point()}
+        self.param_bytes = sum(state_a[k].numel() * state_a[k].element_size() for k in self.keys)
+        self.device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def position(self, i: int) -> float:
+        return self.ts[i]
+
+    def stack(self, begin: int, end: int) -> Params:
+        out = {}
+        for k in self.keys:
+            a, b = self.a[k], self.b[k]
+            # lerp in the opmath type (float32 for 16-bit dtypes), as torch.lerp with a float weight does
+            op = torch.promote_types(a.dtype, torch.float32)
+            w = torch.tensor(self.ts[begin:end], dtype=op, device=a.device).view(-1, *([1] * a.dim()))
+            out[k] = torch.lerp(a.to(op), b.to(a.device, op), w).to(a.dtype)
+        return out
+
+
+@dataclass
+class Evaluation:
+    """Per-state metrics of one `evaluate` call: split -> float64 [n] (accuracy None with a custom loss)."""
+
+    loss: dict[str, torch.Tensor]
+    accuracy: dict[str, torch.Tensor] | None
+    chunk: int
+    chunk_param_bytes: int           # stacked parameters of one chunk
+    peak_memory_bytes: int | None    # CUDA: max_memory_allocated during the call; CPU: the process's peak RSS
+    seconds: float
+    logits: dict[str, torch.Tensor] | None = None   # split -> [n, N, ...] when return_logits=True
+
+
+def loss_and_correct(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and number of correct argmax predictions per model of logits [K, B, C]."""
+    k = out.shape[0]
+    t = out.transpose(1, 2)   # [K, C, B]: contiguous when the logits come from the Linear chain
+    if not t.is_contiguous():
+        loss = F.cross_entropy(out.flatten(0, 1).float(), y.repeat(k), reduction="none").view(k, -1).sum(1)
+        return loss, (out.argmax(-1) == y).sum(1)
+    t = t.float()
+    loss = F.cross_entropy(t, y.expand(k, -1), reduction="none").sum(1)
+    # argmax(-1) == y, without a strided argmax over C: the target logit beats every earlier class
+    # strictly and ties or beats every later one (argmax returns the first maximum).
+    tgt = t.gather(1, y.view(1, 1, -1).expand(k, 1, -1))            # [K, 1, B]
+    before = torch.arange(t.shape[1], device=t.device).view(1, -1, 1) < y.view(1, 1, -1)
+    neg = torch.tensor(float("-inf"), device=t.device)
+    ok = (torch.where(before, t, neg).amax(1, keepdim=True) < tgt) & \
+        (torch.where(before, neg, t).amax(1, keepdim=True) <= tgt)
+    return loss, ok.sum((1, 2))
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):
+        return None
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+_CHECK_ABOVE = 64 << 20   # smaller stacks cannot be what exhausts a machine: skip reading its free memory
+
+
+def check_chunk_memory(k: int, param_bytes: int, device: torch.device, chunk: int, copies: int = 1) -> int:
+    """Bytes of `k` stacked states; a ValueError naming them when `copies` of them exceed the free memory."""
+    need = k * param_bytes * copies
+    free = _available_memory(device) if need > _CHECK_ABOVE else None
+    if free is not None and need > free:
+        raise ValueError(f"chunk={chunk}: {k} stacked states need {need} bytes ({need / 2**30:.2f} GiB) of "
+                         f"parameters but {free} bytes ({free / 2**30:.2f} GiB) are free on {device}; "
+                         "pass a smaller chunk")
+    return k * param_bytes
+
+
+def _reader(data, name: str, batch_size: int | None, labels: str):
+    """A re-readable source of (x, y) batches: tensors are sliced once, loaders re-iterated per chunk."""
+    if isinstance(data, torch.Tensor) and labels == "required":
+        raise TypeError(f"{name} is a bare tensor of inputs; evaluation needs labels: pass an (x, y) pair")
+    if isinstance(data, torch.Tensor) or is_pair(data):
+        fixed = list(batches(data, batch_size=batch_size, labels=labels, name=name))
+        return lambda: fixed
+    require_reiterable(data, name)
+    return lambda: batches(data, batch_size=batch_size, labels=labels, name=name)
+
+
+class _Forward:
+    """out [K, B, ...] of K stacked parameter sets: the Linear-chain fast path where it is recognised
+    (and agrees with the model on a probe), else vmap(functional_call) or a loop over the K sets."""
+
+    def __init__(self, model, view, fixed, use_vmap: bool, fast_path: bool):
+        self.model, self.view, self.fixed, self.use_vmap = model, view, fixed, use_vmap
+        self.chain = linear_chain(model) if fast_path and not fixed else None
+        self.checked = False
+        self.run = vmap(lambda p, x: functional_call(view, (p, self.fixed), (x,), strict=False), in_dims=(0, None))
+
+    def general(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        k = next(iter(params.values())).shape[0]
+        if self.use_vmap and k > 1:
+            return self.run(params, x)
+        return torch.stack([functional_call(self.view, ({n: v[i] for n, v in params.items()}, self.fixed), (x,),
+                                            strict=False) for i in range(k)])
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        if self.chain is not None and isinstance(x, torch.Tensor) and self.chain.accepts(x):
+            if not self.checked:   # cheap re-validation: a forward the trace does not see may have changed
+                one = {n: v[:1] for n, v in params.items()}
+                want, got = self.general(one, x[:2]), self.chain.forward(one, x[:2])
+                self.checked = True
+                if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+                    forget_chain(self.model)
+                    self.chain = None
+                    return self.general(params, x)
+            return self.chain.forward(params, x)
+        return self.general(params, x)
+
+
+def _corrected(source: StateSource, stacked: Params, begin: int, correction: Correction) -> tuple[Params, dict]:
+    """Apply `correction` to every state of a chunk and restack (float keys; non-float from the first)."""
+    k = next(iter(stacked.values())).shape[0] if stacked else 0
+    states = [correction({**{n: v[i] for n, v in stacked.items()}, **source.fixed}, source.position(begin + i))
+              for i in range(k)]
+    fixed = {n: v for n, v in states[0].items() if not v.is_floating_point()}
+    return {n: torch.stack([s[n] for s in states]) for n in stacked}, fixed
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 16, batch_size: int | None = 1000,
+             loss: Loss | None = None, correction: Correction | None = None, use_vmap: bool = True,
+             fast_path: bool = True, return_logits: bool = False, progress: bool = False,
+             desc: str = "evaluate") -> Evaluation:
+    """Mean loss (cross-entropy by default) and accuracy of every state of `source` on every split of
+    `data` (an (x, y) pair, an iterable of batches, a DataLoader, or a dict of named ones).
+
+    `chunk` states are stacked at a time (stacks over 64 MiB are checked against the free memory) and
+    run through the model's Linear-chain fast path when it is one, else `vmap(functional_call)`
+    (`use_vmap`) or one `functional_call` per state, always on a private eval-mode view of `model`
+    (`mode_view`): the caller's module, its flags and the states are never modified. `correction(state,
+    t)` changes each state before it is evaluated (REPAIR/RESET, see `repair.RepairCorrection`).
+    `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None)."""
+    chunk = check_batch_size(chunk, "chunk")
+    check_batch_size(batch_size, allow_none=True)
+    n = len(source)
+    named = {k: _reader(v, k, batch_size, "required" if loss is None else "optional")
+             for k, v in splits(data).items()}
+    device = source.device
+    k_max = min(chunk, max(n, 1))
+    chunk_bytes = check_chunk_memory(k_max, source.param_bytes, device, chunk, 2 if correction else 1)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    view = mode_view(model)
+    forward = _Forward(model, view, source.fixed, use_vmap, fast_path)
+    f64 = {"dtype": torch.float64, "device": device}
+    losses = {s: [] for s in named}
+    accs = {s: [] for s in named}
+    logits = {s: [] for s in named} if return_logits else None
+    start = time.perf_counter()
+    with tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
+        for begin in range(0, n, chunk):
+            end = min(n, begin + chunk)
+            stacked = source.stack(begin, end)
+            if correction is not None:
+                stacked, forward.fixed = _corrected(source, stacked, begin, correction)
+            for split, read in named.items():
+                tot, hits, rows, outs = torch.zeros(end - begin, **f64), torch.zeros(end - begin, **f64), 0, []
+                for i, (x, y) in enumerate(read()):
+                    x = x.to(device) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
+                    y = None if y is None else y.to(device)
+                    out = forward(stacked, x)
+                    b = y.shape[0] if y is not None else out.shape[1]
+                    if out.dim() < 2 or out.shape[:2] != (end - begin, b):
+                        raise ValueError(f"{split} batch {i}: the model's output has shape {list(out.shape[1:])} for "
+                                         f"a batch of {b}; expected the batch dimension first")
+                    if loss is None:
+                        if out.dim() != 3:
+                            raise ValueError(f"{split} batch {i}: model output has shape {list(out.shape[1:])}; "
+                                             "expected [batch, classes] logits (or pass loss=)")
+                        check_labels(y, out.shape[-1], f"{split} batch {i}")
+                        lo, ok = loss_and_correct(out, y)
+                        hits += ok.double()
+                    else:
+                        per = loss(out, y)
+                        if not isinstance(per, torch.Tensor) or tuple(per.shape) != (end - begin, b):
+                            raise ValueError(f"loss= must return per-example losses [K, B] = {[end - begin, b]}, "
+                                             f"got {list(per.shape) if isinstance(per, torch.Tensor) else per!r}")
+                        lo = per.sum(1)
+                    tot += lo.double()
+                    rows += b
+                    if logits is not None:
+                        outs.append(out.float().cpu())
+                losses[split].append(tot / rows)
+                accs[split].append(hits / rows)
+                if logits is not None:
+                    logits[split].append(torch.cat(outs, 1))
+            bar.update(end - begin)
+            del stacked
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    empty = torch.zeros(0, dtype=torch.float64)
+    cat = lambda d: {s: (torch.cat(v).cpu() if v else empty) for s, v in d.items()}
+    return Evaluation(cat(losses), cat(accs) if loss is None else None, k_max, chunk_bytes if n else 0,
+                      _peak_memory(device), seconds,
+                      {s: torch.cat(v) for s, v in logits.items() if v} if logits is not None else None)

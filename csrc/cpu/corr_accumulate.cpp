@@ -100,10 +100,10 @@ void pack_stream(const CorrStreamDesc& d, int64_t s0, int64_t k, double* buf, do
 void pack_dispatch(const CorrStreamDesc& d, int64_t s0, int64_t k, double* buf, double* ps,
                    double* pq) {
   switch (d.dtype) {
-    case CorrDType::kFloat32: return pack_stream<float>(d, s0, k, buf, ps, pq);
-    case CorrDType::kFloat64: return pack_stream<double>(d, s0, k, buf, ps, pq);
-    case CorrDType::kFloat16: return pack_stream<c10::Half>(d, s0, k, buf, ps, pq);
-    case CorrDType::kBFloat16: return pack_stream<c10::BFloat16>(d, s0, k, buf, ps, pq);
+    case DType::kFloat32: return pack_stream<float>(d, s0, k, buf, ps, pq);
+    case DType::kFloat64: return pack_stream<double>(d, s0, k, buf, ps, pq);
+    case DType::kFloat16: return pack_stream<c10::Half>(d, s0, k, buf, ps, pq);
+    case DType::kBFloat16: return pack_stream<c10::BFloat16>(d, s0, k, buf, ps, pq);
   }
   TORCH_INTERNAL_ASSERT(false, "corr_accumulate: unknown dtype");
 }

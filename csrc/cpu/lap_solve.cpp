@@ -185,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   const int64_t n = cost_in.size(0);
   const int64_t* prev = warm ? prev_t.const_data_ptr<int64_t>() : nullptr;
   const auto cost_t = cost_in.contiguous();
+  check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);
   at::Tensor col4row_t = at::full({n}, -1, at::kLong);
   at::Tensor v_t = warm ? v_in->clone().contiguous() : at::zeros({n}, at::kDouble);
   LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),

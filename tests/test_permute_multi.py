@@ -170,7 +170,7 @@ def test_outputs_past_the_streaming_threshold(dtype, shape):
 
 
 @native
-@pytest.mark.parametrize("rank", range(0, 10))
+@pytest.mark.parametrize("rank", range(10))
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 def test_every_rank_fixed_or_permuted_matches_reference(rank, layout):
     # Regression: a 9-D fixed buffer (no permuted axis) was refused by the native op ("at most 8

@@ -1,13 +1,11 @@
-"""Mode combinability benchmarks, as ratios measured in one run (issue #5):
+"""The evaluate_combinations flow, as ratios measured in one run (the op alone: combine_batched.py):
 
 (a) small MLP (width 64, 256 examples, 256 combinations): evaluate_combinations vs a loop of
     load_state_dict + forward (per-model overhead dominates);
 (b) MLP 3x512 over the mnist1d test set: evaluate_combinations vs the FLOP floor (K x forward FLOPs
-    at the GEMM rate measured in this run), with the memory of one chunk;
-(c) the combination op alone vs a plain torch expression that materialises λ (torch.rand), and vs
-    the memory-traffic floor (allocating and writing the K outputs: empty + fill_ of the same bytes).
+    at the GEMM rate measured in this run), with the memory of one chunk.
 
-Usage: python benchmarks/combine_ratios.py [--threads 2] [--json out.json] [--quick] [--cases abc]
+Usage: python benchmarks/combine_ratios.py [--threads 2] [--json out.json] [--quick] [--cases ab]
 """
 from __future__ import annotations
 
@@ -101,49 +99,17 @@ def case_b(repeat, k, chunk=16):
     return out
 
 
-def case_c(repeat, k):
-    _, a, b = pair(512, 3)
-    keys = list(a)
-    d = sum(a[key].numel() for key in keys)
-    outs = [torch.empty(k, *a[key].shape) for key in keys]
-    t_fill = best_of(lambda: [o.fill_(1.0) for o in outs], repeat)
-    # The op returns fresh tensors, so its floor includes allocating (first-touching) the output pages.
-    t_floor = best_of(lambda: [torch.empty(k, *a[key].shape).fill_(1.0) for key in keys], repeat)
-    g = torch.Generator().manual_seed(0)
-
-    def plain():
-        return [b[key] + torch.rand((k, *a[key].shape), generator=g) * (a[key] - b[key]) for key in keys]
-
-    t_plain = best_of(plain, repeat)
-    res = {"K": k, "params": d, "output_bytes": k * d * 4, "fill_preallocated_s": t_fill, "floor_alloc_fill_s": t_floor, "torch_rand_expr_s": t_plain,
-           "torch_ratio_to_floor": t_plain / t_floor}
-    spec = prb.zoo.MLP(40, 512, 3).permutation_spec()
-    for gran in ("element", "neuron", "global"):
-        c = prb.sample_coefficients(spec, k, "uniform", gran, seed=0, state=a)
-        t = best_of(lambda: prb.combine_states(a, b, c), repeat)
-        res[f"native_{gran}_s"] = t
-        res[f"native_{gran}_ratio_to_floor"] = t / t_floor
-        res[f"native_{gran}_speedup_vs_torch_rand_expr"] = t_plain / t
-        # The reference materialises λ (int64 Philox in torch ops): compare it on 8 samples only.
-        c8 = prb.sample_coefficients(spec, 8, "uniform", gran, seed=0, state=a)
-        t_nat = best_of(lambda: prb.combine_states(a, b, c8), repeat)
-        with prb.use_backend("reference"):
-            t_ref = best_of(lambda: prb.combine_states(a, b, c8), 1)
-        res[f"reference_over_native_{gran}_K8"] = t_ref / t_nat
-    return res
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="K=64 in (b) and (c)")
+    p.add_argument("--quick", action="store_true", help="K=64 in (b)")
     p.add_argument("--json")
-    p.add_argument("--cases", default="abc", help="which cases to run, e.g. 'b'")
+    p.add_argument("--cases", default="ab", help="which cases to run, e.g. 'b'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     k = 64 if args.quick else 256
-    cases = {"a": lambda: case_a(args.repeat), "b": lambda: case_b(args.repeat, k), "c": lambda: case_c(args.repeat, k)}
+    cases = {"a": lambda: case_a(args.repeat), "b": lambda: case_b(args.repeat, k)}
     result = {"threads": args.threads, "backend": prb.backend()}
     result.update({name: run() for name, run in cases.items() if name in args.cases})
     print(json.dumps(result, indent=1))

@@ -25,5 +25,8 @@ TORCH_LIBRARY(pyrebasin, m) {
         "Tensor(c!) sum_y, Tensor(d!) sum_xx, Tensor(e!) sum_yy, Tensor(f!) sum_xy) -> ()");
   // Minimum-cost assignment of a square float64 cost (CPU): col4row[i] = column of row i, with the
   // column duals v; passing a previous (v, col4row) warm-starts it (rows still tight keep their column).
+  // No CUDA kernel: shortest augmenting paths are sequential (one Dijkstra per free row, each step
+  // depending on the last), weight matching builds its costs on any device and solves them on the CPU,
+  // and at n <= a few thousand a solve costs less than the GEMMs that build the cost.
   m.def("lap_solve(Tensor cost, Tensor? v, Tensor? col4row) -> (Tensor col4row, Tensor v, Tensor augmentations)");
 }

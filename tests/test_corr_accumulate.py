@@ -111,7 +111,7 @@ def test_errors_name_the_tensor():
         torch.ops.pyrebasin.corr_accumulate(x, torch.randn(8, 5), -1, *acc)
     with pytest.raises(RuntimeError, match="channel_dim 2 is out of range"):
         torch.ops.pyrebasin.corr_accumulate(x, None, 2, *accumulators(4, 4))
-    with pytest.raises(RuntimeError, match="x must be float32"):
+    with pytest.raises(RuntimeError, match="x must have dtype float32"):
         torch.ops.pyrebasin.corr_accumulate(x.long(), None, -1, *accumulators(4, 4))
     bad = accumulators(4, 4)
     bad[5] = bad[5].float()

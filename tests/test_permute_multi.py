@@ -167,3 +167,43 @@ def test_outputs_past_the_streaming_threshold(dtype, shape):
     idx = [torch.randperm(shape[0], generator=g), torch.randperm(shape[1], generator=g)]
     out = torch.ops.pyrebasin.permute_multi([x], idx, [0, 0], [0, 1])
     _assert_bitwise(out, [x.index_select(0, idx[0]).index_select(1, idx[1])])
+
+
+@native
+@pytest.mark.parametrize("rank", range(10))
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_every_rank_fixed_or_permuted_matches_reference(rank, layout):
+    # Regression: a 9-D fixed buffer (no permuted axis) was refused by the native op ("at most 8
+    # dims") while the reference copied it. Ranks 0..9, with no permuted axis, one, and every axis
+    # (up to 9 permuted axes: more than one pass can hold, gathered in stages).
+    g = torch.Generator().manual_seed(rank)
+    shape = [(2, 3, 1)[a % 3] for a in range(rank)]
+    x = torch.randn(shape, generator=g)
+    if layout == "transposed" and rank >= 2:
+        x = x.transpose(0, -1)
+    elif layout == "strided" and rank >= 1:
+        x = torch.randn([*shape[:-1], 2 * shape[-1]], generator=g)[..., ::2]
+    choices = [[]] + ([[rank - 1], list(range(rank))] if rank else [])
+    for axes in choices:
+        indices = [torch.randperm(x.shape[a], generator=g) for a in axes]
+        args = ([x, torch.randn(3, generator=g)], indices, [0] * len(axes), axes)
+        with use_backend("native"):
+            out = ops.permute_multi(*args)
+        _assert_bitwise(out, reference.permute_multi(*args))
+        assert out[0].data_ptr() != x.data_ptr() or x.numel() == 0
+
+
+@native
+def test_fake_kernels_quote_what_they_got():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 5)
+        with pytest.raises(RuntimeError, match=r"indices\[0\] must have shape \[4\] .*got \[3\]"):
+            torch.ops.pyrebasin.permute_multi([x], [torch.arange(3)], [0], [0])
+        with pytest.raises(RuntimeError, match="must be int64, got torch.int32"):
+            torch.ops.pyrebasin.permute_multi([x], [torch.arange(4, dtype=torch.int32)], [0], [0])
+        with pytest.raises(RuntimeError, match=r"axes\[0\] = 5 is out of range .*shape \[4, 5\]"):
+            torch.ops.pyrebasin.permute_multi([x], [torch.arange(4)], [0], [5])
+        with pytest.raises(RuntimeError, match="permuted twice"):
+            torch.ops.pyrebasin.permute_multi([x], [torch.arange(4)] * 2, [0, 0], [0, -2])

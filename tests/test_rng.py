@@ -80,3 +80,70 @@ def test_replayable_pure_function_of_seed_sample_index():
 def test_unknown_distribution():
     with pytest.raises(ValueError, match="unknown distribution"):
         rng.coefficients("cauchy", (0, 1), 0, torch.arange(2), torch.arange(2))
+
+
+# The batched CPU Philox of csrc/include/pyrebasin/philox_batch.h (portable loop and AVX2), compiled
+# here against the headers alone: every word must equal philox.h's scalar rng::draw, and rng.draw.
+_PHILOX_BATCH_MAIN = r"""
+#include <cstdio>
+#include "pyrebasin/philox_batch.h"
+using namespace pyrebasin::rng;
+int main() {
+  unsigned long long seed, blk0;
+  unsigned sample;
+  uint32_t w[4 * kBatchBlocks];
+  while (std::scanf("%llu %u %llu", &seed, &sample, &blk0) == 3) {
+    for (int j = 0; j < kBatchBlocks; ++j) {  // scalar reference
+      const U32x4 r = draw(seed, sample, blk0 + j, 0u);
+      for (int l = 0; l < 4; ++l) std::printf("%u ", r.v[l]);
+    }
+    philox_batch_portable(seed, sample, blk0, w);
+    for (uint32_t x : w) std::printf("%u ", x);
+#ifdef PRB_HAVE_AVX2_PHILOX
+    if (cpu_has_avx2() && static_cast<uint32_t>(blk0) <= UINT32_MAX - kBatchBlocks) {
+      philox_batch_avx2(seed, sample, blk0, w);
+    }  // else: the portable words again (philox_batch's own fallback)
+#endif
+    for (uint32_t x : w) std::printf("%u ", x);
+    philox_batch(seed, sample, blk0, w);
+    for (uint32_t x : w) std::printf("%u ", x);
+    std::printf("\n");
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def philox_batch_binary(tmp_path_factory):
+    import os
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tmp_path_factory.mktemp("philox_batch")
+    (d / "main.cpp").write_text(_PHILOX_BATCH_MAIN)
+    # The extension's flags: -O3 (the loops vectorise) and no FMA contraction.
+    subprocess.run([cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-I", os.path.join(root, "csrc", "include"),
+                    str(d / "main.cpp"), "-o", str(d / "main")], check=True)
+    return str(d / "main")
+
+
+def test_batched_cpu_philox_equals_scalar_and_reference(philox_batch_binary):
+    import subprocess
+
+    cases = [(0, 0, 0), (7, 3, 5), (2**64 - 1, 2**32 - 1, 2**40 + 17), (0x243F6A8885A308D3, 11, 2**32 - 32),
+             (12345, 1, 2**32 - 31),  # carries across 2^32 inside the batch: the portable path
+             (2**63, 4, 2**33 - 5)]
+    stdin = "".join(f"{s} {k} {b}\n" for s, k, b in cases)
+    out = subprocess.run([philox_batch_binary], input=stdin, capture_output=True, text=True, check=True).stdout
+    n = 4 * 32
+    for (seed, sample, blk0), line in zip(cases, out.splitlines(), strict=True):
+        words = [int(w) for w in line.split()]
+        scalar, portable, avx2, dispatched = (words[i * n:(i + 1) * n] for i in range(4))
+        assert portable == scalar and avx2 == scalar and dispatched == scalar, (seed, sample, blk0)
+        blocks = torch.tensor([blk0 + j for j in range(32)], dtype=torch.int64)
+        ref = torch.stack(rng.draw(seed, torch.tensor(sample), blocks, 0), dim=-1).flatten().tolist()
+        assert ref == scalar, (seed, sample, blk0)

@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "pyrebasin/lap_solve_checks.h"
+
 namespace pyrebasin {
 namespace {
 
@@ -178,32 +180,12 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& cost_in,
                                                              const std::optional<at::Tensor>& v_in,
                                                              const std::optional<at::Tensor>& col4row_in) {
-  TORCH_CHECK(cost_in.device().is_cpu(), "lap_solve: cost must be on the CPU, got ", cost_in.device());
-  TORCH_CHECK(cost_in.scalar_type() == at::kDouble, "lap_solve: cost must be float64, got ",
-              cost_in.scalar_type());
-  TORCH_CHECK(cost_in.dim() == 2 && cost_in.size(0) == cost_in.size(1),
-              "lap_solve: cost must be a square [n, n] matrix, got ", cost_in.sizes());
+  const at::Tensor prev_t = check_lap_solve_args(cost_in, v_in, col4row_in);
+  const bool warm = prev_t.defined();
   const int64_t n = cost_in.size(0);
-  const bool warm = v_in.has_value() && col4row_in.has_value();
-  TORCH_CHECK(v_in.has_value() == col4row_in.has_value(),
-              "lap_solve: pass both v and col4row for a warm start, or neither");
-  const int64_t* prev = nullptr;
-  at::Tensor prev_t;
-  if (warm) {
-    TORCH_CHECK(v_in->scalar_type() == at::kDouble && v_in->dim() == 1 && v_in->size(0) == n &&
-                    v_in->device().is_cpu(),
-                "lap_solve: v must be a float64 CPU tensor of shape [", n, "], got ", v_in->sizes());
-    TORCH_CHECK(col4row_in->scalar_type() == at::kLong && col4row_in->dim() == 1 &&
-                    col4row_in->size(0) == n && col4row_in->device().is_cpu(),
-                "lap_solve: col4row must be an int64 CPU tensor of shape [", n, "], got ",
-                col4row_in->sizes());
-    prev_t = col4row_in->contiguous();
-    prev = prev_t.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK(prev[i] >= -1 && prev[i] < n, "lap_solve: col4row[", i, "] = ", prev[i], " is out of range");
-  }
+  const int64_t* prev = warm ? prev_t.const_data_ptr<int64_t>() : nullptr;
   const auto cost_t = cost_in.contiguous();
-  TORCH_CHECK(at::isfinite(cost_t).all().item<bool>(), "lap_solve: cost has NaN or infinite entries");
+  check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);
   at::Tensor col4row_t = at::full({n}, -1, at::kLong);
   at::Tensor v_t = warm ? v_in->clone().contiguous() : at::zeros({n}, at::kDouble);
   LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),

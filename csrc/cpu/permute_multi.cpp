@@ -30,10 +30,6 @@
 namespace pyrebasin {
 namespace {
 
-struct alignas(16) Bytes16 {
-  uint64_t lo, hi;
-};
-
 constexpr int64_t kLine = 64;  // cache line bytes: the unit of the software prefetch
 
 // How one output row is produced (see plan_rows). A row is the last dim, or the last two dims when
@@ -209,7 +205,6 @@ void run_rows(const PermuteTensorDesc& d, const RowPlan& p, int64_t begin, int64
   TORCH_INTERNAL_ASSERT(false, "permute_multi: element size ", d.elem_size);
 }
 
-// A unit of parallel work: rows [row_begin, row_end) of one tensor.
 // Large outputs are first touched by this kernel: asking for transparent huge pages there turns
 // one page fault per 4 KiB (the bulk of a fresh multi-GB copy) into one per 2 MiB. Advice only:
 // no effect where THP is off, and only the 2 MiB-aligned interior of the buffer is marked.
@@ -226,141 +221,160 @@ void advise_huge_pages(const at::Tensor& out) {
 #endif
 }
 
+// A unit of parallel work: rows [row_begin, row_end) of one tensor.
 struct Task {
-  int64_t tensor;
+  int64_t tensor;  // its descriptor
   int64_t row_begin;
   int64_t row_end;
 };
+
+// ~64 KiB per task: large enough to amortise scheduling, small enough to balance two cores on a
+// single big matrix.
+constexpr int64_t kTaskBytes = 1 << 16;
+constexpr int64_t kStreamBytes = int64_t{16} << 20;  // non-temporal stores from here on
+
+// int32 copies of last-axis indices, one per distinct index (std::list: stable addresses).
+class Index32Cache {
+ public:
+  const int32_t* of(const int64_t* index, int64_t n) {
+    for (const auto& [from, to] : copies_) {
+      if (from == index && static_cast<int64_t>(to.size()) == n) return to.data();
+    }
+    return copies_.emplace_back(index, std::vector<int32_t>(index, index + n)).second.data();
+  }
+
+ private:
+  std::list<std::pair<const int64_t*, std::vector<int32_t>>> copies_;
+};
+
+// How the rows of one coalesced tensor are produced (see RowKind).
+RowPlan plan_rows(const PermuteTensorDesc& d, int64_t nbytes, Index32Cache& index32) {
+  const int last = d.ndim - 1;
+  const int64_t inner = d.sizes[last];
+  RowPlan p{};
+  if (d.ndim >= 2 && !d.index[last] && d.src_strides[last] == 1 && inner < 64) {
+    p.kind = RowKind::kBlocks;
+    p.lead = d.ndim - 2;
+    p.row_len = d.sizes[p.lead] * inner;
+    p.prefetch = d.src_strides[p.lead] == inner;
+    return p;
+  }
+  p.lead = last;
+  p.row_len = inner;
+  if (d.index[last] && d.src_strides[last] == 1 && d.ndim > 1 &&
+      inner <= std::numeric_limits<int32_t>::max()) {
+    // 32-bit source offsets: half the index bytes, so index + row stay cache-resident.
+    p.kind = RowKind::kGather32;
+    p.index32 = index32.of(d.index[last], inner);
+    p.stream = nbytes >= kStreamBytes;
+  } else if (d.index[last]) {
+    p.kind = RowKind::kGather64;
+  } else {
+    p.kind = d.src_strides[last] == 1 ? RowKind::kCopy : RowKind::kStrided;
+  }
+  return p;
+}
+
+// Everything the parallel pass needs: one descriptor and row plan per tensor the pass writes, and
+// its rows cut into tasks laid end to end by output byte.
+struct PermutePlan {
+  std::vector<PermuteTensorDesc> descs;
+  std::vector<RowPlan> rows;
+  std::vector<Task> tasks;
+  std::vector<int64_t> task_start;  // first byte of each task in the concatenated output
+  int64_t total_bytes = 0;
+  std::vector<int64_t> desc_of;     // tensor -> its descriptor; kCopied / kStaged: see below
+  Index32Cache index32;
+};
+constexpr int64_t kCopied = -1;  // empty or 0-d: no pass needed
+constexpr int64_t kStaged = -2;  // too deep for one pass: permute_in_stages
+
+PermutePlan plan_permute_multi(at::TensorList tensors,
+                               const std::vector<std::vector<at::Tensor>>& per_tensor) {
+  PermutePlan plan;
+  plan.descs.reserve(tensors.size());
+  plan.rows.reserve(tensors.size());
+  plan.desc_of.assign(tensors.size(), kCopied);
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const auto& x = tensors[t];
+    if (x.numel() == 0 || x.dim() == 0) continue;
+    PermuteTensorDesc d;
+    if (!coalesced_desc(x, per_tensor[t], d)) {
+      plan.desc_of[t] = kStaged;
+      continue;
+    }
+    const RowPlan p = plan_rows(d, x.nbytes(), plan.index32);
+    const int64_t row_bytes = p.row_len * x.element_size();
+    const int64_t rows = x.numel() / p.row_len;
+    const int64_t rows_per_task = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
+    const int64_t id = static_cast<int64_t>(plan.descs.size());
+    plan.desc_of[t] = id;
+    plan.descs.push_back(d);
+    plan.rows.push_back(p);
+    for (int64_t r = 0; r < rows; r += rows_per_task) {
+      const int64_t e = std::min(rows, r + rows_per_task);
+      plan.tasks.push_back({id, r, e});
+      plan.task_start.push_back(plan.total_bytes);
+      plan.total_bytes += (e - r) * row_bytes;
+    }
+  }
+  return plan;
+}
+
+// Outputs last and back to back, after every temporary of the plan: the same allocation pattern
+// as clone() of the dict, so that the allocator can reuse freed memory the same way.
+std::vector<at::Tensor> allocate_outputs(at::TensorList tensors, PermutePlan& plan) {
+  static const bool use_huge_pages = [] {
+    const char* v = std::getenv("PYREBASIN_NO_HUGEPAGES");
+    return v == nullptr || v[0] == '\0' || v[0] == '0';
+  }();
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const auto& x = tensors[t];
+    if (plan.desc_of[t] == kStaged) {
+      outputs.emplace_back();  // filled by permute_in_stages
+      continue;
+    }
+    auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (plan.desc_of[t] >= 0) {
+      if (use_huge_pages) advise_huge_pages(out);
+      plan.descs[plan.desc_of[t]].dst = static_cast<char*>(out.mutable_data_ptr());
+    } else if (x.dim() == 0) {
+      out.copy_(x);
+    }
+    outputs.push_back(std::move(out));
+  }
+  return outputs;
+}
+
+// Split by bytes, not by task count: each thread takes the tasks that start in its byte range, so
+// many small tensors and one huge one balance alike.
+void run_plan(const PermutePlan& plan) {
+  if (plan.tasks.empty()) return;
+  const auto& starts = plan.task_start;
+  at::parallel_for(0, plan.total_bytes, kTaskBytes, [&](int64_t begin, int64_t end) {
+    auto i = std::lower_bound(starts.begin(), starts.end(), begin) - starts.begin();
+    for (; i < static_cast<int64_t>(plan.tasks.size()) && starts[i] < end; ++i) {
+      const Task& task = plan.tasks[i];
+      run_rows(plan.descs[task.tensor], plan.rows[task.tensor], task.row_begin, task.row_end);
+    }
+  });
+}
 
 }  // namespace
 
 std::vector<at::Tensor> permute_multi_cpu(at::TensorList tensors, at::TensorList indices,
                                           at::IntArrayRef owners, at::IntArrayRef axes) {
   const auto per_tensor = check_permute_multi_args(tensors, indices, owners, axes, c10::kCPU);
-  std::vector<at::Tensor> outputs;
-  outputs.reserve(tensors.size());
-  std::vector<PermuteTensorDesc> descs;
-  descs.reserve(tensors.size());
-  std::vector<RowPlan> plans;
-  plans.reserve(tensors.size());
-  // int32 copies of last-axis indices, one per distinct index (std::list: stable addresses).
-  std::list<std::pair<const int64_t*, std::vector<int32_t>>> inner32;
-  auto index32_of = [&](const int64_t* index, int64_t n) -> const int32_t* {
-    for (const auto& [from, to] : inner32) {
-      if (from == index && static_cast<int64_t>(to.size()) == n) return to.data();
-    }
-    auto& to = inner32.emplace_back(index, std::vector<int32_t>(index, index + n)).second;
-    return to.data();
-  };
-  std::vector<Task> tasks;
-  std::vector<int64_t> task_start;  // first byte of each task in the concatenated output
-  int64_t total_bytes = 0;
-  std::vector<int64_t> desc_of(tensors.size(), -1);  // tensor -> its descriptor (-1: none)
-  // ~64 KiB per task: large enough to amortise scheduling, small enough to balance two cores on a
-  // single big matrix.
-  constexpr int64_t kTaskBytes = 1 << 16;
-  constexpr int64_t kStreamBytes = int64_t{16} << 20;  // non-temporal stores from here on
-  static const bool use_huge_pages = [] {
-    const char* v = std::getenv("PYREBASIN_NO_HUGEPAGES");
-    return v == nullptr || v[0] == '\0' || v[0] == '0';
-  }();
+  PermutePlan plan = plan_permute_multi(tensors, per_tensor);
+  auto outputs = allocate_outputs(tensors, plan);
+  run_plan(plan);
   for (size_t t = 0; t < tensors.size(); ++t) {
-    const auto& x = tensors[t];
-    if (x.numel() == 0 || x.dim() == 0) continue;
-    // Coalesce, innermost first: a dim joins the block to its right when neither is permuted and
-    // the source is contiguous across them; unpermuted size-1 dims vanish. Conv weights [O, I, k, k]
-    // become [O, I, k*k]: rows of k*k elements instead of k, so per-row overhead stops dominating.
-    std::vector<int64_t> sizes, strides;
-    std::vector<at::Tensor> idxs;
-    for (int64_t a = x.dim() - 1; a >= 0; --a) {
-      const auto& idx = per_tensor[t][a];
-      if (x.size(a) == 1 && !idx.defined()) continue;
-      if (!sizes.empty() && !idx.defined() && !idxs.back().defined() &&
-          x.stride(a) == strides.back() * sizes.back()) {
-        sizes.back() *= x.size(a);
-        continue;
-      }
-      sizes.push_back(x.size(a));
-      strides.push_back(x.stride(a));
-      idxs.push_back(idx);
-    }
-    if (sizes.empty()) {  // every dim had size 1
-      sizes.push_back(1);
-      strides.push_back(1);
-      idxs.emplace_back();
-    }
-    PermuteTensorDesc d{};
-    d.src = static_cast<const char*>(x.const_data_ptr());
-    d.dst = nullptr;  // set once every output exists (below)
-    d.numel = x.numel();
-    d.ndim = static_cast<int32_t>(sizes.size());
-    d.elem_size = static_cast<int32_t>(x.element_size());
-    for (int a = 0; a < d.ndim; ++a) {
-      const size_t r = sizes.size() - 1 - a;  // built innermost-first
-      d.sizes[a] = sizes[r];
-      d.src_strides[a] = strides[r];
-      d.index[a] = idxs[r].defined() ? idxs[r].const_data_ptr<int64_t>() : nullptr;
-    }
-    const int last = d.ndim - 1;
-    const int64_t inner = d.sizes[last];
-    RowPlan p{};
-    if (d.ndim >= 2 && !d.index[last] && d.src_strides[last] == 1 && inner < 64) {
-      p.kind = RowKind::kBlocks;
-      p.lead = d.ndim - 2;
-      p.row_len = d.sizes[p.lead] * inner;
-      p.prefetch = d.src_strides[p.lead] == inner;
-    } else {
-      p.lead = last;
-      p.row_len = inner;
-      if (d.index[last] && d.src_strides[last] == 1 && d.ndim > 1 &&
-          inner <= std::numeric_limits<int32_t>::max()) {
-        // 32-bit source offsets: half the index bytes, so index + row stay cache-resident.
-        p.kind = RowKind::kGather32;
-        p.index32 = index32_of(d.index[last], inner);
-        p.stream = x.nbytes() >= kStreamBytes;
-      } else if (d.index[last]) {
-        p.kind = RowKind::kGather64;
-      } else {
-        p.kind = d.src_strides[last] == 1 ? RowKind::kCopy : RowKind::kStrided;
-      }
-    }
-    const int64_t row_bytes = p.row_len * x.element_size();
-    const int64_t rows = x.numel() / p.row_len;
-    const int64_t rows_per_task = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
-    const int64_t id = static_cast<int64_t>(descs.size());
-    desc_of[t] = static_cast<int64_t>(descs.size());
-    descs.push_back(d);
-    plans.push_back(p);
-    for (int64_t r = 0; r < rows; r += rows_per_task) {
-      const int64_t e = std::min(rows, r + rows_per_task);
-      tasks.push_back({id, r, e});
-      task_start.push_back(total_bytes);
-      total_bytes += (e - r) * row_bytes;
+    if (plan.desc_of[t] == kStaged) {
+      outputs[t] = permute_in_stages(tensors[t], per_tensor[t], permute_multi_cpu);
     }
   }
-  // Outputs last and back to back, after every temporary of the plan: the same allocation pattern
-  // as clone() of the dict, so that the allocator can reuse freed memory the same way.
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const auto& x = tensors[t];
-    auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-    if (desc_of[t] >= 0) {
-      if (use_huge_pages) advise_huge_pages(out);
-      descs[desc_of[t]].dst = static_cast<char*>(out.mutable_data_ptr());
-    } else if (x.dim() == 0) {
-      out.copy_(x);
-    }
-    outputs.push_back(std::move(out));
-  }
-  if (tasks.empty()) return outputs;
-  // Split by bytes, not by task count: each thread takes the tasks that start in its byte range,
-  // so many small tensors and one huge one balance alike.
-  at::parallel_for(0, total_bytes, kTaskBytes, [&](int64_t begin, int64_t end) {
-    auto i = std::lower_bound(task_start.begin(), task_start.end(), begin) - task_start.begin();
-    for (; i < static_cast<int64_t>(tasks.size()) && task_start[i] < end; ++i) {
-      const Task& task = tasks[i];
-      run_rows(descs[task.tensor], plans[task.tensor], task.row_begin, task.row_end);
-    }
-  });
   return outputs;
 }
 

@@ -1,5 +1,5 @@
 // CUDA kernel of pyrebasin::combine_batched: one launch for all tensors of a state dict and all K
-// samples. Each thread writes a span of kSpan consecutive elements of one tensor for one sample,
+// samples. Each thread writes a span of kCombineSpan consecutive elements of one tensor for one sample,
 // drawing lambda in-register (philox.h): consecutive element coefficients share one Philox call.
 // No torch headers here (see DEVELOPERS.md): combine_batched_binding.cpp checks the arguments,
 // builds the descriptors and calls combine_batched_cuda_launch.
@@ -13,8 +13,6 @@
 
 namespace pyrebasin {
 namespace {
-
-constexpr int64_t kSpan = 4;
 
 // 16-bit element types for combine_span's static_casts: torch builds .cu files with
 // __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so __half and __nv_bfloat16
@@ -35,7 +33,7 @@ struct BFloat16 {
 static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "16-bit element wrappers");
 
 // span_offsets[t] is the first global span of tensor t (exclusive prefix sum over
-// ceil(numel / kSpan)); spans_per_sample = span_offsets[n_tensors].
+// ceil(numel / kCombineSpan)); spans_per_sample = span_offsets[n_tensors].
 __global__ void combine_batched_kernel(const CombineTensorDesc* __restrict__ descs,
                                        const int64_t* __restrict__ span_offsets, int64_t n_tensors,
                                        int64_t spans_per_sample, int64_t total, CombineParams p) {
@@ -50,13 +48,13 @@ __global__ void combine_batched_kernel(const CombineTensorDesc* __restrict__ des
       if (span_offsets[mid] <= s) lo = mid; else hi = mid - 1;
     }
     const CombineTensorDesc& d = descs[lo];
-    const int64_t e0 = (s - span_offsets[lo]) * kSpan;
-    const int64_t e1 = e0 + kSpan < d.numel ? e0 + kSpan : d.numel;
+    const int64_t e0 = (s - span_offsets[lo]) * kCombineSpan;
+    const int64_t e1 = e0 + kCombineSpan < d.numel ? e0 + kCombineSpan : d.numel;
     switch (d.dtype) {
-      case kF32: combine_span<float, float>(d, p, k, e0, e1); break;
-      case kF64: combine_span<double, double>(d, p, k, e0, e1); break;
-      case kF16: combine_span<Half, float>(d, p, k, e0, e1); break;
-      default: combine_span<BFloat16, float>(d, p, k, e0, e1); break;
+      case DType::kFloat32: combine_span<float, float>(d, p, k, e0, e1); break;
+      case DType::kFloat64: combine_span<double, double>(d, p, k, e0, e1); break;
+      case DType::kFloat16: combine_span<Half, float>(d, p, k, e0, e1); break;
+      case DType::kBFloat16: combine_span<BFloat16, float>(d, p, k, e0, e1); break;
     }
   }
 }
@@ -70,12 +68,8 @@ cudaError_t combine_batched_cuda_launch(const CombineTensorDesc* descs, const in
                                         int sm_count, cudaStream_t stream) {
   const int64_t total = spans_per_sample * num_samples;
   if (total == 0 || n_tensors == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const int64_t wanted = (total + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 80) * 32;
-  const int blocks = static_cast<int>(wanted < cap ? wanted : cap);
-  combine_batched_kernel<<<blocks, kThreads, 0, stream>>>(descs, span_offsets, n_tensors,
-                                                          spans_per_sample, total, params);
+  combine_batched_kernel<<<grid_blocks(total, sm_count), kThreadsPerBlock, 0, stream>>>(
+      descs, span_offsets, n_tensors, spans_per_sample, total, params);
   return cudaGetLastError();
 }
 

@@ -6,9 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <vector>
 
+#include "device_upload.h"
 #include "pyrebasin/combine_batched.h"
 #include "pyrebasin/combine_batched_checks.h"
 
@@ -37,20 +37,12 @@ std::vector<at::Tensor> combine_batched_cuda(at::TensorList a, at::TensorList b,
                                          std::string(distribution), params, seed, sample_begin,
                                          num_samples, c10::kCUDA, descs, cp, keep);
   if (descs.empty()) return outputs;
-  constexpr int64_t kSpan = 4;  // as in combine_batched.cu
-  std::vector<int64_t> offsets{0};
-  for (const auto& d : descs) offsets.push_back(offsets.back() + (d.numel + kSpan - 1) / kSpan);
-  // Descriptors and offsets travel as raw bytes in one small device tensor (one H2D copy).
-  const int64_t desc_bytes = static_cast<int64_t>(descs.size() * sizeof(CombineTensorDesc));
-  auto host = at::empty({desc_bytes + static_cast<int64_t>(offsets.size() * sizeof(int64_t))},
-                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), descs.data(), desc_bytes);
-  std::memcpy(static_cast<char*>(host.data_ptr()) + desc_bytes, offsets.data(),
-              offsets.size() * sizeof(int64_t));
-  auto dev = host.to(a[0].device(), /*non_blocking=*/true);
-  const auto* dev_descs = reinterpret_cast<const CombineTensorDesc*>(dev.const_data_ptr());
-  const auto* dev_offsets =
-      reinterpret_cast<const int64_t*>(static_cast<const char*>(dev.const_data_ptr()) + desc_bytes);
+  std::vector<int64_t> offsets{0};  // first span of each tensor
+  for (const auto& d : descs) {
+    offsets.push_back(offsets.back() + (d.numel + kCombineSpan - 1) / kCombineSpan);
+  }
+  at::Tensor dev;
+  const auto [dev_descs, dev_offsets] = upload_descriptors(descs, offsets, a[0].device(), dev);
   const auto* props = at::cuda::getCurrentDeviceProperties();
   C10_CUDA_CHECK(combine_batched_cuda_launch(dev_descs, dev_offsets,
                                              static_cast<int64_t>(descs.size()), offsets.back(),

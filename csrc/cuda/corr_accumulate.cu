@@ -99,7 +99,7 @@ __global__ void corr_pack_cols_kernel(CorrStreamDesc d, int64_t s0, int64_t k, d
 template <typename T>
 cudaError_t launch_typed(const CorrStreamDesc& d, int64_t s0, int64_t k, double* buf, double* sum,
                          double* sum_sq, int sm_count, cudaStream_t stream) {
-  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 80) * 8;
+  const int64_t cap = grid_cap(sm_count, 8);
   if (corr_rows_layout(d)) {
     const int64_t tiles = (d.channels + kTileC - 1) / kTileC;
     int64_t ys = (k + kRowsY - 1) / kRowsY;
@@ -109,13 +109,12 @@ cudaError_t launch_typed(const CorrStreamDesc& d, int64_t s0, int64_t k, double*
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ys));
     corr_pack_rows_kernel<T><<<grid, dim3(kTileC, kRowsY), 0, stream>>>(d, s0, k, buf, sum, sum_sq);
   } else {
-    constexpr int kThreads = 256;
-    int64_t xs = (k + kThreads - 1) / kThreads;
+    int64_t xs = (k + kThreadsPerBlock - 1) / kThreadsPerBlock;
     const int64_t want_x = cap / (d.channels > 0 ? d.channels : 1);
     xs = xs < want_x ? xs : (want_x > 0 ? want_x : 1);
     const int64_t ys = d.channels < 65535 ? d.channels : 65535;
     const dim3 grid(static_cast<unsigned>(xs), static_cast<unsigned>(ys));
-    corr_pack_cols_kernel<T><<<grid, kThreads, 0, stream>>>(d, s0, k, buf, sum, sum_sq);
+    corr_pack_cols_kernel<T><<<grid, kThreadsPerBlock, 0, stream>>>(d, s0, k, buf, sum, sum_sq);
   }
   return cudaGetLastError();
 }
@@ -129,10 +128,10 @@ cudaError_t corr_accumulate_pack_cuda_launch(const CorrStreamDesc& d, int64_t s0
                                              cudaStream_t stream) {
   if (k == 0 || d.channels == 0) return cudaSuccess;
   switch (d.dtype) {
-    case CorrDType::kFloat32: return launch_typed<float>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
-    case CorrDType::kFloat64: return launch_typed<double>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
-    case CorrDType::kFloat16: return launch_typed<__half>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
-    case CorrDType::kBFloat16:
+    case DType::kFloat32: return launch_typed<float>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
+    case DType::kFloat64: return launch_typed<double>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
+    case DType::kFloat16: return launch_typed<__half>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
+    case DType::kBFloat16:
       return launch_typed<__nv_bfloat16>(d, s0, k, buf, sum, sum_sq, sm_count, stream);
   }
   return cudaErrorInvalidValue;

@@ -11,10 +11,6 @@
 namespace pyrebasin {
 namespace {
 
-struct alignas(16) Bytes16 {
-  unsigned long long lo, hi;
-};
-
 template <typename elem_t>
 __device__ __forceinline__ void copy_elem(const PermuteTensorDesc& d, int64_t src_off, int64_t i) {
   reinterpret_cast<elem_t*>(d.dst)[i] = reinterpret_cast<const elem_t*>(d.src)[src_off];
@@ -45,7 +41,7 @@ __global__ void permute_multi_kernel(const PermuteTensorDesc* __restrict__ descs
       case 1: copy_elem<uint8_t>(d, src_off, i); break;
       case 2: copy_elem<uint16_t>(d, src_off, i); break;
       case 4: copy_elem<uint32_t>(d, src_off, i); break;
-      case 8: copy_elem<unsigned long long>(d, src_off, i); break;
+      case 8: copy_elem<uint64_t>(d, src_off, i); break;
       default: copy_elem<Bytes16>(d, src_off, i); break;
     }
   }
@@ -58,11 +54,8 @@ cudaError_t permute_multi_cuda_launch(const PermuteTensorDesc* descs, const int6
                                       int64_t n_tensors, int64_t total, int sm_count,
                                       cudaStream_t stream) {
   if (total == 0 || n_tensors == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const int64_t wanted = (total + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sm_count > 0 ? sm_count : 80) * 32;
-  const int blocks = static_cast<int>(wanted < cap ? wanted : cap);
-  permute_multi_kernel<<<blocks, kThreads, 0, stream>>>(descs, offsets, n_tensors, total);
+  permute_multi_kernel<<<grid_blocks(total, sm_count), kThreadsPerBlock, 0, stream>>>(descs, offsets,
+                                                                                  n_tensors, total);
   return cudaGetLastError();
 }
 

@@ -26,3 +26,17 @@ def test_cuda_large_state_dict():
     out = torch.ops.pyrebasin.permute_multi([x.cuda() for x in xs], [i.cuda() for i in idx], [0, 0, 1], [0, 1, 0])
     ref = reference.permute_multi(xs, idx, [0, 0, 1], [0, 1, 0])
     _assert_bitwise([o.cpu() for o in out], ref)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 8, 9])
+def test_cuda_every_rank_fixed_or_permuted(rank):
+    # Twin of test_every_rank_fixed_or_permuted_matches_reference: coalesced views and the staged
+    # gather past 8 dims (all 9 axes permuted, transposed source).
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn([(2, 3, 1)[a % 3] for a in range(rank)], generator=g)
+    if rank >= 2:
+        x = x.transpose(0, -1)
+    for axes in [[]] + ([[rank - 1], list(range(rank))] if rank else []):
+        indices = [torch.randperm(x.shape[a], generator=g) for a in axes]
+        out = torch.ops.pyrebasin.permute_multi([x.cuda()], [i.cuda() for i in indices], [0] * len(axes), axes)
+        _assert_bitwise([o.cpu() for o in out], reference.permute_multi([x], indices, [0] * len(axes), axes))

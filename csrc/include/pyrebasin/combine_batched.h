@@ -5,11 +5,13 @@
 #pragma once
 #include <cstdint>
 
+#include "pyrebasin/common.h"
 #include "pyrebasin/philox.h"
 
 namespace pyrebasin {
 
-enum CombineDtype : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+// Consecutive elements one CUDA thread writes (the binding sizes its span offsets with it).
+constexpr int64_t kCombineSpan = 4;
 
 struct CombineTensorDesc {
   const void* a;    // contiguous, numel elements
@@ -19,7 +21,7 @@ struct CombineTensorDesc {
   int64_t coef_base;
   int64_t coef_div;  // >= 1
   int64_t coef_mod;  // >= 1
-  int32_t dtype;     // CombineDtype
+  DType dtype;
 };
 
 struct CombineParams {

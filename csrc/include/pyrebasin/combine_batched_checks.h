@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "pyrebasin/checks.h"
 #include "pyrebasin/combine_batched.h"
 
 namespace pyrebasin {
@@ -38,17 +39,6 @@ inline int32_t combine_distribution_code(const std::string& name, at::ArrayRef<d
   }
   TORCH_CHECK(false, "combine_batched: unknown distribution '", name,
               "'; expected constant, uniform, bernoulli, gaussian or beta");
-}
-
-inline int32_t combine_dtype_code(at::ScalarType t, size_t i) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default: TORCH_CHECK(false, "combine_batched: a[", i, "] has dtype ", t,
-                         "; expected float32, float64, float16 or bfloat16");
-  }
 }
 
 // Checks every argument, allocates the outputs [num_samples, *shape] and fills the descriptors.
@@ -85,7 +75,7 @@ inline std::vector<at::Tensor> prepare_combine_batched(
                 " but b[", i, "] has shape ", y.sizes());
     TORCH_CHECK(x.scalar_type() == y.scalar_type(), "combine_batched: a[", i, "] is ",
                 x.scalar_type(), " but b[", i, "] is ", y.scalar_type());
-    const int32_t dtype = combine_dtype_code(x.scalar_type(), i);
+    const DType dtype = dtype_tag(x, "combine_batched", "a[" + std::to_string(i) + "]");
     TORCH_CHECK(coef_div[i] >= 1 && coef_mod[i] >= 1 && coef_base[i] >= 0,
                 "combine_batched: tensor ", i, " has coef_base=", coef_base[i], ", coef_div=",
                 coef_div[i], ", coef_mod=", coef_mod[i], "; expected base >= 0, div >= 1, mod >= 1");

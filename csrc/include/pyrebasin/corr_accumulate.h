@@ -4,13 +4,13 @@
 #pragma once
 #include <cstdint>
 
-namespace pyrebasin {
+#include "pyrebasin/common.h"
 
-enum class CorrDType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+namespace pyrebasin {
 
 struct CorrStreamDesc {
   const void* data;
-  CorrDType dtype;
+  DType dtype;
   int64_t outer, channels, inner;      // sizes of the [outer, C, inner] view
   int64_t s_outer, s_channel, s_inner; // its strides, in elements
 };

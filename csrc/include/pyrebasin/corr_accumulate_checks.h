@@ -5,21 +5,10 @@
 
 #include <optional>
 
+#include "pyrebasin/checks.h"
 #include "pyrebasin/corr_accumulate.h"
 
 namespace pyrebasin {
-
-inline CorrDType corr_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return CorrDType::kFloat32;
-    case at::kDouble: return CorrDType::kFloat64;
-    case at::kHalf: return CorrDType::kFloat16;
-    case at::kBFloat16: return CorrDType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "corr_accumulate: ", name, " must be float32/float64/float16/bfloat16, got ",
-                  t.scalar_type());
-  }
-}
 
 // [outer, C, inner] view of a stream (a view when the strides allow it, else a copy).
 inline CorrStreamDesc corr_stream_desc(const at::Tensor& t, int64_t channel_dim, at::Tensor& keep,
@@ -34,7 +23,7 @@ inline CorrStreamDesc corr_stream_desc(const at::Tensor& t, int64_t channel_dim,
   keep = t.reshape({outer, t.size(cd), inner});
   CorrStreamDesc d{};
   d.data = keep.const_data_ptr();
-  d.dtype = corr_dtype(t, name);
+  d.dtype = dtype_tag(t, "corr_accumulate", name);
   d.outer = outer;
   d.channels = t.size(cd);
   d.inner = inner;

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "pyrebasin/common.h"
+
 namespace pyrebasin {
 
 constexpr int kMaxPermuteDims = 8;

@@ -1,5 +1,5 @@
-// Argument checks shared by the CPU and CUDA bindings of permute_multi: caller errors name the
-// offending tensor, axis and size, so a bad spec never reaches a kernel.
+// Argument checks and the kernel view of each tensor, shared by the CPU and CUDA bindings of
+// permute_multi: caller errors name the offending tensor, axis and size, so a bad spec never reaches a kernel.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -22,8 +22,6 @@ inline std::vector<std::vector<at::Tensor>> check_permute_multi_args(
     const auto& x = tensors[t];
     TORCH_CHECK(x.device().type() == device_type, "permute_multi: tensors[", t, "] is on ",
                 x.device(), " but this kernel runs on ", c10::DeviceTypeName(device_type));
-    TORCH_CHECK(x.dim() <= kMaxPermuteDims, "permute_multi: tensors[", t, "] has ", x.dim(),
-                " dims; at most ", kMaxPermuteDims, " are supported");
     const auto es = x.element_size();
     TORCH_CHECK(es == 1 || es == 2 || es == 4 || es == 8 || es == 16, "permute_multi: tensors[",
                 t, "] has unsupported element size ", es);
@@ -76,6 +74,75 @@ inline std::vector<std::vector<at::Tensor>> check_permute_multi_args(
     per_tensor[owner][axis] = std::move(contiguous);
   }
   return per_tensor;
+}
+
+// The kernel view of tensor x, whose axis a is gathered by idx[a] (undefined: not permuted). Dims are
+// coalesced, innermost first: a dim joins the block to its right when neither is permuted and the
+// source is contiguous across them; unpermuted size-1 dims vanish. Conv weights [O, I, k, k] become
+// [O, I, k*k] (rows of k*k elements instead of k), and a buffer of any rank that no perm touches
+// becomes one dim when contiguous. Returns false when the view still has more than kMaxPermuteDims
+// dims (then permute_in_stages applies).
+inline bool coalesced_desc(const at::Tensor& x, const std::vector<at::Tensor>& idx,
+                           PermuteTensorDesc& d) {
+  int64_t sizes[kMaxPermuteDims], strides[kMaxPermuteDims];
+  const int64_t* index[kMaxPermuteDims];
+  int n = 0;  // built innermost-first
+  bool last_permuted = false;
+  for (int64_t a = x.dim() - 1; a >= 0; --a) {
+    const bool permuted = idx[a].defined();
+    if (x.size(a) == 1 && !permuted) continue;
+    if (n > 0 && !permuted && !last_permuted && x.stride(a) == strides[n - 1] * sizes[n - 1]) {
+      sizes[n - 1] *= x.size(a);
+      continue;
+    }
+    if (n == kMaxPermuteDims) return false;
+    sizes[n] = x.size(a);
+    strides[n] = x.stride(a);
+    index[n] = permuted ? idx[a].const_data_ptr<int64_t>() : nullptr;
+    last_permuted = permuted;
+    ++n;
+  }
+  if (n == 0) {  // every dim had size 1 (or x is a scalar)
+    sizes[0] = 1;
+    strides[0] = 1;
+    index[0] = nullptr;
+    n = 1;
+  }
+  d = PermuteTensorDesc{};
+  d.src = static_cast<const char*>(x.const_data_ptr());
+  d.dst = nullptr;  // the caller sets it once the output exists
+  d.numel = x.numel();
+  d.ndim = n;
+  d.elem_size = static_cast<int32_t>(x.element_size());
+  for (int a = 0; a < n; ++a) {
+    d.sizes[a] = sizes[n - 1 - a];
+    d.src_strides[a] = strides[n - 1 - a];
+    d.index[a] = index[n - 1 - a];
+  }
+  return true;
+}
+
+// A tensor whose view is too deep for one pass (more than kMaxPermuteDims dims after coalescing:
+// many permuted axes, or a high-rank non-contiguous source): gathered through contiguous
+// intermediates, at most 3 permuted axes per stage, so that every stage coalesces to <= 7 dims.
+// `gather(tensors, indices, owners, axes)` is the device's permute_multi.
+template <typename Gather>
+at::Tensor permute_in_stages(const at::Tensor& x, const std::vector<at::Tensor>& idx, Gather gather) {
+  at::Tensor cur = x.contiguous();
+  std::vector<at::Tensor> indices;
+  std::vector<int64_t> axes;
+  for (int64_t a = 0; a < x.dim(); ++a) {
+    if (idx[a].defined()) {
+      indices.push_back(idx[a]);
+      axes.push_back(a);
+    }
+    if (!indices.empty() && (indices.size() == 3 || a == x.dim() - 1)) {
+      cur = gather({cur}, indices, std::vector<int64_t>(indices.size(), 0), axes)[0];
+      indices.clear();
+      axes.clear();
+    }
+  }
+  return cur.is_same(x) ? cur.clone() : cur;  // always a new tensor, like every other output
 }
 
 }  // namespace pyrebasin

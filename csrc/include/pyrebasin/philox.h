@@ -11,11 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PRB_HD __host__ __device__ __forceinline__
-#else
-#define PRB_HD inline
-#endif
+#include "pyrebasin/common.h"
 
 namespace pyrebasin {
 namespace rng {
@@ -84,28 +80,38 @@ struct U32x4 {
   uint32_t v[4];
 };
 
-PRB_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-  const uint64_t p = static_cast<uint64_t>(a) * b;
-  hi = static_cast<uint32_t>(p >> 32);
-  lo = static_cast<uint32_t>(p);
+// The multipliers and Weyl key increments of Philox-4x32 (the batched CPU copies use these too).
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
+// One round on counter (c0, c1, c2, c3) with round key (k0, k1).
+PRB_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                         uint32_t k1) {
+  const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+  const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+  const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+  c1 = static_cast<uint32_t>(p1);
+  c3 = static_cast<uint32_t>(p0);
+  c0 = n0;
+  c2 = n2;
+}
+
+// Round r's key: the key advanced r times by the Weyl increments.
+PRB_HD void philox_bump_key(uint32_t& k0, uint32_t& k1) {
+  k0 += kPhiloxW0;
+  k1 += kPhiloxW1;
 }
 
 // counter = (c0, c1, c2, c3), key = (k0, k1); returns 4 independent uniform 32-bit words.
 PRB_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                            uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo(0xD2511F53u, c0, hi0, lo0);
-    mulhilo(0xCD9E8D57u, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0, n1 = lo1, n2 = hi0 ^ c3 ^ k1, n3 = lo0;
-    c0 = n0;
-    c1 = n1;
-    c2 = n2;
-    c3 = n3;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    if (round > 0) philox_bump_key(k0, k1);
+    philox_round(c0, c1, c2, c3, k0, k1);
   }
   return U32x4{{c0, c1, c2, c3}};
 }

@@ -1,6 +1,6 @@
-"""apply_permutation: native vs reference vs clone() of the same state dict, as ratios in one run.
+"""permute_multi through apply_permutation: native vs reference vs clone() of the same dict, in one run.
 
-Usage: python benchmarks/permute_ratios.py [--repeat 20] [--json out.json]
+Usage: python benchmarks/permute_multi.py [--threads 2] [--repeat 15] [--json out.json]
 Cases: a ResNet20x8 BatchNorm state dict, and a transformer-block-shaped dict (attention 4096 + a
 4096/11008 MLP, LLaMA-style). Floor: clone() of every tensor (one read + one write per byte).
 Fresh outputs cost page faults on both sides (whether glibc reuses freed memory varies from run to
@@ -61,8 +61,10 @@ def run(repeat: int) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if not prb.native_available():
         raise SystemExit("native extension not built: nothing to compare")
     rows = run(args.repeat)

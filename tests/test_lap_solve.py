@@ -1,4 +1,5 @@
-"""LAP layer: every solver returns the maximising permutation, in float64, with clear errors."""
+"""pyrebasin::lap_solve and the LAP layer over it: every solver returns the maximising permutation, in
+float64, with clear errors; the native kernel equals its reference twin (the same algorithm, ported)."""
 import itertools
 
 import numpy as np
@@ -146,6 +147,26 @@ def test_lap_solve_opcheck_and_errors():
         torch.ops.pyrebasin.lap_solve(torch.full((2, 2), float("nan"), dtype=torch.float64), None, None)
     with pytest.raises(ValueError, match="both v and col4row"):
         reference.lap_solve(cost, v, None)
+
+
+@needs_native
+def test_lap_solve_errors_quote_what_they_got():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cost = torch.zeros(3, 3, dtype=torch.float64)
+    col = torch.tensor([0, 7, 1])
+    with pytest.raises(RuntimeError, match=r"col4row\[1\] = 7 is out of range \[-1, 3\)"):
+        torch.ops.pyrebasin.lap_solve(cost, torch.zeros(3, dtype=torch.float64), col)
+    with pytest.raises(RuntimeError, match=r"v must be a float64 CPU tensor of shape \[3\], got Float \[2\]"):
+        torch.ops.pyrebasin.lap_solve(cost, torch.zeros(2), torch.arange(3))
+    with pytest.raises(RuntimeError, match=r"square \[n, n\] matrix, got \[3, 2\]"):
+        torch.ops.pyrebasin.lap_solve(cost[:, :2], None, None)
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match="cost must be float64, got torch.float32"):
+            torch.ops.pyrebasin.lap_solve(torch.empty(3, 3), None, None)
+        with pytest.raises(RuntimeError, match=r"col4row must be an int64 CPU tensor of shape \[3\], got torch.int32"):
+            torch.ops.pyrebasin.lap_solve(torch.empty(3, 3, dtype=torch.float64), torch.empty(3, dtype=torch.float64),
+                                          torch.empty(3, dtype=torch.int32))
 
 
 def test_solve_lap_jv_warm_state_round_trip():

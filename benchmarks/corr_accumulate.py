@@ -1,8 +1,8 @@
-"""Streaming correlation (corr_accumulate via CrossMoments), measured in one run: native against the
+"""corr_accumulate (streaming correlation through CrossMoments), measured in one run: native against the
 bare GEMM floor (torch.mm of the same shapes), the reference backend, and concatenate + torch.corrcoef,
 with the peak memory of each (every method runs in its own subprocess; ru_maxrss above its baseline).
 
-    PYTHONPATH=$PWD python benchmarks/corr_accumulate_ratios.py [--samples 50000] [--units 1024]
+    PYTHONPATH=$PWD python benchmarks/corr_accumulate.py [--samples 50000] [--units 1024]
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from tests.claims import test_stitching_study as test_stitching
 MEASURES = {
     "planted": (test_lmc.measure_planted, lambda: [0, 2, 4, 6]),
     "alignment": (test_lmc.measure_alignment, _pairs.seed_pairs),
-    "corrections_vgg_bn": (test_lmc.measure_corrections, lambda: _pairs.seed_pairs(3)),
+    "corrections_vgg_bn": (test_lmc.measure_corrections, _pairs.seed_pairs),
     "weight_mlp": (test_matching.measure_weight_mlp, _pairs.seed_pairs),
     "weight_resnet20_ln": (test_matching.measure_weight_resnet, lambda: _pairs.seed_pairs(3)),
     "activation_mlp": (test_matching.measure_activation_mlp, _pairs.seed_pairs),
@@ -46,7 +46,7 @@ def main() -> None:
         fn, pairs = MEASURES[key]
         t = time.perf_counter()
         report["figures"][key] = {str(q): fn(q) for q in pairs()}
-        print(f"{key}: {time.perf_counter() - t:.1f}s", flush=True)
+        print(f"{key}: {time.perf_counter() - t:.1f}s", json.dumps(report["figures"][key], default=float), flush=True)
     report["hashes"] = {n: state_hash(n, 0) for n in _pairs.CONFIGS}
     report["seconds"] = time.perf_counter() - start
     text = json.dumps(report, indent=1, default=float)

@@ -77,22 +77,28 @@ def measure_similarity(seeds) -> dict:
 
 def test_aligned_combinations_stay_near_endpoints(tmp_path):
     rows = [measure_combinability(p, tmp_path) for p in seed_pairs()]
-    # measured TODO
+    # measured, pairs (0,1) (2,3) (4,5) (6,7) x 6 (distribution, granularity), AVX512 | AVX2 | DEFAULT:
+    # median accuracy aligned - naive .215-.415 (worst mean over pairs .24, bernoulli neuron); median
+    # loss naive - aligned .77-2.82; endpoints' mean accuracy - aligned median: uniform .027-.091 (worst
+    # mean .084), bernoulli .046-.170 (worst mean .156, element-wise); fraction of uniform neuron-wise
+    # combinations within eps .75 .25 .625 .875 | .5 .25 .625 .375 | .125 .25 .625 .625 (mean .41-.63)
     for key in (f"{d}|{g}" for d in DISTS for g in GRANS):
         # naive combinations collapse towards chance, aligned ones stay near the endpoints
         assert mean(r[key]["acc_gain"] for r in rows) > 0.15, key
-        assert mean(r[key]["acc_drop"] for r in rows) < 0.15, key
-        assert all(r[key]["loss_gain"] > 0 for r in rows), key
+        assert mean(r[key]["acc_drop"] for r in rows) < (0.15 if key.startswith("uniform") else 0.22), key
+        assert all(r[key]["loss_gain"] > 0.3 for r in rows), key
         assert mean(r[key]["within_gain"] for r in rows) >= 0, key
-    assert mean(r["within_uniform_neuron"] for r in rows) > 0.3
+    assert mean(r["within_uniform_neuron"] for r in rows) > 0.2
 
 
 def test_transitive_alignment_barrier_far_below_naive():
     rows = [measure_transitivity(p) for p in seed_pairs()]
-    # measured TODO
-    assert mean(r["direct"] / r["naive"] for r in rows) < 0.3
-    assert mean(r["transitive"] / r["naive"] for r in rows) < 0.5
-    assert mean(r["direct"] - r["transitive"] for r in rows) <= 0.05
+    # measured, triples (0,1,2) (2,3,4) (4,5,6) (6,7,0), AVX512 | AVX2 | DEFAULT: barrier / naive, direct
+    # .070 .111 .074 .044 | .077 .111 .074 .050 | .104 .111 .074 .041; transitive .149 .219 .249 .146 |
+    # .141 .208 .129 .194 | .121 .219 .129 .196 (worst 0.25); transitive - direct .02-.21
+    assert all(r["direct"] / r["naive"] < 0.2 and r["transitive"] / r["naive"] < 0.4 for r in rows)
+    assert mean(r["direct"] / r["naive"] for r in rows) < 0.15 and mean(r["transitive"] / r["naive"] for r in rows) < 0.3
+    assert mean(r["transitive"] - r["direct"] for r in rows) > 0  # going through C costs something
 
 
 def test_robustness_degrades_with_q(tmp_path):
@@ -100,19 +106,20 @@ def test_robustness_degrades_with_q(tmp_path):
     for r in rows:  # Hamming distance from the matching grows with the shuffled fraction q by construction
         assert r["hamming"] == sorted(r["hamming"]) and r["hamming"][0] == 0.0 and r["hamming"][-1] > 0.9
         assert r["noise_barrier"][0] == pytest.approx(r["barrier"][0])
-    # measured TODO
-    assert mean(r["barrier"][-1] - r["barrier"][0] for r in rows) > 0.3
-    assert mean(r["barrier"][2] - r["barrier"][0] for r in rows) > 0
-    assert mean(r["acc"][0] - r["acc"][-1] for r in rows) > 0.15
-    assert mean(r["acc"][0] - r["acc"][2] for r in rows) > 0
-    assert mean(r["noise_barrier"][1] - r["noise_barrier"][0] for r in rows) > 0
+    # measured, pairs (0,1) (2,3) (4,5) (6,7), AVX512 | AVX2 | DEFAULT, shuffled fraction q = 0, .1, .5, 1:
+    # barrier rise q=0 -> 1 .86-1.25, q=0 -> .5 .32-.64; median combination accuracy drop q=0 -> 1
+    # .25-.34, q=0 -> .5 .11-.22; noise 1.0 raises the barrier by .16-.25
+    for r in rows:
+        assert r["barrier"][-1] - r["barrier"][0] > 0.4 and r["barrier"][2] - r["barrier"][0] > 0.1
+        assert r["acc"][0] - r["acc"][-1] > 0.15 and r["acc"][0] - r["acc"][2] > 0.05
+        assert r["noise_barrier"][1] - r["noise_barrier"][0] > 0.05
 
 
 def test_combinations_are_different_functions():
     rows = [measure_similarity(p) for p in seed_pairs()]
-    # measured TODO
+    # measured, pairs (0,1) (2,3) (4,5) (6,7), AVX512 | AVX2 | DEFAULT: combo-A disagreement naive -
+    # aligned .373-.458; aligned combo-combo disagreement .274-.396, JS .037-.058; weight L2 gain
+    # 2.87-3.21; A-B cosine gain .383-.412
     # naive combinations are far from both endpoints; aligned ones near them, yet distinct functions
-    assert mean(r["disagreement_gain"] for r in rows) > 0.2
-    assert mean(r["combo_disagreement"] for r in rows) > 0.05 and all(r["combo_js"] > 0 for r in rows)
-    assert all(r["l2_gain"] > 0 for r in rows)
-    assert mean(r["cosine_gain"] for r in rows) > 0.2
+    assert all(r["disagreement_gain"] > 0.2 and r["combo_disagreement"] > 0.1 and r["combo_js"] > 0.01 for r in rows)
+    assert all(r["l2_gain"] > 1.0 and r["cosine_gain"] > 0.2 for r in rows)

@@ -39,7 +39,10 @@ def measure_corrections(seeds) -> dict:
     spec = model.permutation_spec()
     x, y, xt, yt = prb.data.mnist1d()
     data = {"train": (x[:500], y[:500]), "test": (xt[:500], yt[:500])}
-    b_al = prb.apply_permutation(spec, prb.weight_matching(spec, a, b).perms, b)
+    # Weight matching leaves this BN VGG's plain barrier at or above naive (test loss 1.84-3.11 vs
+    # 2.25-2.51 over 4 pairs), so the corrections are measured on activation-matched pairs.
+    perms = prb.activation_matching(model, model, spec, x[:2000], state_a=a, state_b=b).perms
+    b_al = prb.apply_permutation(spec, perms, b)
     stat = x[500:1000]
     plain = interpolate(model, a, b_al, data, ts=5)
     reset = interpolate(model, a, b_al, data, ts=5, buffers="reset", stat_data=stat)
@@ -49,6 +52,7 @@ def measure_corrections(seeds) -> dict:
         out[f"plain_{split}"] = barrier(plain, split=split)
         out[f"reset_ratio_{split}"] = barrier(reset, split=split) / out[f"plain_{split}"]
         out[f"repair_ratio_{split}"] = barrier(repaired, split=split) / out[f"plain_{split}"]
+    out["acc_test"] = [barrier(c, "accuracy", split="test") for c in (plain, reset, repaired)]
     return out
 
 
@@ -57,27 +61,30 @@ def test_planted_permutation_is_flat_and_naive_is_not():
     for r in rows:
         assert r["aligned"] == pytest.approx(0.0, abs=1e-5)  # exact: the planted inverse undoes it
         assert r["end_rel_gap"] < 1e-5  # a permuted net computes the same function
-    # measured (seeds 0, 2, 4, 6; AVX512 / AVX2 / DEFAULT kernels): naive test loss barrier TODO
-    assert mean(r["naive"] for r in rows) > 0.3
-    assert min(r["naive"] for r in rows) > 0.15
+    # measured, seeds 0 2 4 6 (AVX512 | AVX2 | DEFAULT kernels, empty caches): naive test loss barrier
+    # 1.149 1.120 1.113 1.238 | 1.131 1.120 1.113 1.255 | 1.130 1.120 1.113 1.255 (min 1.11)
+    assert min(r["naive"] for r in rows) > 0.3
 
 
 def test_alignment_lowers_the_barrier_on_mnist1d():
     rows = [measure_alignment(p) for p in seed_pairs()]
-    # measured TODO
+    # measured, pairs (0,1) (2,3) (4,5) (6,7), AVX512 | AVX2 | DEFAULT: aligned / naive test loss barrier
+    # (endpoint_mean; linear and any_chord within 0.003 of it) .057 .101 .068 .054 | .062 .101 .068 .054 |
+    # .079 .101 .068 .051 (max 0.101); accuracy barrier naive .33-.37 -> aligned .019-.040
     for k in KINDS:
-        assert mean(r[f"ratio_{k}"] for r in rows) < 0.5, k
-        assert max(r[f"ratio_{k}"] for r in rows) < 1.0, k
-    assert mean(r["acc_aligned"] - r["acc_naive"] for r in rows) < 0
-    assert all(r["acc_aligned"] < r["acc_naive"] for r in rows)
+        assert max(r[f"ratio_{k}"] for r in rows) < 0.3, k
+        assert mean(r[f"ratio_{k}"] for r in rows) < 0.2, k
+    assert all(r["acc_aligned"] < r["acc_naive"] / 3 for r in rows)
 
 
 def test_reset_and_repair_lower_the_aligned_barrier_of_a_bn_net():
     """Jordan et al. (2023): for BN nets, resetting BN statistics (RESET) lowers the barrier of aligned
     networks, and REPAIR lowers it compared with plain aligned interpolation."""
-    rows = [measure_corrections(p) for p in seed_pairs(3)]
+    rows = [measure_corrections(p) for p in seed_pairs()]
     # measured TODO
     for split in ("train", "test"):
-        assert mean(r[f"reset_ratio_{split}"] for r in rows) < 0.8, split
-        assert mean(r[f"repair_ratio_{split}"] for r in rows) < 0.8, split
-        assert all(r[f"reset_ratio_{split}"] < 1 and r[f"repair_ratio_{split}"] < 1 for r in rows), split
+        for fix in ("reset", "repair"):
+            ratios = [r[f"{fix}_ratio_{split}"] for r in rows]
+            assert max(ratios) < 0.9 and mean(ratios) < 0.75, (fix, split, ratios)
+    for plain, reset, repaired in (r["acc_test"] for r in rows):
+        assert reset < plain - 0.1 and repaired < plain - 0.1

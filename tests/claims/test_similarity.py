@@ -36,6 +36,7 @@ def measure_cka(seeds) -> dict:
 
 def test_cka_on_trained_models_is_one_for_self_and_permutation_invariant():
     rows = [measure_cka(p) for p in seed_pairs()]
-    # measured TODO
+    # measured, pairs (0,1) (2,3) (4,5) (6,7), AVX512 | AVX2 | DEFAULT: CKA between seeds, norms.1
+    # .967 .958 .952 .961 | .967 .958 .952 .961 | .969 .958 .952 .961; norms.2 .968-.974 (all three)
     for layer in LAYERS:
-        assert all(0.3 < r[layer] < 0.999 for r in rows), layer  # two seeds: similar, not identical
+        assert all(0.85 < r[layer] < 0.995 for r in rows), layer  # two seeds: similar, not identical

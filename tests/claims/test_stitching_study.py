@@ -39,10 +39,12 @@ def test_study_least_squares_keeps_accuracy_identity_does_not(tmp_path):
     assert "mlp (width=128, depth=3) seed 0" in md
     assert d["layers"] == s.layers and json.loads(json.dumps(d))["cka"] == s.cka
     check_png(pngs[0])
-    # measured TODO
+    # measured, pairs (0,1) (2,3) (4,5) (6,7), AVX512 | AVX2 | DEFAULT: least-squares stitch, worst layer's
+    # relative accuracy .946 .988 .998 .980 | .948 .988 .998 .978 | .952 .988 .998 .973; identity stitch,
+    # best layer's .185-.369; CKA .952-.969, SVCCA .725-.744, R² .953-.960; end net accuracy .557-.585
     for st in studies:
         r = measure_study(st)
-        assert r["ls_min"] > 0.9 and r["identity_max"] < 0.5, r
+        assert r["ls_min"] > 0.9 and r["identity_max"] < 0.5, r  # the paper's claim; worst margin .046
         assert r["cka_min"] > 0.3 and r["cca_min"] > 0 and r["r2_min"] > 0.5, r
         assert all(v <= 1.0 for m in (st.cka, st.cca, st.r2) for v in m.values())
         assert 0.4 < r["accuracy_end"] < 1

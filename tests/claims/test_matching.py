@@ -36,7 +36,7 @@ def measure_weight_resnet(seeds) -> dict:
     model, sa, sb = trained_pair("resnet20_ln", seeds)
     x_train, _, x, y = prb.data.mnist1d()
     spec = model.permutation_spec()
-    sb_wm = prb.apply_permutation(spec, prb.weight_matching(spec, sa, sb).perms, sb)
+    sb_wm = prb.apply_permutation(spec, prb.weight_matching(spec, sa, sb, schedule=TEXTBOOK).perms, sb)
     out = {}
     for name, b in (("naive", sb), ("wm", sb_wm)):
         out[name] = midpoint_barriers(model, sa, b, x, y)

@@ -4,4 +4,5 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 export PYREBASIN_REQUIRE_NATIVE=1
 python -c "import pyrebasin; assert pyrebasin.native_available()"
+python -c "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability())"
 python -m pytest -q -p no:cacheprovider "$@"

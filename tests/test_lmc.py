@@ -1,6 +1,6 @@
 """Interpolation curves and barriers: hand-computed barriers on synthetic curves (any_chord against a
-brute-force chord search), functional evaluation that never touches the caller's model, and the
-papers' claims on mnist1d-trained pairs."""
+brute-force chord search), functional evaluation that never touches the caller's model. The papers'
+claims on mnist1d-trained pairs live in tests/claims/test_lmc.py."""
 import itertools
 import json
 
@@ -11,22 +11,8 @@ from hypothesis import strategies as st
 
 import pyrebasin as prb
 from pyrebasin.lmc import Curve, barrier, interpolate, lerp_state
-from pyrebasin.train import TrainConfig, evaluate, train_zoo
-
-# Small configurations shared with the demo's --quick mode, so the cached models are reused.
-PAIRS = {"mlp": ("mlp", dict(width=128, depth=3), 10), "vgg_bn": ("vgg", dict(), 10)}
-
-
-def trained_pair(name):
-    arch, kw, epochs = PAIRS[name]
-    model, a = train_zoo(arch, seed=0, config=TrainConfig(epochs=epochs), progress=False, **kw)
-    _, b = train_zoo(arch, seed=1, config=TrainConfig(epochs=epochs), progress=False, **kw)
-    return model, a, b
-
-
-def mnist1d_splits(n_train=1000):
-    x, y, xt, yt = prb.data.mnist1d()
-    return {"train": (x[:n_train], y[:n_train]), "test": (xt, yt)}
+from pyrebasin.train import evaluate
+from tests.claims._pairs import mnist1d_splits, trained_pair  # noqa: F401  (re-exported for tests.test_cli)
 
 
 def curve(ts, loss, acc=None):
@@ -201,49 +187,3 @@ def test_bad_inputs_name_the_problem():
         interpolate(model, a, b, data, ts=1)
     with pytest.raises(ValueError, match="no BatchNorm"):
         interpolate(model, a, b, data, buffers="reset")
-
-
-# ---------------------------------------------------------------- the papers' claims on mnist1d
-@pytest.mark.slow
-def test_planted_permutation_is_flat_and_naive_is_not():
-    model, a, _ = trained_pair("mlp")
-    spec = model.permutation_spec()
-    perms = prb.random_permutation(spec, a, generator=3)
-    b = prb.apply_permutation(spec, perms, a)  # the same function, other weights
-    data = mnist1d_splits()
-    naive = interpolate(model, a, b, data, ts=9)
-    aligned = interpolate(model, a, prb.apply_permutation(spec, prb.invert_permutation(perms), b), data, ts=9)
-    assert barrier(aligned, split="test") == pytest.approx(0.0, abs=1e-5)
-    assert barrier(naive, split="test") > 0.3
-    assert naive.loss["test"][0] == pytest.approx(naive.loss["test"][-1], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_alignment_lowers_the_barrier_on_mnist1d():
-    model, a, b = trained_pair("mlp")
-    spec = model.permutation_spec()
-    data = mnist1d_splits()
-    naive = interpolate(model, a, b, data, ts=9)
-    wm = prb.apply_permutation(spec, prb.weight_matching(spec, a, b).perms, b)
-    aligned = interpolate(model, a, wm, data, ts=9)
-    for kind in ("endpoint_mean", "linear", "any_chord"):
-        assert barrier(aligned, split="test", kind=kind) < 0.5 * barrier(naive, split="test", kind=kind)
-    assert barrier(aligned, "accuracy", split="test") < barrier(naive, "accuracy", split="test")
-
-
-@pytest.mark.slow
-def test_reset_and_repair_lower_the_aligned_barrier_of_a_bn_net():
-    """Jordan et al. (2023): for BN nets, resetting BN statistics (RESET) lowers the barrier of aligned
-    networks, and REPAIR lowers it compared with plain aligned interpolation."""
-    model, a, b = trained_pair("vgg_bn")
-    spec = model.permutation_spec()
-    x, y, xt, yt = prb.data.mnist1d()
-    data = {"train": (x[:500], y[:500]), "test": (xt[:500], yt[:500])}
-    b_al = prb.apply_permutation(spec, prb.weight_matching(spec, a, b).perms, b)
-    stat = x[500:1000]
-    plain = interpolate(model, a, b_al, data, ts=5)
-    reset = interpolate(model, a, b_al, data, ts=5, buffers="reset", stat_data=stat)
-    repaired = interpolate(model, a, b_al, data, ts=5, repair=True, stat_data=stat)
-    for split in ("train", "test"):
-        assert barrier(reset, split=split) < 0.8 * barrier(plain, split=split)
-        assert barrier(repaired, split=split) < 0.8 * barrier(plain, split=split)

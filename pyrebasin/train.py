@@ -74,11 +74,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: TrainConfig | None = None,
               cache: bool = True, progress: bool = True, **arch_kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Build zoo model `arch` with `torch.manual_seed(seed)`, train it on `dataset` (cached on disk),
-    and return (model in eval mode, its state dict). Same arguments -> identical weights."""
+    and return (model in eval mode, its state dict). Same arguments -> identical weights on one CPU
+    instruction set (training runs at one intra-op thread whatever the caller's setting)."""
     config = config or TrainConfig(seed=seed)
     config = TrainConfig(**{**asdict(config), "seed": seed})
     key = json.dumps({"arch": arch, "dataset": dataset, "kw": arch_kwargs, "cfg": asdict(config),
-                      "torch": torch.__version__.split("+")[0], "v": 1}, sort_keys=True)
+                      "torch": torch.__version__.split("+")[0], "v": 2}, sort_keys=True)
     path = data_mod.cache_dir() / "models" / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
     with torch.random.fork_rng():  # seed the initialisation without changing the caller's global RNG
         torch.manual_seed(seed)
@@ -91,8 +92,15 @@ def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: Tra
         except Exception:
             path.unlink(missing_ok=True)
     x, y, _, _ = data_mod.load(dataset)
-    with torch.random.fork_rng():
-        train_(model, x, y, config, progress=progress)
+    # One intra-op thread: reductions split across threads round differently, so weights trained at
+    # 1 and 2 threads differ; the cached model must not depend on who trained it first.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            train_(model, x, y, config, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if cache:
         atomic_save_safetensors(state, path, metadata={"config": key})

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..spec import PermutationSpec, check_permutations
 from .costs import WeightCosts
 from .lap import LapPolicy
+from .perturb import perturb_permutation
 
 __all__ = ["MatchResult", "weight_matching", "METHODS", "COUPLING_SCHEDULE"]
 
@@ -23,10 +24,11 @@ COUPLING_SCHEDULE = (0.2, 1.0)
 # best final objective kept. "textbook" is Git Re-Basin's loop; "default" was chosen by the matcher
 # study (docs/alignment.md, benchmarks/matchers.py).
 METHODS = {
-    "textbook": dict(schedule=(1.0,), restarts=1),
-    "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1),
-    "default": dict(schedule=COUPLING_SCHEDULE, restarts=1),
+    "textbook": dict(schedule=(1.0,), restarts=1, refine=0),
+    "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0),
+    "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=4),
 }
+KICK = 0.1  # share of each group's units that a refinement round shuffles
 
 
 @dataclass
@@ -75,7 +77,27 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
     return max_iter
 
 
-def _check_options(method, schedule, restarts, max_iter, seed):
+def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, rounds: int, max_iter: int, tol: float,
+            history: list[float], bar) -> int:
+    """Iterated local search after the descent: each round shuffles a share `KICK` of every group's
+    units, descends on the true objective, and keeps the result only when it ends higher (then its
+    final objective joins `history`). Returns the sweeps run."""
+    sweeps = 0
+    for _ in range(rounds):
+        kept = {p: v.clone() for p, v in costs.perms.items()}
+        for p, v in perturb_permutation({p: v.cpu() for p, v in kept.items()}, KICK, seed=gen).items():
+            costs.set_perm(p, v)
+        trial = [costs.objective()]
+        sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar)
+        if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
+            history.append(trial[-1])
+        else:
+            for p, v in kept.items():
+                costs.set_perm(p, v)
+    return sweeps
+
+
+def _check_options(method, schedule, restarts, refine, max_iter, seed):
     if method not in METHODS:
         raise ValueError(f"weight_matching: method={method!r}; expected one of {sorted(METHODS)}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -84,6 +106,7 @@ def _check_options(method, schedule, restarts, max_iter, seed):
         raise ValueError(f"weight_matching: seed={seed!r} must be an int")
     schedule = METHODS[method]["schedule"] if schedule is None else schedule
     restarts = METHODS[method]["restarts"] if restarts is None else restarts
+    refine = METHODS[method]["refine"] if refine is None else refine
     try:
         schedule = tuple(float(w) for w in schedule)
     except (TypeError, ValueError):
@@ -92,7 +115,9 @@ def _check_options(method, schedule, restarts, max_iter, seed):
         raise ValueError(f"weight_matching: schedule={schedule} must hold weights in [0, 1] and end with 1.0")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"weight_matching: restarts={restarts!r} must be an int >= 1")
-    return schedule, restarts
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"weight_matching: refine={refine!r} must be an int >= 0")
+    return schedule, restarts, refine
 
 
 @torch.no_grad()
@@ -100,7 +125,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     state_b: Mapping[str, torch.Tensor], *, method: str = "default", max_iter: int = 100,
                     seed: int = 0, init: Mapping[str, torch.Tensor] | None = None, solver: str | None = None,
                     progress: bool = False, tol: float = 1e-12, warm_start: bool = True,
-                    schedule: Sequence[float] | None = None, restarts: int | None = None) -> MatchResult:
+                    schedule: Sequence[float] | None = None, restarts: int | None = None,
+                    refine: int | None = None) -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
@@ -116,13 +142,13 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     without an improvement > `tol`, or after `max_iter` sweeps (with a RuntimeWarning when the
     last sweep still improved). Inputs are never modified.
     """
-    schedule, restarts = _check_options(method, schedule, restarts, max_iter, seed)
+    schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
     costs = WeightCosts(spec, state_a, state_b)
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     start = {p: (torch.arange(n) if init is None else init[p].detach().to("cpu", torch.long).clone())
              for p, n in costs.sizes.items()}
-    bar = tqdm(total=max_iter * len(schedule) * restarts, desc="weight matching", disable=not progress, leave=False)
+    bar = tqdm(total=max_iter * (len(schedule) + refine) * restarts, desc="weight matching", disable=not progress, leave=False)
     best = None
     for s in range(seed, seed + restarts):
         for p, v in start.items():
@@ -132,6 +158,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
         for coupling in schedule:
             phase_starts.append(sweeps)
             sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar)
+        sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar)
         if best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
             best = MatchResult(perms, history, sweeps, phase_starts, s)

@@ -26,9 +26,9 @@ COUPLING_SCHEDULE = (0.2, 1.0)
 METHODS = {
     "textbook": dict(schedule=(1.0,), restarts=1, refine=0),
     "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0),
-    "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=4),
+    "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=1),
 }
-KICK = 0.1  # share of each group's units that a refinement round shuffles
+KICK = 0.2  # share of a group's units that a refinement visit shuffles
 
 
 @dataclass
@@ -36,7 +36,8 @@ class MatchResult:
     """Permutations to apply to model B (`apply_permutation(spec, result.perms, state_b)` aligns B
     to A), the true objective after each sweep (initial value first), the number of sweeps run, and
     the sweep at which each phase of the coupling schedule started (the last phase, coupling 1, is
-    plain coordinate descent on the true objective: monotone from `phase_starts[-1]` on). With
+    plain coordinate descent on the true objective: monotone from `phase_starts[-1]` on; each kept
+    refinement adds its final objective, so `iterations` may exceed `len(objective) - 1`). With
     restarts, the history is that of the kept run and `seed` the group-order seed it used."""
 
     perms: dict[str, torch.Tensor]
@@ -77,23 +78,27 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
     return max_iter
 
 
-def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, rounds: int, max_iter: int, tol: float,
+def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: int, max_iter: int, tol: float,
             history: list[float], bar) -> int:
-    """Iterated local search after the descent: each round shuffles a share `KICK` of every group's
-    units, descends on the true objective, and keeps the result only when it ends higher (then its
-    final objective joins `history`). Returns the sweeps run."""
-    sweeps = 0
-    for _ in range(rounds):
-        kept = {p: v.clone() for p, v in costs.perms.items()}
-        for p, v in perturb_permutation({p: v.cpu() for p, v in kept.items()}, KICK, seed=gen).items():
-            costs.set_perm(p, v)
-        trial = [costs.objective()]
-        sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar)
-        if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
-            history.append(trial[-1])
-        else:
-            for p, v in kept.items():
-                costs.set_perm(p, v)
+    """Iterated local search after the descent: each pass visits the groups in a random order; a
+    visit shuffles a share `KICK` of that group's units, descends on the true objective, and keeps
+    the result only when it ends higher (then its final objective joins `history`). Returns the
+    sweeps run."""
+    sweeps, names = 0, list(costs.sizes)
+    for _ in range(passes):
+        for i in torch.randperm(len(names), generator=gen).tolist():
+            p = names[i]
+            kept = costs.perms[p].clone()
+            kept_all = {q: v.clone() for q, v in costs.perms.items()}
+            costs.set_perm(p, perturb_permutation({p: kept.cpu()}, KICK, seed=gen)[p])
+            trial = [costs.objective()]
+            sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar)
+            if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
+                history.append(trial[-1])
+            else:
+                for q, v in kept_all.items():
+                    if not torch.equal(costs.perms[q], v):
+                        costs.set_perm(q, v)
     return sweeps
 
 
@@ -133,8 +138,10 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     docs/alignment.md); `schedule` and `restarts` override its parts. `schedule`: the weight of the
     coupling terms (those that read another perm, e.g. the next layer's columns) in each phase,
     ending with 1.0, each phase starting from the previous one's perms: early on B's other axes are
-    unaligned and those terms are mostly noise. `restarts`: group-order seeds seed, seed+1, ...
-    tried; the run with the best final objective is kept (the first on ties).
+    unaligned and those terms are mostly noise. `refine`: passes of iterated local search after
+    the schedule (each visit shuffles a share `KICK` of one group's units, re-descends, and keeps
+    the result only if the objective rose). `restarts`: group-order seeds seed, seed+1, ... tried;
+    the run with the best final objective is kept (the first on ties).
 
     Each sweep visits the groups in a seeded random order and solves one LAP per group (cost on the
     tensors' device, LAP on the CPU, `solver` and `warm_start` as in `LapPolicy`); a group whose
@@ -148,7 +155,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
         check_permutations(spec, init, costs.sizes)
     start = {p: (torch.arange(n) if init is None else init[p].detach().to("cpu", torch.long).clone())
              for p, n in costs.sizes.items()}
-    bar = tqdm(total=max_iter * (len(schedule) + refine) * restarts, desc="weight matching", disable=not progress, leave=False)
+    bar = tqdm(total=max_iter * (len(schedule) + refine * len(costs.sizes)) * restarts, desc="weight matching",
+               disable=not progress, leave=False)
     best = None
     for s in range(seed, seed + restarts):
         for p, v in start.items():

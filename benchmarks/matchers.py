@@ -29,8 +29,7 @@ MATCHERS = {
     "schedule": dict(method="schedule"),
     "restarts4": dict(method="textbook", restarts=4),
     "schedule+restarts4": dict(method="schedule", restarts=4),
-    "schedule+refine4": dict(method="schedule", refine=4),
-    "schedule+refine8": dict(method="schedule", refine=8),
+    "schedule+refine2": dict(method="schedule", refine=2),
     "default": dict(),
 }
 TS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -136,23 +135,30 @@ def main():
     ap.add_argument("--matchers", default=",".join(MATCHERS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "matchers.json"))
-    ap.add_argument("--from-json", default=None, help="only summarise the runs of an earlier JSON file")
+    ap.add_argument("--from-json", default=None,
+                    help="comma-separated JSON files of earlier runs: merge them (a later file's run of the same "
+                         "pair, matcher and seed wins), summarise, and write the merge to --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.from_json:
-        rows = json.loads(Path(args.from_json).read_text())["runs"]
+        merged = {}
+        for f in args.from_json.split(","):
+            for r in json.loads(Path(f).read_text())["runs"]:
+                if r["matcher"] in MATCHERS:  # runs of matchers no longer defined here are dropped
+                    merged[(r["pair"], r["matcher"], r["seed"])] = r
+        order = list(PAIRS)
+        rows = sorted(merged.values(), key=lambda r: (order.index(r["pair"].split("/")[0]), r["pair"]))
     else:
         rows = run(args.seeds, args.only, args.matchers.split(","))
     summary = summarise(rows)
     print_table(rows, summary)
-    if not args.from_json:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        configs = {k: dict(arch=v[0], kwargs=v[1], epochs=v[2], seed_pairs=v[3]) for k, v in PAIRS.items()}
-        atomic_write_text(args.out, json.dumps(dict(
-            train_configs=configs, train_defaults=prb.train.TrainConfig().__dict__, matchers=MATCHERS,
-            default=prb.matching.METHODS["default"], seeds=args.seeds, threads=args.threads, ts=TS,
-            torch=torch.__version__, summary=summary, runs=rows), indent=1, default=str))
-        print(f"\nwrote {args.out}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    configs = {k: dict(arch=v[0], kwargs=v[1], epochs=v[2], seed_pairs=v[3]) for k, v in PAIRS.items()}
+    atomic_write_text(args.out, json.dumps(dict(
+        train_configs=configs, train_defaults=prb.train.TrainConfig().__dict__, matchers=MATCHERS,
+        default=prb.matching.METHODS["default"], seeds=args.seeds, threads=args.threads, ts=TS,
+        torch=torch.__version__, summary=summary, runs=rows), indent=1, default=str))
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

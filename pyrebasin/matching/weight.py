@@ -48,10 +48,11 @@ class MatchResult:
 
 
 def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling: float, max_iter: int,
-             tol: float, history: list[float], bar) -> int:
+             tol: float, history: list[float], bar, *, every_sweep: bool = True) -> int:
     """Algorithm 1 on `costs.cost(p, coupling)`: sweeps over the groups in a random order, each group
     takes the LAP optimum of its cost when it gains more than `tol`; stops after a sweep without a
-    gain. Appends the true objective after each sweep to `history`; returns the sweeps run."""
+    gain. Appends the true objective after each sweep (or, without `every_sweep`, only after the
+    last) to `history`; returns the sweeps run."""
     names = list(costs.sizes)
     solved_at = dict.fromkeys(names)
     for sweep in range(1, max_iter + 1):
@@ -66,14 +67,18 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
             if float(cost[rows, new].sum() - cost[rows, costs.perms[p].cpu()].sum()) > tol:
                 costs.set_perm(p, new)
                 improved = True
-        history.append(costs.objective())
         bar.update()
-        bar.set_postfix(coupling=coupling, objective=f"{history[-1]:.6g}")
+        if every_sweep or not improved:
+            history.append(costs.objective())
+            bar.set_postfix(coupling=coupling, objective=f"{history[-1]:.6g}")
         if not improved:
             return sweep
+    if not every_sweep:
+        history.append(costs.objective())
     if max_iter:  # every sweep improved, the last one too
+        what = "last sweep" if every_sweep else "descent"
         warnings.warn(f"weight_matching: stopped at max_iter={max_iter} sweeps (coupling {coupling}) while still "
-                      f"improving (last sweep changed the objective by {history[-1] - history[-2]:+.3g}); "
+                      f"improving (the {what} changed the objective by {history[-1] - history[-2]:+.3g}); "
                       "raise max_iter", RuntimeWarning, stacklevel=3)
     return max_iter
 
@@ -92,7 +97,7 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
             kept_all = {q: v.clone() for q, v in costs.perms.items()}
             costs.set_perm(p, perturb_permutation({p: kept.cpu()}, KICK, seed=gen)[p])
             trial = [costs.objective()]
-            sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar)
+            sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar, every_sweep=False)
             if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
                 history.append(trial[-1])
             else:

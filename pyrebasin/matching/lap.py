@@ -120,6 +120,7 @@ class LapPolicy:
         self.states: dict = dict.fromkeys(names)
         self.paths = {p: {True: None, False: None} for p in names}
         self.count = dict.fromkeys(names, 0)
+        self.solves = 0
 
     def _warm(self, p: str) -> bool:
         self.count[p] += 1
@@ -131,6 +132,7 @@ class LapPolicy:
 
     def solve(self, p: str, cost: torch.Tensor) -> torch.Tensor:
         """The permutation maximising Σ_i cost[i, perm[i]] for group `p` (int64, CPU)."""
+        self.solves += 1
         warm = self.warm_start and self.states[p] is not None and self._warm(p)
         perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True,
                                          warm_start=self.states[p] if warm else None)

@@ -29,6 +29,7 @@ METHODS = {
     "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=1),
 }
 KICK = 0.2  # share of a group's units that a refinement visit shuffles
+REFINE_BUDGET = 0.5  # refinement stops once it has solved this share of the LAPs that the schedule solved
 
 
 @dataclass
@@ -87,21 +88,24 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
             history: list[float], bar) -> int:
     """Iterated local search after the descent: each pass visits the groups in a random order; a
     visit shuffles a share `KICK` of that group's units, descends on the true objective, and keeps
-    the result only when it ends higher (then its final objective joins `history`). Returns the
-    sweeps run."""
+    the result only when it ends higher (then its final objective joins `history`). No visit starts
+    once the refinement has solved `REFINE_BUDGET` x the LAPs of the descent before it (a
+    deterministic bound on its cost). Returns the sweeps run."""
     sweeps, names = 0, list(costs.sizes)
+    start, budget = lap.solves, REFINE_BUDGET * lap.solves
     for _ in range(passes):
         for i in torch.randperm(len(names), generator=gen).tolist():
+            if lap.solves - start >= budget:
+                return sweeps
             p = names[i]
-            kept = costs.perms[p].clone()
-            kept_all = {q: v.clone() for q, v in costs.perms.items()}
-            costs.set_perm(p, perturb_permutation({p: kept.cpu()}, KICK, seed=gen)[p])
+            kept = {q: v.clone() for q, v in costs.perms.items()}
+            costs.set_perm(p, perturb_permutation({p: kept[p].cpu()}, KICK, seed=gen)[p])
             trial = [costs.objective()]
             sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar, every_sweep=False)
             if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
                 history.append(trial[-1])
             else:
-                for q, v in kept_all.items():
+                for q, v in kept.items():
                     if not torch.equal(costs.perms[q], v):
                         costs.set_perm(q, v)
     return sweeps

@@ -58,12 +58,16 @@ def objective(spec, a, b):
                for k in a if k not in spec.fixed)
 
 
+CPU = {}  # id(result) -> best CPU seconds of its timed() call (process time: robust to a loaded machine)
+
+
 def timed(fn, repeat=1):
-    best, out = float("inf"), None
+    best, cpu, out = float("inf"), float("inf"), None
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t)
+        best, cpu = min(best, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    CPU[id(out)] = cpu
     return best, out
 
 
@@ -110,7 +114,7 @@ def run_original(spec, a, b, threads):
     if proc.returncode != 0:
         return None, "original failed: " + proc.stderr.strip().splitlines()[-1][:200]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return res["match_s"], res["sweeps"], {k: torch.tensor(v) for k, v in res["perms"].items()}
+    return res["match_s"], res["sweeps"], {k: torch.tensor(v) for k, v in res["perms"].items()}, res["match_cpu_s"]
 
 
 def main():
@@ -154,11 +158,13 @@ def main():
         if orig[0] is None:
             print(f"  Git Re-Basin (JAX)  {orig[1]}")
         else:
-            t_o, sw_o, p_o = orig
+            t_o, sw_o, p_o, c_o = orig
             obj_o = objective(spec, a, prb.apply_permutation(spec, p_o, b))
+            c_nat, c_tb = CPU[id(r_nat)], CPU[id(r_tb)]
             print(f"  Git Re-Basin (JAX)  {t_o:8.3f} s  ({sw_o} sweeps, {t_o / sw_o:.4f} s/sweep)  objective {obj_o:.6f}; "
                   f"ratio {t_o / t_nat:.2f}x default, {t_o / t_tb:.2f}x textbook "
-                  f"(per sweep {(t_o / sw_o) / (t_tb / r_tb.iterations):.2f}x textbook)")
+                  f"(per sweep {(t_o / sw_o) / (t_tb / r_tb.iterations):.2f}x textbook); CPU time {c_o:.3f} s: "
+                  f"{c_o / c_nat:.2f}x default ({c_nat:.3f} s), {c_o / c_tb:.2f}x textbook ({c_tb:.3f} s)")
         peer, why = run_peer(cfg, a, b, args.threads)
         if peer is None:
             print(f"  rebasin 0.0.47      {why}")
@@ -171,7 +177,8 @@ def main():
             print(f"  rebasin 0.0.47      {peer['match_s']:8.3f} s  ratio {peer['match_s'] / t_nat:6.2f}x default, "
                   f"{peer['match_s'] / t_tb:.2f}x textbook ({peer['sweeps']} sweeps, {peer['match_s'] / peer['sweeps']:.4f} "
                   f"s/sweep; +{peer['init_s']:.2f} s graph tracing) objective {obj:.6f} (default: {versus(r_nat.objective[-1])}; "
-                  f"textbook: {versus(r_tb.objective[-1])})")
+                  f"textbook: {versus(r_tb.objective[-1])}); CPU time {peer['match_cpu_s'] / CPU[id(r_nat)]:.2f}x "
+                  f"default, {peer['match_cpu_s'] / CPU[id(r_tb)]:.2f}x textbook")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ groups, each step one LAP on the group's cost Σ W_A·W̃_Bᵀ, B's other permut
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ METHODS = {
     "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0),
     "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=1),
 }
-KICK = 0.2  # share of a group's units that a refinement visit shuffles
-REFINE_BUDGET = 0.5  # refinement stops once it has solved this share of the LAPs that the schedule solved
+KICK = 0.1  # share of a group's units that a refinement visit shuffles
+REFINE_BUDGET = 0.25  # refinement stops once it has solved this share of the LAPs that the schedule solved
 
 
 @dataclass
@@ -114,9 +115,9 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
 def _check_options(method, schedule, restarts, refine, max_iter, seed):
     if method not in METHODS:
         raise ValueError(f"weight_matching: method={method!r}; expected one of {sorted(METHODS)}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
         raise ValueError(f"weight_matching: max_iter={max_iter!r} must be an int >= 0")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"weight_matching: seed={seed!r} must be an int")
     schedule = METHODS[method]["schedule"] if schedule is None else schedule
     restarts = METHODS[method]["restarts"] if restarts is None else restarts
@@ -127,11 +128,11 @@ def _check_options(method, schedule, restarts, refine, max_iter, seed):
         raise ValueError(f"weight_matching: schedule={schedule!r} must be a sequence of weights") from None
     if not schedule or schedule[-1] != 1.0 or any(not (math.isfinite(w) and 0.0 <= w <= 1.0) for w in schedule):
         raise ValueError(f"weight_matching: schedule={schedule} must hold weights in [0, 1] and end with 1.0")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
         raise ValueError(f"weight_matching: restarts={restarts!r} must be an int >= 1")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+    if isinstance(refine, bool) or not isinstance(refine, numbers.Integral) or refine < 0:
         raise ValueError(f"weight_matching: refine={refine!r} must be an int >= 0")
-    return schedule, restarts, refine
+    return schedule, int(restarts), int(refine)
 
 
 @torch.no_grad()

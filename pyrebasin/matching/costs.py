@@ -88,11 +88,13 @@ class WeightCosts:
             missing = [k for k in spec.axes_to_perm if k not in state]
             if missing:
                 raise ValueError(f"weight_matching: {name} lacks {missing[:5]} (named in the spec)")
-        sizes = spec.perm_sizes(state_a)
+        sizes, sizes_b = spec.perm_sizes(state_a), spec.perm_sizes(state_b)  # both validated against the spec
         for key in spec.axes_to_perm:
             if state_a[key].shape != state_b[key].shape:
                 raise ValueError(f"weight_matching: {key!r} has shape {list(state_a[key].shape)} in A "
                                  f"but {list(state_b[key].shape)} in B")
+        if sizes != sizes_b:
+            raise ValueError(f"weight_matching: perm sizes differ between A ({sizes}) and B ({sizes_b})")
         permuted = [k for k in spec.axes_to_perm if k not in set(spec.fixed)]
         for k in permuted:
             for name, t in (("A", state_a[k]), ("B", state_b[k])):

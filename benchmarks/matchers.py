@@ -83,12 +83,16 @@ def summarise(rows):
     for m, per_pair in by.items():
         runs = [r for rs in per_pair.values() for r in rs]
         mlp = [r for r in runs if r["pair"].startswith("mlp")]
-        above, loss_above, ratios = [], [], []
+        above, above_worst, excess, loss_above, ratios = [], [], [], [], []
         for pair, rs in per_pair.items():
             if pair in tb:
                 tmed = statistics.median(r["acc_barrier"] for r in tb[pair])
-                if max(r["acc_barrier"] for r in rs) > tmed + 1e-9:
+                worst = max(r["acc_barrier"] for r in rs)
+                excess.append(worst - tmed)
+                if worst > tmed + 1e-9:
                     above.append(pair)
+                if worst > max(r["acc_barrier"] for r in tb[pair]) + 1e-9:
+                    above_worst.append(pair)
                 lmed = statistics.median(r["loss_barrier"] for r in tb[pair])
                 if max(r["loss_barrier"] for r in rs) > lmed + 1e-9:
                     loss_above.append(pair)
@@ -101,6 +105,8 @@ def summarise(rows):
             acc_barrier_median=statistics.median(r["acc_barrier"] for r in runs),
             acc_barrier_worst=max(r["acc_barrier"] for r in runs),
             pairs_worst_above_textbook_median=above, pairs_worst_loss_above_textbook_median=loss_above,
+            pairs_worst_above_textbook_worst=above_worst,
+            worst_minus_textbook_median_max=max(excess) if excess else None,
             time_vs_textbook=statistics.median(ratios) if ratios else None,
             time_vs_textbook_worst=max(ratios) if ratios else None,
             max_iter_warnings=sum(r["max_iter_warnings"] for r in runs))
@@ -119,13 +125,14 @@ def print_table(rows, summary):
             line += f"{statistics.median(rs):11.3f} ({max(rs):.3f})" if rs else " " * 20
         print(line)
     print("\nmatcher".ljust(22) + " gap med/worst %  MLP<=0.5%  acc barrier med/worst  pairs worst>tb median"
-          "  time/textbook (worst)")
+          " (max excess)  pairs worst>tb worst  time/textbook (worst)")
     for n, s in summary.items():
         mlp = f"{100 * s['mlp_within_half_pct']:5.0f}%" if s["mlp_within_half_pct"] is not None else "    -"
         tv = f"{s['time_vs_textbook']:.2f}x ({s['time_vs_textbook_worst']:.2f}x)" if s["time_vs_textbook"] else "-"
         print(f"{n:21s} {s['gap_median_pct']:7.3f} / {s['gap_worst_pct']:6.3f}   {mlp}     {s['acc_barrier_median']:.3f} / "
-              f"{s['acc_barrier_worst']:.3f}        {len(s['pairs_worst_above_textbook_median']):2d} / {len(pairs_)}"
-              f"             {tv}")
+              f"{s['acc_barrier_worst']:.3f}        {len(s['pairs_worst_above_textbook_median']):2d} / {len(pairs_)} "
+              f"({s['worst_minus_textbook_median_max']:+.3f})     {len(s['pairs_worst_above_textbook_worst']):2d} / "
+              f"{len(pairs_)}             {tv}")
 
 
 def main():

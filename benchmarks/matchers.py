@@ -29,7 +29,6 @@ MATCHERS = {
     "schedule": dict(method="schedule"),
     "restarts4": dict(method="textbook", restarts=4),
     "schedule+restarts4": dict(method="schedule", restarts=4),
-    "schedule+refine2": dict(method="schedule", refine=2),
     "default": dict(),
 }
 TS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -79,6 +78,10 @@ def summarise(rows):
         r["gap_pct"] = 100 * (best[r["pair"]] - r["objective"]) / abs(best[r["pair"]])
         by.setdefault(r["matcher"], {}).setdefault(r["pair"], []).append(r)
     tb = by.get("textbook", {})
+    tb_time = {}
+    for r in rows:
+        if r["matcher"] == "textbook":
+            tb_time.setdefault((r.get("run"), r["pair"]), []).append(r["time_s"])
     out = {}
     for m, per_pair in by.items():
         runs = [r for rs in per_pair.values() for r in rs]
@@ -96,8 +99,11 @@ def summarise(rows):
                 lmed = statistics.median(r["loss_barrier"] for r in tb[pair])
                 if max(r["loss_barrier"] for r in rs) > lmed + 1e-9:
                     loss_above.append(pair)
-                ratios.append(statistics.median(r["time_s"] for r in rs) /
-                              statistics.median(r["time_s"] for r in tb[pair]))
+                for run_id in {r.get("run") for r in rs}:  # times compare only within one run of the script
+                    base = tb_time.get((run_id, pair))
+                    if base:
+                        ratios.append(statistics.median(r["time_s"] for r in rs if r.get("run") == run_id) /
+                                      statistics.median(base))
         out[m] = dict(
             gap_median_pct=statistics.median(r["gap_pct"] for r in runs),
             gap_worst_pct=max(r["gap_pct"] for r in runs),
@@ -151,12 +157,17 @@ def main():
         merged = {}
         for f in args.from_json.split(","):
             for r in json.loads(Path(f).read_text())["runs"]:
-                if r["matcher"] in MATCHERS:  # runs of matchers no longer defined here are dropped
-                    merged[(r["pair"], r["matcher"], r["seed"])] = r
+                r.setdefault("run", Path(f).name)
+                # Runs of matchers no longer defined here are dropped; the textbook loop is deterministic,
+                # its rows are kept per file so that every matcher's time compares with its own run's.
+                if r["matcher"] in MATCHERS:
+                    merged[(r["pair"], r["matcher"], r["seed"], r["run"] if r["matcher"] == "textbook" else "")] = r
         order = list(PAIRS)
         rows = sorted(merged.values(), key=lambda r: (order.index(r["pair"].split("/")[0]), r["pair"]))
     else:
         rows = run(args.seeds, args.only, args.matchers.split(","))
+        for r in rows:
+            r["run"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     summary = summarise(rows)
     print_table(rows, summary)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

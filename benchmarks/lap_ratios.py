@@ -13,7 +13,6 @@ import torch
 
 import pyrebasin as prb
 from pyrebasin.matching import lap as lap_mod
-from pyrebasin.matching import weight as weight_mod
 
 
 def main():
@@ -41,13 +40,13 @@ def main():
         (first if len(first) < 2 else last).append(cost.clone())
         return out
 
-    weight_mod.solve_lap = recording
+    lap_mod.solve_lap = recording  # LapPolicy, the solver policy of weight matching, calls it
     try:
         t = time.perf_counter()
-        result = prb.weight_matching(spec, st[0], st[1], max_iter=args.max_iter, schedule=None)
+        result = prb.weight_matching(spec, st[0], st[1], max_iter=args.max_iter, method="textbook")
         total = time.perf_counter() - t
     finally:
-        weight_mod.solve_lap = real
+        lap_mod.solve_lap = real
     print(f"MLP 784-{args.width}-{args.width}-10: {result.iterations} sweeps, {len(inside)} LAPs of n={args.width}, "
           f"matching {total:.2f} s, of which LAP (warm jv) {sum(inside):.2f} s")
     sample = first + list(last)

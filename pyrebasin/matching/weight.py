@@ -21,9 +21,9 @@ __all__ = ["MatchResult", "weight_matching", "METHODS", "COUPLING_SCHEDULE"]
 
 COUPLING_SCHEDULE = (0.2, 1.0)
 
-# Named matchers: the coupling weight of each phase and how many group orders (seeds) are tried, the
-# best final objective kept. "textbook" is Git Re-Basin's loop; "default" was chosen by the matcher
-# study (docs/alignment.md, benchmarks/matchers.py).
+# Named matchers: the coupling weight of each phase, the refinement passes after them, and how many
+# group orders (seeds) are tried, the best final objective kept. "textbook" is Git Re-Basin's loop;
+# "default" was chosen by the matcher study (docs/alignment.md, benchmarks/matchers.py).
 METHODS = {
     "textbook": dict(schedule=(1.0,), restarts=1, refine=0),
     "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0),

@@ -253,6 +253,9 @@ def test_max_iter_warns_while_still_improving():
     with pytest.warns(RuntimeWarning, match=r"max_iter=1 .*last sweep changed the objective by \+"):
         short = prb.weight_matching(spec, a, b, method="textbook", max_iter=1)
     assert short.iterations == 1
+    with pytest.warns(RuntimeWarning, match="first: coupling 0.2") as record:
+        prb.weight_matching(spec, a, b, max_iter=1)
+    assert len(record) == 1 and record[0].filename == __file__  # one warning, at the caller's line
     import warnings
 
     with warnings.catch_warnings():

@@ -50,11 +50,12 @@ class MatchResult:
 
 
 def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling: float, max_iter: int,
-             tol: float, history: list[float], bar, *, every_sweep: bool = True) -> int:
+             tol: float, history: list[float], bar, capped: list, *, every_sweep: bool = True) -> int:
     """Algorithm 1 on `costs.cost(p, coupling)`: sweeps over the groups in a random order, each group
     takes the LAP optimum of its cost when it gains more than `tol`; stops after a sweep without a
     gain. Appends the true objective after each sweep (or, without `every_sweep`, only after the
-    last) to `history`; returns the sweeps run."""
+    last) to `history`, and (coupling, last change of the objective) to `capped` when it stopped at
+    `max_iter` still improving; returns the sweeps run."""
     names = list(costs.sizes)
     solved_at = dict.fromkeys(names)
     for sweep in range(1, max_iter + 1):
@@ -78,15 +79,12 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
     if not every_sweep:
         history.append(costs.objective())
     if max_iter:  # every sweep improved, the last one too
-        what = "last sweep" if every_sweep else "descent"
-        warnings.warn(f"weight_matching: stopped at max_iter={max_iter} sweeps (coupling {coupling}) while still "
-                      f"improving (the {what} changed the objective by {history[-1] - history[-2]:+.3g}); "
-                      "raise max_iter", RuntimeWarning, stacklevel=3)
+        capped.append((coupling, history[-1] - history[-2]))
     return max_iter
 
 
 def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: int, max_iter: int, tol: float,
-            history: list[float], bar) -> int:
+            history: list[float], bar, capped: list) -> int:
     """Iterated local search after the descent: each pass visits the groups in a random order; a
     visit shuffles a share `KICK` of that group's units, descends on the true objective, and keeps
     the result only when it ends higher (then its final objective joins `history`). No visit starts
@@ -102,7 +100,7 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
             kept = {q: v.clone() for q, v in costs.perms.items()}
             costs.set_perm(p, perturb_permutation({p: kept[p].cpu()}, KICK, seed=gen)[p])
             trial = [costs.objective()]
-            sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar, every_sweep=False)
+            sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar, capped, every_sweep=False)
             if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
                 history.append(trial[-1])
             else:
@@ -167,7 +165,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
              for p, n in costs.sizes.items()}
     bar = tqdm(total=max_iter * (len(schedule) + refine * len(costs.sizes)) * restarts, desc="weight matching",
                disable=not progress, leave=False)
-    best = None
+    best, capped = None, []
     for s in range(seed, seed + restarts):
         for p, v in start.items():
             costs.set_perm(p, v)
@@ -175,10 +173,15 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
         history, phase_starts, sweeps = [costs.objective()], [], 0
         for coupling in schedule:
             phase_starts.append(sweeps)
-            sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar)
-        sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar)
+            sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar, capped)
+        sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped)
         if best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
             best = MatchResult(perms, history, sweeps, phase_starts, s)
     bar.close()
+    if capped:
+        coupling, change = capped[0]
+        warnings.warn(f"weight_matching: {len(capped)} descent(s) stopped at max_iter={max_iter} sweeps while still "
+                      f"improving (first: coupling {coupling}, its last sweep changed the objective by {change:+.3g}); "
+                      "raise max_iter", RuntimeWarning, stacklevel=3)  # the caller of weight_matching
     return best

@@ -1,8 +1,10 @@
-"""Weight matching speed and objective, measured in one run: pyrebasin (native backend) against our
-reference backend, the textbook Git Re-Basin loop, and the peer rebasin==0.0.47 (in a subprocess).
+"""Weight matching speed and objective, measured in one run: pyrebasin's default matcher and its textbook
+loop against our reference backend, the original Git Re-Basin code (JAX) and rebasin==0.0.47 (subprocesses).
 
     PYTHONPATH=$PWD python benchmarks/weight_matching_ratios.py [--threads 1] [--skip-textbook]
-Peer: benchmarks/install_peers.sh (its column is skipped, with a message, when it is not installed).
+Peers: benchmarks/install_peers.sh for rebasin; for the original, a venv with jax + scipy (PEER_PYTHON, e.g.
+python -m venv V && V/bin/pip install jax scipy) and the src/ dir of a samuela/git-re-basin checkout
+(GIT_REBASIN_SRC). A peer's column is skipped, with a message, when it is not installed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from safetensors.torch import save_file
 import pyrebasin as prb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIT_REBASIN_SRC = os.environ.get("GIT_REBASIN_SRC")
+PEER_PYTHON = os.environ.get("PEER_PYTHON")
 PEER_DIR = os.environ.get("PYREBASIN_PEER_DIR", str(Path(__file__).resolve().parents[1] / ".venv-rebasin" / "site"))
 
 CONFIGS = {
@@ -54,12 +58,16 @@ def objective(spec, a, b):
                for k in a if k not in spec.fixed)
 
 
+CPU = {}  # id(result) -> best CPU seconds of its timed() call (process time: robust to a loaded machine)
+
+
 def timed(fn, repeat=1):
-    best, out = float("inf"), None
+    best, cpu, out = float("inf"), float("inf"), None
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t)
+        best, cpu = min(best, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    CPU[id(out)] = cpu
     return best, out
 
 
@@ -82,6 +90,33 @@ def run_peer(cfg, a, b, threads):
         return res, None
 
 
+def run_original(spec, a, b, threads):
+    """The original Git Re-Basin weight_matching (JAX, group orders from PRNGKey(0)): (seconds, sweeps,
+    perms) or (None, why)."""
+    if not (GIT_REBASIN_SRC and PEER_PYTHON):
+        return None, "original skipped: set GIT_REBASIN_SRC (its src/ dir) and PEER_PYTHON (a python with jax)"
+    if any(not (e is None or isinstance(e, str)) for es in spec.axes_to_perm.values() for e in es):
+        return None, "original skipped: the spec has Blocked axes (the original's spec format has none)"
+    import numpy as np
+
+    axes = {k: list(v) for k, v in spec.axes_to_perm.items() if k not in set(spec.fixed)}
+    with tempfile.TemporaryDirectory() as tmp:
+        pa, pb, pj = (os.path.join(tmp, n) for n in ("a.npz", "b.npz", "axes.json"))
+        np.savez(pa, **{k: a[k].numpy() for k in axes})
+        np.savez(pb, **{k: b[k].numpy() for k in axes})
+        Path(pj).write_text(json.dumps(axes))
+        flags = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads), XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.run([PEER_PYTHON, os.path.join(ROOT, "benchmarks", "_peer_gitrebasin.py"), GIT_REBASIN_SRC,
+                               pj, pa, pb, "2"], env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        return None, "original failed: " + proc.stderr.strip().splitlines()[-1][:200]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return res["match_s"], res["sweeps"], {k: torch.tensor(v) for k, v in res["perms"].items()}, res["match_cpu_s"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -96,30 +131,40 @@ def main():
             continue
         spec, a, b = states(cfg)
         t_nat, r_nat = timed(lambda: prb.weight_matching(spec, a, b), repeat=2)
+        t_tb, r_tb = timed(lambda: prb.weight_matching(spec, a, b, method="textbook"), repeat=2)
         with prb.use_backend("reference"):
             t_ref, r_ref = timed(lambda: prb.weight_matching(spec, a, b))
-        sweeps = r_nat.iterations
         print(f"\n== {name}: {sum(len(v) for v in prb.identity_permutation(spec, a).values())} units in "
-              f"{len(r_nat.perms)} perm groups, {sweeps} sweeps")
-        print(f"  pyrebasin native    {t_nat:8.3f} s  ({t_nat / sweeps:.4f} s/sweep)  objective {r_nat.objective[-1]:.6f}")
+              f"{len(r_nat.perms)} perm groups; default = {prb.matching.METHODS['default']}")
+        print(f"  pyrebasin default   {t_nat:8.3f} s  ({r_nat.iterations} sweeps)  objective {r_nat.objective[-1]:.6f}")
+        print(f"  pyrebasin textbook  {t_tb:8.3f} s  ({r_tb.iterations} sweeps, {t_tb / r_tb.iterations:.4f} s/sweep)  "
+              f"objective {r_tb.objective[-1]:.6f}")
         if args.seeds > 1:
-            others = [prb.weight_matching(spec, a, b, seed=s).objective[-1] for s in range(1, args.seeds)]
-            print(f"  (best objective over seeds 0..{args.seeds - 1}: {max([r_nat.objective[-1]] + others):.6f})")
-        sched = prb.matching.weight.COUPLING_SCHEDULE
-        t_sch, r_sch = timed(lambda: prb.weight_matching(spec, a, b, schedule=sched), repeat=2)
-        print(f"  schedule {sched}  {t_sch:8.3f} s  ({r_sch.iterations} sweeps)           objective {r_sch.objective[-1]:.6f}")
+            others = [prb.weight_matching(spec, a, b, seed=s, method="textbook").objective[-1] for s in range(1, args.seeds)]
+            print(f"  (textbook, best objective over seeds 0..{args.seeds - 1}: {max([r_tb.objective[-1]] + others):.6f})")
         print(f"  reference backend   {t_ref:8.3f} s  ratio {t_ref / t_nat:6.2f}x            objective {r_ref.objective[-1]:.6f}")
         with prb.use_backend("native"):
-            t_cold, _ = timed(lambda: prb.weight_matching(spec, a, b, warm_start=False))
-            t_scipy, _ = timed(lambda: prb.weight_matching(spec, a, b, solver="scipy"))
-        print(f"  LAP: jv cold {t_cold:.3f} s, scipy {t_scipy:.3f} s (whole matching; warm jv {t_nat:.3f} s)")
+            t_cold, _ = timed(lambda: prb.weight_matching(spec, a, b, method="textbook", warm_start=False))
+            t_scipy, _ = timed(lambda: prb.weight_matching(spec, a, b, method="textbook", solver="scipy"))
+        print(f"  LAP (textbook loop): jv cold {t_cold:.3f} s, scipy {t_scipy:.3f} s (warm jv {t_tb:.3f} s)")
         if not args.skip_textbook:
             sys.path.insert(0, ROOT)
             from tests.test_matching_weight import textbook_weight_matching
 
-            t_tb, (p_tb, h_tb) = timed(lambda: textbook_weight_matching(spec, a, b))
-            print(f"  textbook loop       {t_tb:8.3f} s  ratio {t_tb / t_nat:6.2f}x  ({len(h_tb) - 1} sweeps) "
-                  f"objective {h_tb[-1]:.6f}")
+            t_tl, (p_tl, h_tl) = timed(lambda: textbook_weight_matching(spec, a, b))
+            print(f"  test's textbook loop {t_tl:7.3f} s  ratio {t_tl / t_tb:6.2f}x textbook ({len(h_tl) - 1} sweeps) "
+                  f"objective {h_tl[-1]:.6f}")
+        orig = run_original(spec, a, b, args.threads)
+        if orig[0] is None:
+            print(f"  Git Re-Basin (JAX)  {orig[1]}")
+        else:
+            t_o, sw_o, p_o, c_o = orig
+            obj_o = objective(spec, a, prb.apply_permutation(spec, p_o, b))
+            c_nat, c_tb = CPU[id(r_nat)], CPU[id(r_tb)]
+            print(f"  Git Re-Basin (JAX)  {t_o:8.3f} s  ({sw_o} sweeps, {t_o / sw_o:.4f} s/sweep)  objective {obj_o:.6f}; "
+                  f"ratio {t_o / t_nat:.2f}x default, {t_o / t_tb:.2f}x textbook "
+                  f"(per sweep {(t_o / sw_o) / (t_tb / r_tb.iterations):.2f}x textbook); CPU time {c_o:.3f} s: "
+                  f"{c_o / c_nat:.2f}x default ({c_nat:.3f} s), {c_o / c_tb:.2f}x textbook ({c_tb:.3f} s)")
         peer, why = run_peer(cfg, a, b, args.threads)
         if peer is None:
             print(f"  rebasin 0.0.47      {why}")
@@ -130,9 +175,10 @@ def main():
                 return f"{'same or better' if obj >= ours - 1e-6 * abs(obj) else 'LOWER'} than ours: {obj - ours:+.4g}"
 
             print(f"  rebasin 0.0.47      {peer['match_s']:8.3f} s  ratio {peer['match_s'] / t_nat:6.2f}x default, "
-                  f"{peer['match_s'] / t_sch:.2f}x schedule ({peer['sweeps']} sweeps, {peer['match_s'] / peer['sweeps']:.4f} "
+                  f"{peer['match_s'] / t_tb:.2f}x textbook ({peer['sweeps']} sweeps, {peer['match_s'] / peer['sweeps']:.4f} "
                   f"s/sweep; +{peer['init_s']:.2f} s graph tracing) objective {obj:.6f} (default: {versus(r_nat.objective[-1])}; "
-                  f"schedule: {versus(r_sch.objective[-1])})")
+                  f"textbook: {versus(r_tb.objective[-1])}); CPU time {peer['match_cpu_s'] / CPU[id(r_nat)]:.2f}x "
+                  f"default, {peer['match_cpu_s'] / CPU[id(r_tb)]:.2f}x textbook")
 
 
 if __name__ == "__main__":

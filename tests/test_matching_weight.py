@@ -36,22 +36,26 @@ def assert_states_equal(x, y):
         torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize("method", ["default", "textbook"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_planted_permutation_recovered(name):
+def test_planted_permutation_recovered(name, method):
     model, state_a = model_state(name)
     spec = model.permutation_spec()
     pi = prb.random_permutation(spec, state_a, generator=7)
     state_b = prb.apply_permutation(spec, pi, state_a)
     before = {k: v.clone() for k, v in state_b.items()}
-    result = prb.weight_matching(spec, state_a, state_b)
+    result = prb.weight_matching(spec, state_a, state_b, method=method)
     assert isinstance(result, prb.MatchResult)
     inverse = prb.invert_permutation(pi)
     for p in pi:
         assert torch.equal(result.perms[p], inverse[p]), p
     assert_states_equal(prb.apply_permutation(spec, result.perms, state_b), state_a)
     assert_states_equal(state_b, before)  # inputs untouched
-    assert result.iterations == len(result.objective) - 1 >= 1
-    assert all(y >= x - 1e-3 * abs(x) for x, y in zip(result.objective, result.objective[1:]))
+    assert result.iterations >= len(result.objective) - 1 >= 1
+    if method == "textbook":
+        assert result.iterations == len(result.objective) - 1
+    final = result.objective[result.phase_starts[-1]:]  # the true objective's descent (and kept refinements)
+    assert all(y >= x - 1e-3 * abs(x) for x, y in zip(final, final[1:]))
 
 
 def textbook_weight_matching(spec, a, b, max_iter=100, seed=0):
@@ -100,7 +104,7 @@ def test_equals_textbook_on_unrelated_models(name):
     _, state_b = model_state(name, seed=1, dtype=torch.float64)
     spec = model.permutation_spec()
     ref_perms, ref_hist = textbook_weight_matching(spec, state_a, state_b, max_iter=20, seed=3)
-    result = prb.weight_matching(spec, state_a, state_b, max_iter=20, seed=3, solver="scipy", schedule=None)
+    result = prb.weight_matching(spec, state_a, state_b, max_iter=20, seed=3, solver="scipy", method="textbook")
     assert result.phase_starts == [0]
     for p in ref_perms:
         assert torch.equal(result.perms[p], ref_perms[p]), p
@@ -120,9 +124,9 @@ def test_coupling_schedule_beats_plain_descent_on_unrelated_mlps(seed):
     torch.manual_seed(seed + 10)
     state_b = {k: v.clone() for k, v in prb.zoo.MLP(96, 128, 2, 10).state_dict().items()}
     spec = model.permutation_spec()
-    plain = prb.weight_matching(spec, state_a, state_b)
+    plain = prb.weight_matching(spec, state_a, state_b, method="textbook")
     assert plain.phase_starts == [0]
-    annealed = prb.weight_matching(spec, state_a, state_b, schedule=prb.matching.weight.COUPLING_SCHEDULE)
+    annealed = prb.weight_matching(spec, state_a, state_b, schedule=prb.matching.weight.COUPLING_SCHEDULE, refine=0)
     assert len(annealed.phase_starts) == len(prb.matching.weight.COUPLING_SCHEDULE)
     assert annealed.objective[-1] > plain.objective[-1]
     final = annealed.objective[annealed.phase_starts[-1]:]
@@ -138,13 +142,14 @@ def test_coupling_schedule_beats_plain_descent_on_unrelated_mlps(seed):
 def test_cost_cache_updates_equal_fresh_builds(name):
     # The rank-|S| updates of the cached coupling costs (incl. terms with several permuted dims, of
     # which one changed) must equal a rebuild from scratch after every change of a few units.
-    from pyrebasin.matching.weight import _CostBuilder, _prepare
+    from pyrebasin.matching.costs import WeightCosts
 
     model, a = model_state(name, seed=0, dtype=torch.float64)
     _, b = model_state(name, seed=1, dtype=torch.float64)
-    sizes, a2, b2, terms, dtype = _prepare(model.permutation_spec(), a, b)
+    spec = model.permutation_spec()
+    cached = WeightCosts(spec, a, b)
+    sizes = cached.sizes
     perms = {p: torch.arange(n) for p, n in sizes.items()}
-    cached = _CostBuilder(terms, sizes, perms)
     g = torch.Generator().manual_seed(0)
     names = [p for p, n in sizes.items() if n >= 2]
     for step in range(3 * len(names)):
@@ -154,9 +159,13 @@ def test_cost_cache_updates_equal_fresh_builds(name):
         idx = torch.randperm(sizes[p], generator=g)[:k]
         q[idx] = q[idx.roll(1)]  # a k-cycle: exactly k units move
         perms[p] = q
+        cached.set_perm(p, q)
+        fresh_costs = WeightCosts(spec, a, b, cache_bytes=0)
+        for r, v in perms.items():
+            fresh_costs.set_perm(r, v)
         w = (0.2, 1.0, 0.5)[step % 3]  # phases of a coupling schedule rescale the cached costs in place
         for r in sizes:
-            fresh = _CostBuilder(terms, sizes, perms, cache_bytes=0).cost(r, w)
+            fresh = fresh_costs.cost(r, w)
             torch.testing.assert_close(cached.cost(r, w), fresh, rtol=0, atol=1e-12 * float(fresh.abs().max() + 1))
     assert cached.cache  # the cache was used
 
@@ -183,9 +192,11 @@ def test_bfloat16_weights_and_init():
     state_b = prb.apply_permutation(spec, pi, state_a)
     result = prb.weight_matching(spec, state_a, state_b)
     assert_states_equal(prb.apply_permutation(spec, result.perms, state_b), state_a)
-    # starting at the answer: one sweep, nothing changes
-    again = prb.weight_matching(spec, state_a, state_b, init=result.perms)
+    # starting at the answer: the textbook loop stops after one sweep; no method moves a unit
+    again = prb.weight_matching(spec, state_a, state_b, init=result.perms, method="textbook")
     assert again.iterations == 1 and all(torch.equal(again.perms[p], result.perms[p]) for p in pi)
+    again = prb.weight_matching(spec, state_a, state_b, init=result.perms)
+    assert all(torch.equal(again.perms[p], result.perms[p]) for p in pi)
     assert prb.weight_matching(spec, state_a, state_b, max_iter=0).iterations == 0
 
 
@@ -197,6 +208,60 @@ def test_seed_reproducible():
     r2 = prb.weight_matching(spec, a, b, seed=5)
     assert r1.objective == r2.objective
     assert all(torch.equal(r1.perms[p], r2.perms[p]) for p in r1.perms)
+
+
+def unrelated_mlps(seed, width=128):
+    torch.manual_seed(seed)
+    model = prb.zoo.MLP(96, width, 2, 10)
+    state_a = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(seed + 10)
+    state_b = {k: v.clone() for k, v in prb.zoo.MLP(96, width, 2, 10).state_dict().items()}
+    return model.permutation_spec(), state_a, state_b
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_reaches_at_least_the_textbook_objective(seed):
+    # Deterministic random-weight pairs: the default (schedule, then refinement rounds that only keep
+    # improvements) ends at least as high as the schedule alone for the same group orders, and here
+    # above the textbook loop (measured: +4.8%, +2.7%, +8.3% over it for seeds 0, 1, 2; the schedule
+    # alone +4.8%, +2.7%, +7.6%).
+    spec, a, b = unrelated_mlps(seed)
+    textbook = prb.weight_matching(spec, a, b, method="textbook")
+    schedule = prb.weight_matching(spec, a, b, method="schedule")
+    default = prb.weight_matching(spec, a, b)
+    assert default.objective[-1] >= schedule.objective[-1]
+    assert default.objective[-1] > textbook.objective[-1]
+    final = default.objective[default.phase_starts[-1]:]
+    assert all(y >= x - 1e-9 for x, y in zip(final, final[1:]))
+    # the objective reported is that of the perms returned
+    aligned = prb.apply_permutation(spec, default.perms, b)
+    direct = sum(float((a[k].double() * aligned[k].double()).sum()) for k in a if k not in spec.fixed)
+    assert direct == pytest.approx(default.objective[-1], rel=1e-9)
+
+
+def test_restarts_keep_the_best_seed():
+    spec, a, b = unrelated_mlps(3, width=64)
+    runs = [prb.weight_matching(spec, a, b, method="textbook", seed=s) for s in range(5, 9)]
+    best = prb.weight_matching(spec, a, b, method="textbook", seed=5, restarts=4)
+    top = max(range(4), key=lambda i: (runs[i].objective[-1], -i))
+    assert best.seed == 5 + top and best.objective == runs[top].objective
+    assert all(torch.equal(best.perms[p], runs[top].perms[p]) for p in best.perms)
+
+
+def test_max_iter_warns_while_still_improving():
+    spec, a, b = unrelated_mlps(0)
+    with pytest.warns(RuntimeWarning, match=r"max_iter=1 .*last sweep changed the objective by \+"):
+        short = prb.weight_matching(spec, a, b, method="textbook", max_iter=1)
+    assert short.iterations == 1
+    with pytest.warns(RuntimeWarning, match="first: coupling 0.2") as record:
+        prb.weight_matching(spec, a, b, max_iter=1)
+    assert len(record) == 1 and record[0].filename == __file__  # one warning, at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged runs stay quiet
+        prb.weight_matching(spec, a, b, method="textbook")
+        prb.weight_matching(spec, a, b, max_iter=0)
 
 
 def test_errors():
@@ -215,6 +280,16 @@ def test_errors():
     ints = {k: v.long() if k == "layers.1.weight" else v for k, v in a.items()}
     with pytest.raises(TypeError, match="layers.1.weight"):
         prb.weight_matching(spec, ints, a)
+    missing = {k: v for k, v in a.items() if k != "layers.2.bias"}
+    with pytest.raises(ValueError, match="layers.2.bias"):
+        prb.weight_matching(spec, a, missing)
+    for kwargs, word in [(dict(method="best"), "'best'"), (dict(restarts=0), "restarts=0"),
+                         (dict(restarts=2.0), "restarts=2.0"), (dict(refine=-1), "refine=-1"),
+                         (dict(seed=1.5), "seed=1.5"), (dict(max_iter=2.5), "max_iter=2.5"),
+                         (dict(schedule=(float("nan"), 1.0)), "schedule"), (dict(schedule=()), "schedule"),
+                         (dict(schedule="fast"), "fast"), (dict(solver="magic"), "magic")]:
+        with pytest.raises(ValueError, match=word):
+            prb.weight_matching(spec, a, a, **kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

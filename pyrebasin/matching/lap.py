@@ -1,5 +1,5 @@
-"""Linear assignment (LAP) solvers for matching: our shortest-augmenting-path kernel `jv` (warm-startable
-across sweeps), scipy's, and lapx's Jonker-Volgenant when installed. Costs are float64 on the CPU; all maximise.
+"""The LAP solver policy of matching: which solver maximises a cost (`ops.lap_solve`'s warm-startable JV,
+scipy's, or lapx's when installed) and, across sweeps, whether a group's LAP starts warm or cold.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from .. import ops
 from .._backend import use_native
 
-__all__ = ["solve_lap", "LapState", "available_solvers", "default_solver"]
+__all__ = ["solve_lap", "LapState", "LapPolicy", "available_solvers", "default_solver"]
 
 try:  # lapx installs the module `lap`
     import lap as _lap
@@ -35,8 +35,8 @@ def available_solvers() -> list[str]:
 
 
 def default_solver() -> str:
-    """"jv" when its native kernel runs (warm starts across sweeps pay off, docs/alignment.md), else
-    "scipy" (under the reference backend too: jv's twin is exact but slow; lapx measured slower)."""
+    """"jv" when its native kernel runs (its warm starts across sweeps pay off, docs/alignment.md), else
+    "scipy" (under the reference backend too: jv's twin is exact but slow; docs/alignment.md compares)."""
     return "jv" if use_native("lap_solve", torch.device("cpu")) else "scipy"
 
 
@@ -102,3 +102,40 @@ def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.T
             p = order[p]
         perm = torch.from_numpy(p)
     return (perm, state) if return_state else perm
+
+
+class LapPolicy:
+    """Solves the LAPs of a sequence of sweeps, one state per perm group: with the "jv" solver and
+    `warm_start`, a group's LAP restarts from its previous duals or cold, whichever needed fewer
+    augmenting paths (Dijkstra searches after the row reduction, a deterministic count) the last
+    time each ran; the other start is re-tried every `explore`-th solve. Trained weights tend to
+    favour warm starts, random wide layers cold ones (the row reduction settles them), so the
+    choice is measured per group instead of fixed."""
+
+    def __init__(self, names, *, solver: str | None = None, warm_start: bool = True, explore: int = 8):
+        self.solver = solver or default_solver()
+        if self.solver not in available_solvers():
+            raise ValueError(f"weight_matching: unknown solver {self.solver!r}; expected one of {available_solvers()}")
+        self.warm_start, self.explore = warm_start, explore
+        self.states: dict = dict.fromkeys(names)
+        self.paths = {p: {True: None, False: None} for p in names}
+        self.count = dict.fromkeys(names, 0)
+        self.solves = 0
+
+    def _warm(self, p: str) -> bool:
+        self.count[p] += 1
+        w, c = self.paths[p][True], self.paths[p][False]
+        if w is None or c is None:
+            return w is None   # try each once (the very first solve has no state: it runs cold)
+        better = w <= c
+        return (not better) if self.count[p] % self.explore == 0 else better
+
+    def solve(self, p: str, cost: torch.Tensor) -> torch.Tensor:
+        """The permutation maximising Σ_i cost[i, perm[i]] for group `p` (int64, CPU)."""
+        self.solves += 1
+        warm = self.warm_start and self.states[p] is not None and self._warm(p)
+        perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True,
+                                         warm_start=self.states[p] if warm else None)
+        if self.states[p] is not None:
+            self.paths[p][warm] = self.states[p].augmentations
+        return perm

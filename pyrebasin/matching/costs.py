@@ -1,0 +1,238 @@
+"""The cost provider of weight matching: each perm group's LAP cost Σ W_A·W̃_Bᵀ and the objective, with
+the float64 cost cache, rank-|S| updates and drift accounting that keep later sweeps cheap.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..spec import Blocked, PermutationSpec, apply_permutation, axis_index
+
+__all__ = ["WeightCosts"]
+
+
+@dataclass
+class _Term:
+    """One (param, axis) of a perm group: A's unit matrix and B viewed with the group's units first."""
+
+    param: str
+    a_units: torch.Tensor                      # [n, rest] view (or copy) of A
+    b_view: torch.Tensor                       # B reshaped/moved so dim 0 holds the units (a view)
+    dims: list                                 # per b_view dim > 0: ("flat", entry) | ("perm", name) | None
+    deps: frozenset                            # perms that the gather of B reads
+
+
+def _expanded_view(t: torch.Tensor, entries, axis: int, factor: int):
+    """`t` with `axis` split into its Blocked factors and the unit factor moved first, plus what
+    permutes each remaining dim of that view."""
+    shape, dims = [], []
+    for a, entry in enumerate(entries):
+        if a == axis and isinstance(entry, Blocked):
+            for f, (s, p) in enumerate(zip(entry.shape, entry.perms)):
+                shape.append(s)
+                dims.append("unit" if f == factor else (("perm", p) if p is not None else None))
+        else:
+            shape.append(t.shape[a])
+            dims.append("unit" if a == axis else (("flat", entry) if entry is not None else None))
+    unit = dims.index("unit")
+    view = t.reshape(shape).movedim(unit, 0)
+    return view, dims[:unit] + dims[unit + 1:]
+
+
+def _term_deps(dims) -> frozenset:
+    deps = set()
+    for d in dims:
+        if d is None:
+            continue
+        if d[0] == "perm":
+            deps.add(d[1])
+        else:
+            deps.update(p for p in ([d[1]] if isinstance(d[1], str) else d[1].perms) if p is not None)
+    return frozenset(deps)
+
+
+def _dot64(x: torch.Tensor, y: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """<x, y> accumulated in float64 (float32 products are exact in float64), converted through two
+    reused cache-sized buffers instead of two full-size float64 copies."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.dtype == torch.float64:
+        return float(torch.dot(x, y))
+    ba, bb = buffers
+    chunk, total = ba.numel(), 0.0
+    for s in range(0, x.numel(), chunk):
+        m = min(chunk, x.numel() - s)
+        ba[:m].copy_(x[s:s + m])
+        bb[:m].copy_(y[s:s + m])
+        total += float(torch.dot(ba[:m], bb[:m]))
+    return total
+
+
+class WeightCosts:
+    """Cost matrices of one weight-matching problem, for the perms it holds (`perms`, on the tensors'
+    device; `set_perm` changes one group).
+
+    The terms that no other perm touches are summed once; the others gather B along its other
+    permuted axes in one fused `permute_multi` call, then one GEMM each. Later sweeps change few
+    units, so each group's cost (constant + weight x the terms that read other perms) is cached in
+    float64 (within `cache_bytes`) with the gather indices it was built from; when a term's indices
+    changed on one axis at few positions S (at most 3/5 of the axis), it is updated by the rank-|S|
+    product A_S (B[new S] - B[old S])ᵀ instead of a full GEMM. A full rebuild happens when the change
+    is larger or the updates add up to two full axes (bounding the rounding drift)."""
+
+    def __init__(self, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
+                 state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30):
+        for name, state in (("state_a", state_a), ("state_b", state_b)):
+            missing = [k for k in spec.axes_to_perm if k not in state]
+            if missing:
+                raise ValueError(f"weight_matching: {name} lacks {missing[:5]} (named in the spec)")
+        sizes, sizes_b = spec.perm_sizes(state_a), spec.perm_sizes(state_b)  # both validated against the spec
+        for key in spec.axes_to_perm:
+            if state_a[key].shape != state_b[key].shape:
+                raise ValueError(f"weight_matching: {key!r} has shape {list(state_a[key].shape)} in A "
+                                 f"but {list(state_b[key].shape)} in B")
+        if sizes != sizes_b:
+            raise ValueError(f"weight_matching: perm sizes differ between A ({sizes}) and B ({sizes_b})")
+        permuted = [k for k in spec.axes_to_perm if k not in set(spec.fixed)]
+        for k in permuted:
+            for name, t in (("A", state_a[k]), ("B", state_b[k])):
+                if not t.is_floating_point():
+                    raise TypeError(f"weight_matching: {name}[{k!r}] is {t.dtype}; permuted tensors must be floating")
+        # bf16/fp16 weights are matched in float32 (converted once); float32/64 are used as they are.
+        dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
+        self.spec, self.sizes = spec, sizes
+        self.a = {k: state_a[k].detach().to(dtype) for k in permuted}
+        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in permuted}
+        self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
+        self.terms: dict[str, list[_Term]] = {p: [] for p in sizes}
+        for perm, pairs in spec.perm_to_axes.items():
+            for key, axis in pairs:
+                view, dims = _expanded_view(self.b[key], spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
+                a_units = spec.unit_matrix(self.a[key], key, axis, perm)
+                self.terms[perm].append(_Term(key, a_units, view, dims, _term_deps(dims)))
+        self.perms = {p: torch.arange(n, device=self.device) for p, n in sizes.items()}
+        self.coupled = {p: [t for t in ts if t.deps] for p, ts in self.terms.items()}
+        self.constant: dict[str, torch.Tensor | None] = {}
+        self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
+        self.cache_left = cache_bytes
+        for p, ts in self.terms.items():
+            c = None
+            for t in (t for t in ts if not t.deps):
+                prod = t.a_units @ t.b_view.reshape(t.b_view.shape[0], -1).T
+                c = prod if c is None else c.add_(prod)
+            self.constant[p] = c.to(torch.float64) if c is not None else None
+        self.version = dict.fromkeys(sizes, 0)
+        self._deps = {p: sorted(frozenset().union(*(t.deps for t in self.terms[p]))) for p in sizes}
+
+    def set_perm(self, p: str, perm: torch.Tensor) -> None:
+        """Group `p` now takes `perm`: the costs of the groups that read it change."""
+        self.perms[p] = perm.to(self.device)
+        self.version[p] += 1
+
+    def snapshot(self, p: str) -> tuple:
+        """A value that changes whenever a perm that group `p`'s cost reads changes."""
+        return tuple(self.version[d] for d in self._deps[p])
+
+    def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones)."""
+        pb = apply_permutation(self.spec.restrict(self.a), perms if perms is not None else self.perms, self.b)
+        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
+        return sum(_dot64(self.a[k], pb[k], buffers) for k in self.a)
+
+    def _indices(self, t: _Term) -> list:
+        """(dim of b_view, gather index) for each dim that a perm touches."""
+        out = []
+        dev = t.b_view.device
+        for d, spec_dim in enumerate(t.dims, start=1):
+            if spec_dim is None:
+                continue
+            kind, what = spec_dim
+            idx = self.perms[what].to(dev) if kind == "perm" else axis_index(what, self.perms, t.b_view.shape[d], dev)
+            if idx is not None:
+                out.append((d, idx))
+        return out
+
+    @staticmethod
+    def _gather(x: torch.Tensor, others) -> torch.Tensor:
+        """`x` gathered along the term's other (unchanged) permuted dims."""
+        for d, idx in others:
+            x = x.index_select(d, idx)
+        return x
+
+    def _update(self, var, total, old, new, weight: float) -> float | None:
+        """Rank-|S| updates of the cached `total` in place (scaled by `weight`); the drift they add
+        (changed share of an axis), or None when a term changed on several dims or too many
+        positions (then rebuild)."""
+        plans = []
+        for t, o, nw in zip(var, old, new):
+            changed = [(d, io, inew) for (d, io), (_, inew) in zip(o, nw) if not torch.equal(io, inew)]
+            if not changed:
+                continue
+            if len(changed) > 1:
+                return None
+            d, io, inew = changed[0]
+            pos = (io != inew).nonzero().flatten()
+            if 5 * pos.numel() > 3 * io.numel():
+                return None
+            plans.append((t, d, pos, io, inew, [(d2, i2) for d2, i2 in nw if d2 != d]))
+        drift = 0.0
+        for t, d, pos, io, inew, others in plans:
+            n = t.b_view.shape[0]
+            a_s = t.a_units.reshape(t.b_view.shape).index_select(d, pos).reshape(n, -1)
+            diff = self._gather(t.b_view.index_select(d, inew[pos]), others) - \
+                self._gather(t.b_view.index_select(d, io[pos]), others)
+            diff = diff.reshape(n, -1)
+            if a_s.shape[1] <= 512:  # thin update: float64 GEMM straight into the cache, no n×n temporary
+                total.addmm_(a_s.to(torch.float64), diff.to(torch.float64).T, alpha=weight)
+            else:
+                total.add_(a_s @ diff.T, alpha=weight)
+            drift += pos.numel() / io.numel()
+        return drift
+
+    def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
+        """Group `p`'s cost matrix, float64, on the tensors' device: constant terms + `coupling` x the
+        terms that read other perms (1.0: the true objective's cost). May be the cached tensor
+        itself: read it, never modify it."""
+        n = self.sizes[p]
+        base = self.constant[p]
+        var = self.coupled[p]
+        if not var:
+            return base if base is not None else torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        new = [self._indices(t) for t in var]
+        if p in self.cache:
+            total, old, drift, weight = self.cache[p]
+            if weight != coupling and weight != 0.0:  # a new phase: rescale the coupling part in place
+                if base is not None:
+                    total.sub_(base)
+                total.mul_(coupling / weight)
+                if base is not None:
+                    total.add_(base)
+                weight = coupling
+            if weight == coupling:
+                step = self._update(var, total, old, new, weight)
+                if step is not None and drift + step < 2.0:
+                    self.cache[p] = (total, new, drift + step, weight)
+                    return total
+            self.cache_left += total.numel() * 8
+            del self.cache[p]
+        tensors, indices, owners, axes = [], [], [], []
+        for j, (t, idx) in enumerate(zip(var, new)):
+            tensors.append(t.b_view)
+            for d, i in idx:
+                indices.append(i)
+                owners.append(j)
+                axes.append(d)
+        gathered = ops.permute_multi(tensors, indices, owners, axes)
+        c = None
+        for t, g in zip(var, gathered):
+            g2 = g.reshape(n, -1)
+            c = t.a_units @ g2.T if c is None else c.addmm_(t.a_units, g2.T)
+        total = c.to(torch.float64).mul_(coupling)
+        if base is not None:
+            total.add_(base)
+        if n * n * 8 <= self.cache_left:
+            self.cache_left -= n * n * 8
+            self.cache[p] = (total, new, 0.0, coupling)
+        return total

@@ -27,7 +27,9 @@ def measure_alignment(seeds) -> dict:
     spec = model.permutation_spec()
     data = mnist1d_splits()
     naive = interpolate(model, a, b, data, ts=9)
-    wm = prb.apply_permutation(spec, prb.weight_matching(spec, a, b).perms, b)
+    # the margins below were measured with the textbook loop (the default reaches lower barriers on
+    # these pairs: tests/claims/test_matching.py)
+    wm = prb.apply_permutation(spec, prb.weight_matching(spec, a, b, method="textbook").perms, b)
     aligned = interpolate(model, a, wm, data, ts=9)
     out = {f"ratio_{k}": barrier(aligned, split="test", kind=k) / barrier(naive, split="test", kind=k) for k in KINDS}
     out.update(acc_naive=barrier(naive, "accuracy", split="test"), acc_aligned=barrier(aligned, "accuracy", split="test"))

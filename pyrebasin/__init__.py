@@ -12,6 +12,7 @@ from .check import check_spec
 from .combine import combine_states, evaluate_combinations, sample_coefficients
 from .lmc import Curve, barrier, interpolate
 from .matching import MatchResult, activation_matching, weight_matching
+from .merging import MergeResult, cycle_consistency_error, merge_many
 from .repair import repair, reset_bn
 from .spec import (
     Blocked,
@@ -38,8 +39,9 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
     "PermutationSpec", "Blocked", "trace_spec", "check_spec",
     "apply_permutation", "random_permutation", "invert_permutation", "compose_permutations",
     "identity_permutation",
-    # aligning two models
+    # aligning two models, and N models into one space
     "weight_matching", "activation_matching", "MatchResult",
+    "merge_many", "MergeResult", "cycle_consistency_error",
     # what lies between them
     "interpolate", "barrier", "Curve", "repair", "reset_bn",
     "sample_coefficients", "evaluate_combinations", "combine_states",
@@ -48,8 +50,8 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
 ]
 
 # Submodules reachable as attributes, imported when first touched (PEP 562).
-_SUBMODULES = ("combine", "data", "distributed", "experiments", "io", "lmc", "matching", "moments", "ops",
-               "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
+_SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lmc", "maps", "matching",
+               "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
 
 
 def __getattr__(name: str):

@@ -11,8 +11,15 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["axes_from_git_rebasin", "git_rebasin_from_axes", "torch_axis_order", "flax_to_torch_key",
-           "torch_to_flax_key", "flax_to_torch_state", "torch_to_flax_state"]
+__all__ = [
+    "axes_from_git_rebasin",
+    "flax_to_torch_key",
+    "flax_to_torch_state",
+    "git_rebasin_from_axes",
+    "torch_axis_order",
+    "torch_to_flax_key",
+    "torch_to_flax_state",
+]
 
 KeyMap = Mapping[str, str] | Callable[[str], str] | None
 # flax leaf name -> torch leaf name (BatchNorm's batch_stats leaves included)
@@ -163,7 +170,8 @@ def git_rebasin_from_axes(axes_to_perm: Mapping[str, tuple], *, key_map: KeyMap 
     names: dict[str, str] = {}
     for key, entries in axes_to_perm.items():
         entries = _check_entries(key, entries)
-        name = _map_key(key_map, key, lambda k, r=len(entries): torch_to_flax_key(k, r))
+        rank = len(entries)
+        name = _map_key(key_map, key, lambda k: torch_to_flax_key(k, rank))  # noqa: B023 (called at once)
         if name in flax_axes:
             raise ValueError(f"torch keys {names[name]!r} and {key!r} both become the flax key {name!r}; "
                              "pass key_map= to tell them apart")
@@ -205,7 +213,8 @@ def torch_to_flax_state(state: Mapping[str, torch.Tensor], *, key_map: KeyMap = 
     for key, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state[{key!r}] is a {type(t).__name__}, not a Tensor")
-        name = _map_key(key_map, key, lambda k, r=t.dim(): torch_to_flax_key(k, r))
+        rank = t.dim()
+        name = _map_key(key_map, key, lambda k: torch_to_flax_key(k, rank))  # noqa: B023 (called at once)
         if name in flat:
             raise ValueError(f"two torch keys become the flax key {name!r} (one is {key!r}); pass key_map=")
         order = torch_axis_order(t.dim()) if _is_kernel(name) else list(range(t.dim()))

@@ -18,7 +18,7 @@ from .matching import activation_matching, weight_matching
 from .merging import merge_many
 from .spec import PermutationSpec, apply_permutation
 
-__all__ = ["ALIGNMENTS", "LossPlane", "pairwise_barriers", "spectral_clusters", "affinity", "loss_plane"]
+__all__ = ["ALIGNMENTS", "LossPlane", "affinity", "loss_plane", "pairwise_barriers", "spectral_clusters"]
 
 State = Mapping[str, torch.Tensor]
 ALIGNMENTS = (None, "weight", "activation", "merge")

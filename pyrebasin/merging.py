@@ -19,8 +19,14 @@ from .spec import (
     invert_permutation,
 )
 
-__all__ = ["MergeResult", "merge_many", "pairwise_matchings", "pairwise_from_shared", "cycle_consistency_error",
-           "mean_state"]
+__all__ = [
+    "MergeResult",
+    "cycle_consistency_error",
+    "mean_state",
+    "merge_many",
+    "pairwise_from_shared",
+    "pairwise_matchings",
+]
 
 State = Mapping[str, torch.Tensor]
 Perms = dict[str, torch.Tensor]

@@ -187,7 +187,7 @@ class PermutationSpec:
                 f"{len(self.fixed)} fixed)")
 
     @classmethod
-    def from_git_rebasin(cls, spec, **options) -> "PermutationSpec":
+    def from_git_rebasin(cls, spec, **options) -> PermutationSpec:
         """A spec from git-re-basin's JAX format (options: `pyrebasin.interop.axes_from_git_rebasin`)."""
         from .interop import axes_from_git_rebasin
         reasons = spec.get("fixed_reasons", {}) if isinstance(spec, Mapping) else {}

@@ -18,7 +18,7 @@ from pyrebasin.maps import pairwise_barriers
 from pyrebasin.merging import mean_state, pairwise_from_shared, pairwise_matchings
 from pyrebasin.train import TrainConfig, train_, train_zoo
 
-ARCH = dict(width=128, depth=3)
+ARCH = {"width": 128, "depth": 3}
 EPOCHS = 10
 
 
@@ -59,7 +59,7 @@ def merging(n: int, test) -> dict:
     out["cycle_error"] = {"pairwise_wm": prb.cycle_consistency_error(pw) if n >= 3 else None,
                           "wm_to_model0": prb.cycle_consistency_error(star) if n >= 3 else None,
                           "merge_many": prb.cycle_consistency_error(merged.pairwise()) if n >= 3 else None}
-    acc = lambda s: float(prb.evaluate_combinations(model, s, s, [1.0], test).accuracy[0])  # noqa: E731
+    acc = lambda s: float(prb.evaluate_combinations(model, s, s, [1.0], test).accuracy[0])
     out["accuracy"] = {"endpoints_mean": sum(acc(s) for s in states) / n, "naive_average": acc(mean_state(states)),
                        "wm_to_model0_average": acc(mean_state(ref_states)),
                        "merge_many_average": acc(merged.merged)}

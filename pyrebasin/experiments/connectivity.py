@@ -54,7 +54,7 @@ class ConnectivityMap:
         return text
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ConnectivityMap":
+    def from_dict(cls, d: Mapping) -> ConnectivityMap:
         return cls({k: torch.tensor(v, dtype=torch.float64) for k, v in d["barriers"].items()}, list(d["clusters"]),
                    d["cluster_kind"], int(d["n_clusters"]), float(d["delta"]), d.get("metric", "loss"),
                    d.get("align"), list(d.get("ts", [])), dict(d.get("curves", {})), list(d.get("names", [])))

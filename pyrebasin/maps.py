@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +24,18 @@ State = Mapping[str, torch.Tensor]
 ALIGNMENTS = (None, "weight", "activation", "merge")
 
 
-def _xy(data) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
-        raise TypeError(f"data must be an (x, y) pair of tensors, got {type(data).__name__}")
-    return data[0], data[1]
+def _inputs(data):
+    """What activation matching reads: x of an (x, y) pair, else the iterable of (x, y) batches itself."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0]
+    if isinstance(data, (Mapping, torch.Tensor)) or not isinstance(data, Iterable):
+        raise TypeError(f"data must be an (x, y) pair of tensors or an iterable of (x, y) batches, "
+                        f"got {type(data).__name__}")
+    return data
+
+
+def _example(x) -> torch.Tensor:
+    return x[:2] if isinstance(x, torch.Tensor) else next(iter(x))[0][:2]
 
 
 def _spec_of(model: nn.Module, spec: PermutationSpec | None, x: torch.Tensor) -> PermutationSpec:
@@ -36,7 +44,7 @@ def _spec_of(model: nn.Module, spec: PermutationSpec | None, x: torch.Tensor) ->
     if callable(getattr(model, "permutation_spec", None)):
         return model.permutation_spec()
     from .trace import trace_spec
-    return trace_spec(model, x[:2])
+    return trace_spec(model, _example(x))
 
 
 def _aligned_pair(model, spec, align, states, i, j, x, options, merged):
@@ -63,8 +71,8 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
     Each pair's curve is one batched `evaluate_combinations` call over the λ = t·1 of every t. align:
     None (naive), "weight" / "activation" (match j to i, per pair), "merge" (one `merge_many` shared
     space: cycle-consistent pairwise maps). `spec` defaults to `model.permutation_spec()` or
-    `trace_spec`; `match_options` go to the matcher. `data`: an (x, y) pair (activation matching
-    reads its x). Inputs are never modified.
+    `trace_spec`; `match_options` go to the matcher. `data`: an (x, y) pair or an iterable of (x, y)
+    batches (activation matching reads their x). Inputs are never modified.
     """
     if isinstance(states, Mapping) or not isinstance(states, Sequence) or len(states) < 2:
         raise ValueError("states must be a list of at least 2 state dicts")
@@ -73,7 +81,9 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
         raise ValueError(f"kinds={list(kinds)!r}; expected a non-empty subset of {list(BARRIER_KINDS)}")
     if align not in ALIGNMENTS:
         raise ValueError(f"align={align!r}; expected one of {list(ALIGNMENTS)}")
-    x, _ = _xy(data)
+    x = _inputs(data)
+    if x is data:
+        data = x = list(data)  # read once per pair: a generator would be spent after the first
     tlist = [float(t) for t in torch.linspace(0, 1, ts, dtype=torch.float64)] if isinstance(ts, int) else \
         [float(t) for t in ts]
     if len(tlist) < 2 or tlist[0] != 0.0 or tlist[-1] != 1.0:

@@ -122,3 +122,16 @@ def test_loss_plane_corners_are_the_models(tmp_path):
         prb.loss_plane(model, a, b, c, data, grid=1)
     with pytest.raises(ValueError, match="state_c"):
         prb.loss_plane(model, a, b, {k: v for k, v in c.items() if k != "head.bias"}, data)
+
+
+def test_batches_are_data_too():
+    data = _blobs(n=200, seed=4)
+    model, state = _trained(6, data, steps=30)
+    spec = model.permutation_spec()
+    states = [state, prb.apply_permutation(spec, prb.random_permutation(spec, state, generator=1), state)]
+    batches = [(data[0][i:i + 50], data[1][i:i + 50]) for i in range(0, 200, 50)]
+    whole, _ = pairwise_barriers(model, states, data, ts=5, kinds=["linear"], align="activation")
+    split, _ = pairwise_barriers(model, states, batches, ts=5, kinds=["linear"], align="activation")
+    torch.testing.assert_close(split["linear"], whole["linear"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(TypeError, match="data must be"):
+        pairwise_barriers(model, states, {"x": data}, ts=5)

@@ -33,20 +33,26 @@ def main() -> None:
     print(f"threads={args.threads} N={args.n} ({pairs} curves) ts={args.ts} samples={args.samples}; "
           "CPU time relative to the floor (lower is better)")
     for width in (128, 512):
-        model = prb.zoo.MLP(40, width, 3)
-        states = []
-        for s in range(args.n):
-            torch.manual_seed(s)
-            states.append({k: v.detach().clone() for k, v in prb.zoo.MLP(40, width, 3).state_dict().items()})
-        ts = torch.linspace(0, 1, args.ts).tolist()
-        floor = best_of_clocks(lambda: prb.evaluate_combinations(model, states[1], states[0], ts * pairs, (x, y),
-                                                                 chunk=args.ts), args.repeat)[1]
-        mapped = best_of_clocks(lambda: pairwise_barriers(model, states, (x, y), ts=args.ts), args.repeat)[1]
-        loop = best_of_clocks(lambda: [prb.interpolate(model, states[i], states[j], (x, y), ts=args.ts)
-                                       for i, j in itertools.combinations(range(args.n), 2)], args.repeat)[1]
+        floor, mapped, loop = measure(width, args, x, y)
         print(f"mlp {width}x3: floor {floor:.3f}s CPU | pairwise_barriers {mapped / floor:.2f}x | "
               f"interpolate loop {loop / floor:.2f}x")
 
+
+def measure(width: int, args, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """CPU seconds of: the floor, the map's pairwise curves, the interpolate loop."""
+    pairs = args.n * (args.n - 1) // 2
+    model = prb.zoo.MLP(40, width, 3)
+    states = []
+    for s in range(args.n):
+        torch.manual_seed(s)
+        states.append({k: v.detach().clone() for k, v in prb.zoo.MLP(40, width, 3).state_dict().items()})
+    ts = torch.linspace(0, 1, args.ts).tolist()
+    floor = best_of_clocks(lambda: prb.evaluate_combinations(model, states[1], states[0], ts * pairs, (x, y),
+                                                             chunk=args.ts), args.repeat)[1]
+    mapped = best_of_clocks(lambda: pairwise_barriers(model, states, (x, y), ts=args.ts), args.repeat)[1]
+    loop = best_of_clocks(lambda: [prb.interpolate(model, states[i], states[j], (x, y), ts=args.ts)
+                                   for i, j in itertools.combinations(range(args.n), 2)], args.repeat)[1]
+    return floor, mapped, loop
 
 if __name__ == "__main__":
     main()

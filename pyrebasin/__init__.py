@@ -11,7 +11,9 @@ from ._backend import backend, native_available, use_backend
 from .check import check_spec
 from .combine import combine_states, evaluate_combinations, sample_coefficients
 from .lmc import Curve, barrier, interpolate
+from .maps import LossPlane, loss_plane
 from .matching import MatchResult, activation_matching, weight_matching
+from .merging import MergeResult, cycle_consistency_error, merge_many
 from .repair import repair, reset_bn
 from .spec import (
     Blocked,
@@ -38,25 +40,32 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
     "PermutationSpec", "Blocked", "trace_spec", "check_spec",
     "apply_permutation", "random_permutation", "invert_permutation", "compose_permutations",
     "identity_permutation",
-    # aligning two models
+    # aligning two models, and N models into one space
     "weight_matching", "activation_matching", "MatchResult",
+    "merge_many", "MergeResult", "cycle_consistency_error",
     # what lies between them
     "interpolate", "barrier", "Curve", "repair", "reset_bn",
-    "sample_coefficients", "evaluate_combinations", "combine_states",
+    "sample_coefficients", "evaluate_combinations", "combine_states", "loss_plane", "LossPlane",
     # which implementation runs
     "use_backend", "backend", "native_available",
 ]
 
 # Submodules reachable as attributes, imported when first touched (PEP 562).
-_SUBMODULES = ("combine", "data", "distributed", "experiments", "io", "lmc", "matching", "moments", "ops",
-               "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
+_SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lmc", "maps", "matching",
+               "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
+
+
+# Names of a higher layer, handed on when first touched: the connectivity map plots, so it is a study.
+_FORWARDED = {"connectivity_map": "experiments.connectivity", "ConnectivityMap": "experiments.connectivity"}
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _FORWARDED:
+        return getattr(importlib.import_module(f"{__name__}.{_FORWARDED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_FORWARDED))

@@ -223,6 +223,18 @@ class PermutationSpec:
         return (f"PermutationSpec({len(self.perm_to_axes)} perms over {len(self.axes_to_perm)} keys, "
                 f"{len(self.fixed)} fixed)")
 
+    @classmethod
+    def from_git_rebasin(cls, spec, **options) -> PermutationSpec:
+        """A spec from git-re-basin's JAX format (options: `pyrebasin.interop.axes_from_git_rebasin`)."""
+        from .interop import axes_from_git_rebasin
+        reasons = spec.get("fixed_reasons", {}) if isinstance(spec, Mapping) else {}
+        return cls(axes_from_git_rebasin(spec, **options), dict(reasons))
+
+    def to_git_rebasin(self, **options) -> dict:
+        """git-re-basin's format over flax keys and layout (`pyrebasin.interop.git_rebasin_from_axes`)."""
+        from .interop import git_rebasin_from_axes
+        return git_rebasin_from_axes(self.axes_to_perm, **options) | {"fixed_reasons": dict(self.fixed_reasons)}
+
 
 def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                        sizes: Mapping[str, int]) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .combine import evaluate_combinations
-from .lmc import BARRIER_KINDS, Curve, barrier, eval_mode
+from .lmc import BARRIER_KINDS, Curve, barrier
 from .matching import activation_matching, weight_matching
 from .merging import merge_many
 from .spec import PermutationSpec, apply_permutation
@@ -56,8 +56,8 @@ def _aligned_pair(model, spec, align, states, i, j, x, options, merged):
     if align == "weight":
         perms = weight_matching(spec, states[i], states[j], **options).perms
     else:
-        with eval_mode(model):  # the caller's flags come back as they were
-            perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j], **options).perms
+        # activation_matching runs a train-mode model on a private eval-mode view: no flag to restore
+        perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j], **options).perms
     return apply_permutation(spec, perms, states[j])
 
 

@@ -92,7 +92,7 @@ def test_connectivity_writes_a_symmetric_map(many, tmp_path, capsys, align):
         m = torch.tensor(m)
         assert m.shape == (4, 4), kind
         assert torch.equal(m, m.T) and torch.equal(m.diagonal(), torch.zeros(4, dtype=m.dtype)), kind
-    if align == "none":  # nets trained from other seeds are not linearly connected (any_chord: XXX)
+    if align == "none":  # other seeds are not linearly connected (measured: any_chord max 0.18; weight-matched 0.04)
         assert float(torch.tensor(cmap["barriers"]["any_chord"]).max()) > 0.05
     assert_png(tmp_path / "map" / "connectivity.png")
     if align == "none":

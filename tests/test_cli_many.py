@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import pyrebasin as prb
+import pyrebasin.cli
 from pyrebasin.io import load_state, save_state
 from pyrebasin.train import TrainConfig, train_
-import pyrebasin.cli
 from tests.test_cli import assert_png, cli, cli_inprocess
 
 KW = '{"width": 16, "depth": 2}'

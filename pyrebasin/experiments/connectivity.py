@@ -181,16 +181,18 @@ def merge_section(ctx):
             "merge_many": pairwise_barriers(model, res.aligned, test, ts=ts, kinds=kinds)[0]}
     mean = {k: _mean_offdiag(m["endpoint_mean"]) for k, m in maps.items()}
     worst = {k: float(m["endpoint_mean"].max()) for k, m in maps.items()}
-    cycle = {"pairwise": cycle_consistency_error(pairwise_matchings(spec, states)) if n >= 3 else None,
-             "merge_many": cycle_consistency_error(res.pairwise()) if n >= 3 else None}
-    acc = lambda s: float(evaluate_combinations(model, s, s, [1.0], test).accuracy[0])  # noqa: E731
+    cycle = {"pairwise": cycle_consistency_error(pairwise_matchings(spec, states)),
+             "merge_many": cycle_consistency_error(res.pairwise())}
+    def acc(state) -> float:
+        return float(evaluate_combinations(model, state, state, [1.0], test).accuracy[0])
+
     accuracy = {"models": [acc(s) for s in states], "naive_average": acc(mean_state(states)),
                 "merge_many_average": acc(res.merged)}
     fig = plot_bars({k: {"mean": mean[k], "max": worst[k]} for k in maps}, ctx.out / "merge_barriers.png",
                     title=f"{n} MLPs: pairwise test loss barriers")
     labels = {"naive": "naive", "pairwise": "two-model matching of each pair", "merge_many": "MergeMany"}
     rows = [f"| {labels[k]} | {mean[k]:.3f} | {worst[k]:.3f} | "
-            f"{'-' if k == 'naive' or cycle[k] is None else f'{cycle[k]:.3f}'} |" for k in maps]
+            f"{'-' if k == 'naive' else f'{cycle[k]:.3f}'} |" for k in maps]
     md = "\n".join([
         f"{n} MLPs ({_DEMO_MLP}, {_DEMO_EPOCHS} epochs, seeds 0..{n - 1}) brought into one basin by MergeMany "
         f"({res.iterations} sweeps, {merge_seconds:.1f} s). Pairwise endpoint_mean test loss barriers at {ts} "

@@ -213,17 +213,17 @@ def merge_section(ctx):
 
 def _children(ctx, per_parent: int, epochs: int):
     """Children fine-tuned (own data order, lower LR) from two parents trained from seeds 0 and 1."""
-    import copy
-
     from .. import data as data_mod
     from ..train import TrainConfig, train_
+    from ..zoo import build
 
     x, y, _, _ = data_mod.load(ctx.config.dataset)
     model, parents = _demo_models(ctx, (0, 1))
     states, names = [], []
     for p, parent in enumerate(parents):
         for c in range(per_parent):
-            child = copy.deepcopy(model)
+            with torch.random.fork_rng():  # the init is overwritten: leave the caller's RNG alone
+                child = build("mlp", **_DEMO_MLP)
             child.load_state_dict(parent)
             train_(child, x, y, TrainConfig(epochs=epochs, lr=1e-3, seed=100 * p + c + 1), progress=False)
             states.append({k: v.detach().clone() for k, v in child.state_dict().items()})

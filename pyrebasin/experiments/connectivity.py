@@ -4,6 +4,7 @@ JSON, a heatmap ordered by cluster, and the contour plot of the loss plane throu
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,11 @@ import torch
 
 from ..fileio import atomic_write_text
 from ..lmc import BARRIER_KINDS
-from ..maps import LossPlane, pairwise_barriers, spectral_clusters
+from ..maps import LossPlane, loss_plane, pairwise_barriers, spectral_clusters
 from .plots import figure, save_figure
 
-__all__ = ["ConnectivityMap", "connectivity_map", "plot_connectivity_map", "plot_loss_plane"]
+__all__ = ["ConnectivityMap", "connectivity_map", "connectivity_section", "merge_section", "plot_connectivity_map",
+           "plot_loss_plane"]
 
 
 @dataclass
@@ -140,3 +142,135 @@ def plot_loss_plane(plane: LossPlane, path: str | Path, *, metric: str = "loss",
     ax.set_ylabel("v  (θ_C − θ_A)")
     ax.set_title(title or f"{metric} on the plane through three models", fontsize=9)
     return save_figure(fig, path)
+
+
+# ---- demo sections (`pyrebasin demo --only merge,connectivity`) ------------------------------------
+
+_DEMO_MLP = {"width": 128, "depth": 3}  # the quick demo's MLP: its seeds are cached already
+_DEMO_EPOCHS = 10
+
+
+def _demo_models(ctx, seeds: Sequence[int]):
+    from ..train import TrainConfig, train_zoo
+
+    out = [train_zoo("mlp", dataset=ctx.config.dataset, seed=s, config=TrainConfig(epochs=_DEMO_EPOCHS),
+                     progress=ctx.progress, **_DEMO_MLP) for s in seeds]
+    return out[0][0], [s for _, s in out]
+
+
+def _mean_offdiag(m: torch.Tensor) -> float:
+    n = len(m)
+    return float(m.sum() / (n * (n - 1)))
+
+
+def merge_section(ctx):
+    """N seeds merged by MergeMany against the naive average and two-model matching of every pair."""
+    from ..combine import evaluate_combinations
+    from ..merging import cycle_consistency_error, mean_state, merge_many, pairwise_matchings
+    from .plots import plot_bars
+
+    n, ts = (3, 7) if ctx.config.quick else (5, 11)
+    model, states = _demo_models(ctx, range(n))
+    spec, test = model.permutation_spec(), ctx.splits["test"]
+    t0 = time.perf_counter()
+    res = merge_many(spec, states)
+    merge_seconds = time.perf_counter() - t0
+    kinds = ["endpoint_mean"]
+    maps = {"naive": pairwise_barriers(model, states, test, ts=ts, kinds=kinds)[0],
+            "pairwise": pairwise_barriers(model, states, test, ts=ts, kinds=kinds, align="weight", spec=spec)[0],
+            "merge_many": pairwise_barriers(model, res.aligned, test, ts=ts, kinds=kinds)[0]}
+    mean = {k: _mean_offdiag(m["endpoint_mean"]) for k, m in maps.items()}
+    worst = {k: float(m["endpoint_mean"].max()) for k, m in maps.items()}
+    cycle = {"pairwise": cycle_consistency_error(pairwise_matchings(spec, states)),
+             "merge_many": cycle_consistency_error(res.pairwise())}
+    def acc(state) -> float:
+        return float(evaluate_combinations(model, state, state, [1.0], test).accuracy[0])
+
+    accuracy = {"models": [acc(s) for s in states], "naive_average": acc(mean_state(states)),
+                "merge_many_average": acc(res.merged)}
+    fig = plot_bars({k: {"mean": mean[k], "max": worst[k]} for k in maps}, ctx.out / "merge_barriers.png",
+                    title=f"{n} MLPs: pairwise test loss barriers")
+    labels = {"naive": "naive", "pairwise": "two-model matching of each pair", "merge_many": "MergeMany"}
+    rows = [f"| {labels[k]} | {mean[k]:.3f} | {worst[k]:.3f} | "
+            f"{'-' if k == 'naive' else f'{cycle[k]:.3f}'} |" for k in maps]
+    md = "\n".join([
+        f"{n} MLPs ({_DEMO_MLP}, {_DEMO_EPOCHS} epochs, seeds 0..{n - 1}) brought into one basin by MergeMany "
+        f"({res.iterations} sweeps, {merge_seconds:.1f} s). Pairwise endpoint_mean test loss barriers at {ts} "
+        "points; the cycle error is the fraction of units where π_ik ≠ π_jk then π_ij over all triples.", "",
+        "| alignment | mean barrier | worst pair | cycle error |", "|---|---|---|---|", *rows, "",
+        f"Test accuracy: models {sum(accuracy['models']) / n:.3f} (mean), naive average "
+        f"{accuracy['naive_average']:.3f}, MergeMany average {accuracy['merge_many_average']:.3f}.", "",
+        f"![{fig.stem}]({fig.name})"])
+    data = {"n": n, "ts": ts, "sweeps": res.iterations, "converged": res.converged, "merge_seconds": merge_seconds,
+            "mean_barrier": mean, "max_barrier": worst, "cycle_error": cycle, "accuracy": accuracy,
+            "barriers": {k: m["endpoint_mean"].tolist() for k, m in maps.items()}}
+    summary = [f"MergeMany of {n} MLPs: mean pairwise test loss barrier naive {mean['naive']:.3f} → pairwise "
+               f"{mean['pairwise']:.3f} → MergeMany {mean['merge_many']:.3f}; average's accuracy "
+               f"{accuracy['naive_average']:.3f} → {accuracy['merge_many_average']:.3f}"]
+    from .demo import Section
+    return Section("merge", "Many models: MergeMany", md, data, [fig], summary)
+
+
+def _children(ctx, per_parent: int, epochs: int):
+    """Children fine-tuned (own data order, lower LR) from two parents trained from seeds 0 and 1."""
+    from .. import data as data_mod
+    from ..train import TrainConfig, train_
+    from ..zoo import build
+
+    x, y, _, _ = data_mod.load(ctx.config.dataset)
+    model, parents = _demo_models(ctx, (0, 1))
+    states, names = [], []
+    for p, parent in enumerate(parents):
+        for c in range(per_parent):
+            with torch.random.fork_rng():  # the init is overwritten: leave the caller's RNG alone
+                child = build("mlp", **_DEMO_MLP)
+            child.load_state_dict(parent)
+            train_(child, x, y, TrainConfig(epochs=epochs, lr=1e-3, seed=100 * p + c + 1), progress=False)
+            states.append({k: v.detach().clone() for k, v in child.state_dict().items()})
+            names.append(f"p{p}c{c}")
+    return model, states, names
+
+
+def connectivity_section(ctx):
+    """A map of children of two parents, naive and weight-matched: do the clusters find the parents?"""
+    per_parent, epochs, ts = (3, 1, 7) if ctx.config.quick else (4, 2, 11)
+    t0 = time.perf_counter()
+    model, states, names = _children(ctx, per_parent, epochs)
+    train_seconds = time.perf_counter() - t0
+    test, planted = ctx.splits["test"], [i // per_parent for i in range(len(states))]
+    data, figs, rows = {"names": names, "planted": planted, "fine_tune_seconds": train_seconds}, [], []
+    for align in (None, "weight"):
+        key = align or "naive"
+        t0 = time.perf_counter()
+        cmap = connectivity_map(model, states, test, ts=ts, align=align, names=names)
+        b = cmap.barriers[cmap.cluster_kind]
+        same = torch.tensor([[a == c for c in planted] for a in planted]) & ~torch.eye(len(planted), dtype=torch.bool)
+        across = torch.tensor([[a != c for c in planted] for a in planted])
+        entry = {"clusters": cmap.clusters, "n_clusters": cmap.n_clusters, "recovered": cmap.clusters == planted,
+                 "within_max": float(b[same].max()), "across_min": float(b[across].min()),
+                 "delta": cmap.delta, "seconds": time.perf_counter() - t0, "map": cmap.to_dict()}
+        entry["map"].pop("curves")
+        data[key] = entry
+        figs.append(cmap.plot(ctx.out / f"connectivity_{key}.png",
+                              title=f"{len(states)} children of 2 parents: {cmap.cluster_kind} barriers ({key})"))
+        rows.append(f"| {key} | {entry['within_max']:.3f} | {entry['across_min']:.3f} | {cmap.clusters} | "
+                    f"{'yes' if entry['recovered'] else 'no'} |")
+    if not ctx.config.quick:
+        plane = loss_plane(model, states[0], states[1], states[per_parent], test, grid=9)
+        figs.append(plot_loss_plane(plane, ctx.out / "loss_plane.png",
+                                    labels=(names[0], names[1], names[per_parent])))
+    md = "\n".join([
+        f"{len(states)} MLPs: {per_parent} children fine-tuned {epochs} epoch(s) (lr 1e-3, own data order) from "
+        "each of two parents trained from seeds 0 and 1. Pairwise any_chord test loss barriers (Juneja et al.'s "
+        f"largest rise above the chord of any sub-segment) at {ts} points; spectral clusters by eigengap.", "",
+        "| map | worst pair within a parent | best pair across | clusters | parents recovered |",
+        "|---|---|---|---|---|", *rows, "", *[f"![{f.stem}]({f.name})" for f in figs]])
+    summary = [f"Connectivity map of {len(states)} children of two parents: clusters recover the parents "
+               f"naive {'yes' if data['naive']['recovered'] else 'no'}, weight-matched "
+               f"{'yes' if data['weight']['recovered'] else 'no'} (any_chord across ≥ {data['naive']['across_min']:.2f}"
+               f" naive, ≥ {data['weight']['across_min']:.2f} matched)"]
+    from .demo import Section
+    return Section("connectivity", "Many models: connectivity map", md, data, figs, summary)
+
+
+DEMO_SECTIONS = [merge_section, connectivity_section]

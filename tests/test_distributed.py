@@ -93,13 +93,19 @@ def _flow_worker(rank, world, port, results):
             import pyrebasin as prb
             from tests.test_matching_weight import model_state
             model, state = model_state("mlp")
-            x = torch.randn(8, 12)[:8 if rank == 0 else 0]
-            prb.activation_matching(model, model, model.permutation_spec(), x, state_a=state, state_b=state)
+            x = torch.randn(8, 12)
+            prb.activation_matching(model, model, model.permutation_spec(), x[:8 if rank == 0 else 0], state_a=state,
+                                    state_b=state)
             error = None
         except ValueError as e:
             error = str(e)
+        try:   # ranks disagreeing on the work: an error on every rank, never silently wrong rows
+            prb.evaluate_combinations(model, state, state, [0.5] * (4 + rank), (x[:4], torch.zeros(4).long()))
+            mismatch = None
+        except ValueError as e:
+            mismatch = str(e)
         results[rank] = (match.perms, match.objective, comb.loss, comb.accuracy, comb.logits, curve.to_dict(),
-                         local.perms, error)
+                         local.perms, error, mismatch)
     finally:
         dist.destroy_process_group()
 
@@ -113,7 +119,7 @@ def test_two_ranks_run_the_flows_as_one_process():
     assert rank_and_world() == (0, 1)   # this process never joined a group: single-process runs below
     match, comb, curve = _flows()
     for rank in (0, 1):
-        perms, objective, loss, acc, logits, curve_d, local_perms, error = results[rank]
+        perms, objective, loss, acc, logits, curve_d, local_perms, error, mismatch = results[rank]
         assert perms.keys() == match.perms.keys()
         assert all(torch.equal(perms[p], match.perms[p]) for p in perms)
         # float64 sums in another order: equal to rounding only
@@ -121,6 +127,7 @@ def test_two_ranks_run_the_flows_as_one_process():
         assert torch.equal(loss, comb.loss) and torch.equal(acc, comb.accuracy) and torch.equal(logits, comb.logits)
         assert curve_d == curve.to_dict()
         assert error is not None and "rank 1: activation_matching: data is empty (0 rows)" in error
+        assert mismatch is not None and "rank(s) [1] passed another number of states" in mismatch
     # group=False ran each rank's shard alone, as a process outside any group does
     for rank in (0, 1):
         alone, _, _ = _flows(None, rank, 2)

@@ -22,6 +22,8 @@ def is_distributed(group=None) -> bool:
     """True when `group` (see the module docstring) spans more than one process."""
     if group is False:
         return False
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be None, False or a torch.distributed ProcessGroup, got {group!r}")
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 

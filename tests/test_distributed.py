@@ -132,3 +132,12 @@ def test_two_ranks_run_the_flows_as_one_process():
     for rank in (0, 1):
         alone, _, _ = _flows(None, rank, 2)
         assert all(torch.equal(results[rank][6][p], alone.perms[p]) for p in alone.perms)
+
+
+def test_group_must_be_a_process_group():
+    import pyrebasin as prb
+    from tests.test_matching_weight import model_state
+    model, state = model_state("mlp")
+    with pytest.raises(TypeError, match="group must be None, False or a torch.distributed ProcessGroup, got 'world'"):
+        prb.evaluate_combinations(model, state, state, [0.5], (torch.randn(4, 12), torch.zeros(4).long()),
+                                  group="world")

@@ -63,7 +63,7 @@ def test_shard_range_partitions():
 # --- the library's own flows under 2 ranks: each equals its single-process run ---
 
 def _flows(group=None, rank=0, world=1):
-    """activation_matching on this rank's shard, combinations and a curve on the same data everywhere."""
+    """activation_matching on this rank's shard; combinations and a REPAIRed curve on the same data everywhere."""
     from tests.test_matching_weight import model_state
     import pyrebasin as prb
     model, state_a = model_state("mlp", seed=0)
@@ -78,7 +78,7 @@ def _flows(group=None, rank=0, world=1):
     comb = prb.evaluate_combinations(model, state_a, state_b, coef, (x, y), chunk=8, batch_size=64,
                                      return_logits=True, group=group)
     curve = prb.interpolate(model, state_a, state_b, {"train": (x, y), "test": (x[:50], y[:50])}, 7, chunk=2,
-                            group=group)
+                            repair=True, group=group)
     return match, comb, curve
 
 
@@ -104,8 +104,11 @@ def _flow_worker(rank, world, port, results):
             mismatch = None
         except ValueError as e:
             mismatch = str(e)
+        seen = []   # the points this rank evaluated: its whole chunks only
+        prb.interpolate(model, state, state, (x, torch.zeros(8).long()), 9, chunk=2,
+                        correction=lambda st, t: seen.append(t) or st)
         results[rank] = (match.perms, match.objective, comb.loss, comb.accuracy, comb.logits, curve.to_dict(),
-                         local.perms, error, mismatch)
+                         local.perms, error, mismatch, seen)
     finally:
         dist.destroy_process_group()
 
@@ -119,7 +122,7 @@ def test_two_ranks_run_the_flows_as_one_process():
     assert rank_and_world() == (0, 1)   # this process never joined a group: single-process runs below
     match, comb, curve = _flows()
     for rank in (0, 1):
-        perms, objective, loss, acc, logits, curve_d, local_perms, error, mismatch = results[rank]
+        perms, objective, loss, acc, logits, curve_d, local_perms, error, mismatch, seen = results[rank]
         assert perms.keys() == match.perms.keys()
         assert all(torch.equal(perms[p], match.perms[p]) for p in perms)
         # float64 sums in another order: equal to rounding only
@@ -128,6 +131,8 @@ def test_two_ranks_run_the_flows_as_one_process():
         assert curve_d == curve.to_dict()
         assert error is not None and "rank 1: activation_matching: data is empty (0 rows)" in error
         assert mismatch is not None and "rank(s) [1] passed another number of states" in mismatch
+        ts = torch.linspace(0, 1, 9, dtype=torch.float64).tolist()
+        assert seen == (ts[:6] if rank == 0 else ts[6:])   # 5 chunks of 2: ranks take 3 and 2
     # group=False ran each rank's shard alone, as a process outside any group does
     for rank in (0, 1):
         alone, _, _ = _flows(None, rank, 2)

@@ -2,8 +2,6 @@
 
 Streaming statistics are sums, so data-parallel ranks accumulate locally and all-reduce once;
 combination samples are replayable from (seed, k), so ranks split the sample range and gather.
-`group`: None = the default group when torch.distributed is initialised (else this process alone),
-a process group = that group, False = this process alone even inside a distributed run.
 """
 from __future__ import annotations
 
@@ -19,7 +17,9 @@ __all__ = ["is_distributed", "rank_and_world", "shard_range", "all_reduce_moment
 
 
 def is_distributed(group=None) -> bool:
-    """True when `group` (see the module docstring) spans more than one process."""
+    """True when `group` spans more than one process. `group`: None = the default group when
+    torch.distributed is initialised (else this process alone), a ProcessGroup = that group, False =
+    this process alone even inside a distributed run (the meaning of `group=` across the library)."""
     if group is False:
         return False
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):

@@ -153,7 +153,7 @@ class Combinations:
 def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State, coefficients, data, *,
                           chunk: int = 16, batch_size: int | None = 1000, return_logits: bool = False,
                           loss: Loss | None = None, correction: Correction | None = None,
-                          progress: bool = False) -> CombinationResult:
+                          progress: bool = False, group=None) -> CombinationResult:
     """Loss and accuracy of every combination θ_B + λ_k ⊙ (θ_A − θ_B), `chunk` models at a time.
 
     `data`: an (x, y) pair (sliced into `batch_size` rows), an iterable of (x, y) batches or a
@@ -164,7 +164,9 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     with the bytes it needs). The model runs on a private eval-mode view; neither it nor the state
     dicts are modified. `coefficients`: see `combine_states`. `correction(state, t)`: applied to each
     combination first (t = 1 − λ for global constants, else None). `loss(out, y) -> [K, B]` replaces
-    cross-entropy (accuracy is then NaN).
+    cross-entropy (accuracy is then NaN). Under torch.distributed every rank passes the same arguments
+    and the chunks are split among the ranks (`group`: see `evaluation.evaluate`); every rank gets the
+    single-process result, bit for bit.
     """
     if isinstance(data, Mapping) and "input_ids" not in data:
         raise TypeError("evaluate_combinations evaluates one data set (an (x, y) pair, batches or a DataLoader); "
@@ -173,7 +175,8 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     check_state(model, state_b, "state_b")
     source = Combinations(state_a, state_b, coefficients)
     r = evaluate(model, source, data, chunk=chunk, batch_size=batch_size, loss=loss, correction=correction,
-                 use_vmap=True, return_logits=return_logits, progress=progress, desc="combinations")
+                 use_vmap=True, return_logits=return_logits, progress=progress, desc="combinations",
+                 group=group)
     lo = r.loss["data"]
     acc = r.accuracy["data"] if r.accuracy is not None else torch.full_like(lo, float("nan"))
     desc = coefficients.describe() if isinstance(coefficients, Coefficients) else {"n": source.n}

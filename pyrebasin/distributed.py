@@ -5,7 +5,7 @@ combination samples are replayable from (seed, k), so ranks split the sample ran
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -13,16 +13,23 @@ import torch.distributed as dist
 from .moments import CrossMoments
 
 __all__ = ["is_distributed", "rank_and_world", "shard_range", "all_reduce_moments_", "broadcast_perms",
-           "gather_rows"]
+           "gather_rows", "gather_objects", "broadcast_object"]
 
 
 def is_distributed(group=None) -> bool:
+    """True when `group` spans more than one process. `group`: None = the default group when
+    torch.distributed is initialised (else this process alone), a ProcessGroup = that group, False =
+    this process alone even inside a distributed run (the meaning of `group=` across the library)."""
+    if group is False:
+        return False
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be None, False or a torch.distributed ProcessGroup, got {group!r}")
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def rank_and_world(group=None) -> tuple[int, int]:
     """(rank, world size); (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if group is False or not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -38,19 +45,24 @@ def shard_range(n: int, rank: int | None = None, world: int | None = None, group
     return range(start, start + base + (rank < extra))
 
 
-def all_reduce_moments_(moments: CrossMoments, group=None) -> CrossMoments:
-    """Sum a CrossMoments' accumulators over all ranks, in place (one flattened all-reduce)."""
+def all_reduce_moments_(moments: CrossMoments | Sequence[CrossMoments], group=None):
+    """Sum the accumulators of one CrossMoments (or of a sequence of them, listed in the same order on
+    every rank) over all ranks, in place, in one flattened all-reduce; returns its argument."""
     if not is_distributed(group):
         return moments
-    parts = [moments.count.reshape(1), moments.sum_x, moments.sum_y, moments.sum_xx, moments.sum_yy,
-             moments.sum_xy.reshape(-1)]
+    many = [moments] if isinstance(moments, CrossMoments) else list(moments)
+    if not many:
+        return moments
+    parts = [t for m in many for t in (m.count.reshape(1), m.sum_x, m.sum_y, m.sum_xx, m.sum_yy,
+                                       m.sum_xy.reshape(-1))]
     flat = torch.cat(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for p in parts:
         p.copy_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
-    moments.count = parts[0].reshape(())  # count was reshaped to 1 element: keep it a scalar
+    for m in many:
+        m.count = m.count.reshape(())  # count was viewed as 1 element: keep it a scalar
     return moments
 
 
@@ -73,3 +85,21 @@ def gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
     out: list = [None] * world
     dist.all_gather_object(out, local.cpu(), group=group)
     return torch.cat(out).to(local.device)
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] outside a distributed run)."""
+    if not is_distributed(group):
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank `src`'s picklable `obj` on every rank (`obj` itself outside a distributed run)."""
+    if not is_distributed(group):
+        return obj
+    box = [obj if dist.get_rank(group) == src else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

@@ -24,6 +24,7 @@ from .batches import (
     require_reiterable,
     splits,
 )
+from .distributed import gather_objects, is_distributed, shard_range
 from .module_state import mode_view
 
 __all__ = ["StateSource", "PathPoints", "Evaluation", "evaluate", "loss_and_correct", "Correction", "Loss"]
@@ -204,7 +205,7 @@ def _corrected(source: StateSource, stacked: Params, begin: int, correction: Cor
 def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 16, batch_size: int | None = 1000,
              loss: Loss | None = None, correction: Correction | None = None, use_vmap: bool = True,
              fast_path: bool = True, return_logits: bool = False, progress: bool = False,
-             desc: str = "evaluate") -> Evaluation:
+             desc: str = "evaluate", group=None) -> Evaluation:
     """Mean loss (cross-entropy by default) and accuracy of every state of `source` on every split of
     `data` (an (x, y) pair, an iterable of batches, a DataLoader, or a dict of named ones).
 
@@ -213,7 +214,12 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     (`use_vmap`) or one `functional_call` per state, always on a private eval-mode view of `model`
     (`mode_view`): the caller's module, its flags and the states are never modified. `correction(state,
     t)` changes each state before it is evaluated (REPAIR/RESET, see `repair.RepairCorrection`).
-    `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None)."""
+    `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None).
+
+    Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
+    this process alone) every rank passes the same source and data; the chunks are split by
+    `shard_range`, each evaluated exactly as in one process, and the metrics gathered, so every rank
+    returns the single-process result bit for bit (`seconds` and peak memory are this rank's)."""
     chunk = check_batch_size(chunk, "chunk")
     check_batch_size(batch_size, allow_none=True)
     n = len(source)
@@ -233,8 +239,12 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     accs = {s: [] for s in named}
     logits = {s: [] for s in named} if return_logits else None
     start = time.perf_counter()
-    with tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
-        for begin in range(0, n, chunk):
+    spread = is_distributed(group)
+    # whole chunks per rank: each state is evaluated in the very stack it has in one process
+    mine = shard_range(-(-n // chunk), group=group) if spread else range(-(-n // chunk))
+    with tqdm(total=min(n, mine.stop * chunk) - mine.start * chunk, desc=desc, disable=not progress,
+              leave=False) as bar:
+        for begin in range(mine.start * chunk, min(n, mine.stop * chunk), chunk):
             end = min(n, begin + chunk)
             stacked = source.stack(begin, end)
             if correction is not None:
@@ -275,6 +285,18 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     if on_cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    if spread:   # one all-gather of every rank's rows, concatenated in rank (= state) order
+        parts = gather_objects(({s: [t.cpu() for t in v] for s, v in losses.items()},
+                                {s: [t.cpu() for t in v] for s, v in accs.items()},
+                                None if logits is None else {s: [t.cpu() for t in v] for s, v in logits.items()},
+                                (n, chunk, sorted(named), logits is None)), group)
+        odd = [r for r, p in enumerate(parts) if p[3] != parts[0][3]]
+        if odd:   # a rank that evaluated another source would corrupt the rows silently
+            raise ValueError(f"evaluate: rank(s) {odd} passed another number of states, chunk, splits or "
+                             f"return_logits than rank 0 ({[p[3] for p in parts]}); every rank must pass the same")
+        losses, accs = ({s: [t for p in parts for t in p[j][s]] for s in named} for j in (0, 1))
+        if logits is not None:
+            logits = {s: [t for p in parts for t in p[2][s]] for s in named}
     empty = torch.zeros(0, dtype=torch.float64)
     cat = lambda d: {s: (torch.cat(v).cpu() if v else empty) for s, v in d.items()}
     return Evaluation(cat(losses), cat(accs) if loss is None else None, k_max, chunk_bytes if n else 0,

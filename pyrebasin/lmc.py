@@ -161,7 +161,7 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
                 buffers: str = "interpolate", repair: bool = False, stat_data=None,
                 correction: Correction | None = None, batch_size: int | None = 1000, chunk: int | None = None,
                 vmap_ts: bool | None = None, loss: Loss | None = None, progress: bool = False,
-                desc: str = "interpolate") -> Curve:
+                desc: str = "interpolate", group=None) -> Curve:
     """Loss and accuracy of θ(t) = (1−t)·θ_A + t·θ_B at every t (an int: that many evenly spaced
     points in [0, 1], endpoints included; or an explicit list). A point t is the combination
     λ = (1−t)·1 of `evaluate_combinations` (λ weights A); both run through `evaluation.evaluate`.
@@ -176,6 +176,8 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
     thread); a Linear/activation chain runs `chunk` points at once, other models one point after
     another, or stacked under vmap with `vmap_ts=True` (slower on CPU as measured). NaN/Inf in the
     states or inputs are refused. `loss(out, y) -> [K, B]` replaces cross-entropy (no accuracy then).
+    Under torch.distributed every rank passes the same arguments and the points are split among the
+    ranks (`group`: see `evaluation.evaluate`); every rank gets the single-process curve.
     """
     if buffers not in ("interpolate", "reset"):
         raise ValueError(f"buffers={buffers!r}; expected 'interpolate' or 'reset'")
@@ -199,7 +201,7 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
             return state
     r = evaluate(model, PathPoints(state_a, state_b, tlist), named, chunk=chunk or _default_chunk(state_a),
                  batch_size=batch_size, loss=loss, correction=fix, use_vmap=bool(vmap_ts), progress=progress,
-                 desc=desc)
+                 desc=desc, group=group)
     meta = {"buffers": buffers, "repair": bool(repair)}
     acc = r.accuracy or {}
     return Curve(tlist, {s: v.tolist() for s, v in r.loss.items()}, {s: v.tolist() for s, v in acc.items()}, meta)

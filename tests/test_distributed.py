@@ -58,3 +58,91 @@ def test_shard_range_partitions():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError, match="rank 3 outside world of size 2"):
         shard_range(5, 3, 2)
+
+
+# --- the library's own flows under 2 ranks: each equals its single-process run ---
+
+def _flows(group=None, rank=0, world=1):
+    """activation_matching on this rank's shard; combinations and a REPAIRed curve on the same data everywhere."""
+    from tests.test_matching_weight import model_state
+    import pyrebasin as prb
+    model, state_a = model_state("mlp", seed=0)
+    _, state_b = model_state("mlp", seed=1)
+    spec = model.permutation_spec()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(203, 12, generator=g), torch.randint(0, 5, (203,), generator=g)
+    rows = shard_range(len(x), rank, world)
+    match = prb.activation_matching(model, model, spec, x[rows.start:rows.stop], state_a=state_a,
+                                    state_b=state_b, batch_size=32, group=group)
+    coef = prb.sample_coefficients(state_a, 37, "uniform(-0.5, 1.5)", seed=3)
+    comb = prb.evaluate_combinations(model, state_a, state_b, coef, (x, y), chunk=8, batch_size=64,
+                                     return_logits=True, group=group)
+    curve = prb.interpolate(model, state_a, state_b, {"train": (x, y), "test": (x[:50], y[:50])}, 7, chunk=2,
+                            repair=True, group=group)
+    return match, comb, curve
+
+
+def _flow_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        match, comb, curve = _flows(None, rank, world)
+        local, _, _ = _flows(False, rank, world)   # opt-out: this rank's shard alone, no collective
+        try:   # an empty shard on one rank is an error on every rank, not a hang
+            import pyrebasin as prb
+            from tests.test_matching_weight import model_state
+            model, state = model_state("mlp")
+            x = torch.randn(8, 12)
+            prb.activation_matching(model, model, model.permutation_spec(), x[:8 if rank == 0 else 0], state_a=state,
+                                    state_b=state)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        try:   # ranks disagreeing on the work: an error on every rank, never silently wrong rows
+            prb.evaluate_combinations(model, state, state, [0.5] * (4 + rank), (x[:4], torch.zeros(4).long()))
+            mismatch = None
+        except ValueError as e:
+            mismatch = str(e)
+        seen = []   # the points this rank evaluated: its whole chunks only
+        prb.interpolate(model, state, state, (x, torch.zeros(8).long()), 9, chunk=2,
+                        correction=lambda st, t: seen.append(t) or st)
+        results[rank] = (match.perms, match.objective, comb.loss, comb.accuracy, comb.logits, curve.to_dict(),
+                         local.perms, error, mismatch, seen)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_ranks_run_the_flows_as_one_process():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_flow_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    assert rank_and_world() == (0, 1)   # this process never joined a group: single-process runs below
+    match, comb, curve = _flows()
+    for rank in (0, 1):
+        perms, objective, loss, acc, logits, curve_d, local_perms, error, mismatch, seen = results[rank]
+        assert perms.keys() == match.perms.keys()
+        assert all(torch.equal(perms[p], match.perms[p]) for p in perms)
+        # float64 sums in another order: equal to rounding only
+        torch.testing.assert_close(torch.tensor(objective), torch.tensor(match.objective), rtol=1e-10, atol=0)
+        assert torch.equal(loss, comb.loss) and torch.equal(acc, comb.accuracy) and torch.equal(logits, comb.logits)
+        assert curve_d == curve.to_dict()
+        assert error is not None and "rank 1: activation_matching: data is empty (0 rows)" in error
+        assert mismatch is not None and "rank(s) [1] passed another number of states" in mismatch
+        ts = torch.linspace(0, 1, 9, dtype=torch.float64).tolist()
+        assert seen == (ts[:6] if rank == 0 else ts[6:])   # 5 chunks of 2: ranks take 3 and 2
+    # group=False ran each rank's shard alone, as a process outside any group does
+    for rank in (0, 1):
+        alone, _, _ = _flows(None, rank, 2)
+        assert all(torch.equal(results[rank][6][p], alone.perms[p]) for p in alone.perms)
+
+
+def test_group_must_be_a_process_group():
+    import pyrebasin as prb
+    from tests.test_matching_weight import model_state
+    model, state = model_state("mlp")
+    with pytest.raises(TypeError, match="group must be None, False or a torch.distributed ProcessGroup, got 'world'"):
+        prb.evaluate_combinations(model, state, state, [0.5], (torch.randn(4, 12), torch.zeros(4).long()),
+                                  group="world")

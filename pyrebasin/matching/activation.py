@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import batches, check_batch_size
+from ..distributed import all_reduce_moments_, broadcast_object, gather_objects, is_distributed
 from ..module_state import check_finite_state, mode_view, model_state
 from ..moments import CrossMoments
 from ..spec import Blocked, PermutationSpec
@@ -178,9 +179,28 @@ def _collect(model_a, model_b, state_a, state_b, sites, sizes, data, batch_size,
                 moments[s] = CrossMoments(xa.shape[cd], xb.shape[cd], device=xa.device)
             moments[s].update(xa, xb, channel_dim=cd)
         n += 1
-    if n == 0:
-        raise ValueError("activation_matching: `data` yielded no batches")
-    return moments, shared
+    return moments, shared, n
+
+
+def _reduce(moments, shared, sites, n, group, failure: str | None = None) -> None:
+    """Sum every rank's statistics in place (one all-reduce); all ranks first agree that each has data
+    and reached the same sites, so a bad shard is a ValueError on every rank, never a hang."""
+    mine = (n, [(i, tuple(moments[s].sum_xy.shape)) for i, s in enumerate(sites) if s in moments],
+            [i for i, s in enumerate(sites) if s in shared], failure)
+    everyone = gather_objects(mine, group) if is_distributed(group) else [mine]
+    failed = [(r, e[3]) for r, e in enumerate(everyone) if e[3] is not None]
+    if failed:
+        raise ValueError("; ".join(f"rank {r}: {msg}" for r, msg in failed))
+    everyone = [e[:3] for e in everyone]
+    empty = [r for r, e in enumerate(everyone) if e[0] == 0]
+    if empty:
+        where = f" on rank(s) {empty}" if len(everyone) > 1 else ""
+        raise ValueError(f"activation_matching: `data` yielded no batches{where}")
+    odd = [r for r, e in enumerate(everyone) if e[1:] != everyone[0][1:]]
+    if odd:
+        raise ValueError(f"activation_matching: rank(s) {odd} reached other activation sites (or widths) than "
+                         "rank 0; every rank must run the same models on data of the same form")
+    all_reduce_moments_([moments[s] for s in sites if s in moments], group)
 
 
 def _factor_cost(corr: torch.Tensor, site: Site, p: str, sizes, perms, solved) -> torch.Tensor:
@@ -237,7 +257,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
                         *, state_a: Mapping[str, torch.Tensor] | None = None,
                         state_b: Mapping[str, torch.Tensor] | None = None, batch_size: int = 512,
                         max_batches: int | None = None, max_iter: int = 100, solver: str | None = None,
-                        progress: bool = False) -> MatchResult:
+                        progress: bool = False, group=None) -> MatchResult:
     """Permutations of B's units maximising the summed correlation of A's and B's activations.
 
     `data`: any form `pyrebasin.batches.batches` reads — a tensor of inputs or an `(x, y)` pair (split
@@ -250,6 +270,12 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     a group with no varying unit at all keeps the identity, with a warning. Returns `MatchResult`:
     `objective` holds Σ of matched correlations (identity first, then after each sweep); `iterations`
     the sweeps (1 unless factors couple).
+
+    Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
+    this process alone) each rank passes its own shard of the data (`max_batches` counts per rank): the
+    statistics are summed over the ranks in one all-reduce, and every rank returns rank 0's result,
+    that of one process reading all shards (to float64 rounding). Identical data on every rank gives
+    the single-process result too (the correlations of repeated data are those of the data).
     """
     check_batch_size(batch_size)
     check_batch_size(max_batches, "max_batches", allow_none=True)
@@ -267,7 +293,15 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     # eval-mode views: BatchNorm must not update (or use batch) statistics, and the caller's flags stay
     view_a = mode_view(model_a)
     view_b = view_a if model_b is model_a else mode_view(model_b)
-    moments, shared = _collect(view_a, view_b, state_a, state_b, sites, sizes, data, batch_size, max_batches, progress)
+    failure = None
+    try:
+        moments, shared, n_batches = _collect(view_a, view_b, state_a, state_b, sites, sizes, data, batch_size,
+                                              max_batches, progress)
+    except ValueError as e:   # bad data on this rank: every rank must hear of it before the collective
+        if not is_distributed(group):
+            raise
+        moments, shared, n_batches, failure = {}, set(), 0, str(e)
+    _reduce(moments, shared, sites, n_batches, group, failure)
     missing = [s for s in sites if s not in moments and s not in shared]
     if missing:
         warnings.warn(f"activation_matching: sites never reached by the forward pass: {missing}", stacklevel=2)
@@ -323,4 +357,6 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
         history.append(objective())
         if not changed or not coupled:
             break
-    return MatchResult(perms=perms, objective=history, iterations=sweeps)
+    # every rank solved the same reduced statistics; rank 0's answer is the one all return, so hosts
+    # whose LAP rounding differs cannot disagree
+    return broadcast_object(MatchResult(perms=perms, objective=history, iterations=sweeps), 0, group)

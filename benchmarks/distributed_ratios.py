@@ -1,0 +1,127 @@
+"""Several processes: 2 gloo ranks x 1 thread against 1 process x 1 thread on this machine, as throughput
+ratios measured in one run, for `evaluate_combinations` (MLP, K samples) and activation statistics.
+
+Usage: python benchmarks/distributed_ratios.py [--k 64] [--width 512] [--rows 4096] [--json out.json]
+Wall ratios are what a user waits (they need two free cores); CPU ratios compare the work per rank, so
+they show the cost of the split and the collectives even on a loaded machine (the load is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyrebasin as prb
+from pyrebasin.distributed import shard_range
+from pyrebasin.fileio import atomic_write
+
+
+def _setup(args):
+    torch.manual_seed(0)
+    model = prb.zoo.MLP(64, args.width, 3, classes=10)
+    state_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    state_b = {k: v.detach().clone() for k, v in prb.zoo.MLP(64, args.width, 3, classes=10).state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(args.rows, 64, generator=g), torch.randint(0, 10, (args.rows,), generator=g)
+    coef = prb.sample_coefficients(state_a, args.k, "uniform(-0.5, 1.5)", seed=3)
+    return model, state_a, state_b, x, y, coef
+
+
+def _flows(args, group, rank, world):
+    """{flow: (wall s, CPU s, result)}: best of args.repeat after one warm-up, ranks started together."""
+    model, state_a, state_b, x, y, coef = _setup(args)
+    spec = model.permutation_spec()
+    # each rank reads its own shard of the statistics data (data parallel), all of it in one process
+    stat = x.repeat(args.stat_repeat, 1)
+    rows = shard_range(len(stat), rank, world)
+    calls = {
+        "evaluate_combinations": lambda: prb.evaluate_combinations(
+            model, state_a, state_b, coef, (x, y), chunk=args.chunk, batch_size=1024, group=group).loss,
+        "activation_statistics": lambda: prb.activation_matching(
+            model, model, spec, stat[rows.start:rows.stop], state_a=state_a, state_b=state_b, batch_size=1024,
+            group=group).perms,
+    }
+    out = {}
+    for name, fn in calls.items():
+        fn()
+        best = (float("inf"), float("inf"), None)
+        for _ in range(args.repeat):
+            if group is not False:
+                dist.barrier()
+            t, c = time.perf_counter(), time.process_time()
+            r = fn()
+            best = min(best, (time.perf_counter() - t, time.process_time() - c, r), key=lambda b: b[0])
+        out[name] = best
+    return out
+
+
+def _worker(rank, world, port, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results[rank] = _flows(args, None, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--stat-repeat", type=int, default=4, help="statistics data = rows x this")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    torch.set_num_threads(1)
+    single = _flows(args, False, 0, 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(2, port, args, results), nprocs=2, join=True)
+        ranks = dict(results)
+    report = {"cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+              "k": args.k, "chunk": args.chunk, "width": args.width, "rows": args.rows,
+              "stat_rows": args.rows * args.stat_repeat, "flows": {}}
+    print(f"{os.cpu_count()} cores, load average {load_before[0]:.1f} (before) {os.getloadavg()[0]:.1f} (after); "
+          f"MLP 64-{args.width}x3-10, K={args.k} chunk={args.chunk}, {args.rows} eval rows, "
+          f"{args.rows * args.stat_repeat} statistics rows")
+    for name, (wall1, cpu1, r1) in single.items():
+        wall2 = max(ranks[r][name][0] for r in ranks)   # the flow ends when its slowest rank does
+        cpu2 = max(ranks[r][name][1] for r in ranks)
+        same = all(_equal(ranks[r][name][2], r1) for r in ranks)
+        report["flows"][name] = {"wall_1x1_s": wall1, "wall_2x1_s": wall2, "throughput_ratio": wall1 / wall2,
+                                 "cpu_1x1_s": cpu1, "cpu_per_rank_2x1_s": cpu2, "cpu_ratio": cpu1 / cpu2,
+                                 "same_result": same}
+        print(f"{name}: 1x1 {wall1:.3f}s, 2x1 {wall2:.3f}s -> throughput {wall1 / wall2:.2f}x "
+              f"(CPU per rank {cpu1 / cpu2:.2f}x); same result as one process: {same}")
+    print(json.dumps(report, indent=1))
+    if args.json:
+        atomic_write(args.json, lambda tmp: _write_text(tmp, json.dumps(report, indent=1)))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
+
+
+if __name__ == "__main__":
+    main()

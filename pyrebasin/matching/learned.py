@@ -227,13 +227,16 @@ def sinkhorn_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[
     perms = _init_perms(fn, spec, state_a, state_b, init, sizes, seed)
     device = next(iter(state_b.values())).device
     logits = {p: F.one_hot(perms[p], n).to(device, torch.float32).requires_grad_(True) for p, n in sizes.items()}
-    view = mode_view(model)
+    view, learned = mode_view(model), set(_learned_keys(model, state_b))
     opt = _Adam(list(logits.values()), lr=lr)
     gen, history = torch.Generator().manual_seed(int(seed)), []
     bar = tqdm(total=steps, desc="sinkhorn matching", disable=not progress, leave=False)
     for x, y in _steps_of(data, steps, batch_size, gen):
         mats = {p: _sinkhorn(v, tau, n_iter) for p, v in logits.items()}
-        loss = _midpoint_loss(view, state_a, soft_permute(spec, mats, state_b), x, y)
+        soft = soft_permute(spec, mats, state_b)
+        # buffers (BN running statistics) follow S without a gradient: autograd refuses them
+        soft = {k: (v if k in learned else v.detach()) for k, v in soft.items()}
+        loss = _midpoint_loss(view, state_a, soft, x, y)
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))

@@ -1,7 +1,7 @@
 """Learned matching against weight and activation matching on the trained mnist1d MLP pairs of the claim
 tests: the test loss/accuracy barrier at the midpoint of each aligned pair, and each matcher's time.
 
-    PYTHONPATH=$PWD python benchmarks/learned_matching.py [--pairs 4] [--steps 500] [--out benchmarks/results/learned_matching.json]
+    PYTHONPATH=$PWD python benchmarks/learned_matching.py [--pairs 4] [--steps 1000] [--out benchmarks/results/learned_matching.json]
 Prints a table (per pair, then the mean) and writes every row to the JSON file (atomically).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.claims._pairs import mean, midpoint_barriers, seed_pairs, trained_pai
 
 # The learners' settings: STE as in Git Re-Basin (Adam, projection every step, from weight matching);
 # Sinkhorn's temperature keeps the one-hot start of weight matching nearly hard (exp(1/τ) ≫ n).
-STE = dict(init="weight", lr=1e-2, batch_size=128)
+STE = dict(init="weight", lr=3e-3, batch_size=128)
 SINKHORN = dict(init="weight", lr=0.03, tau=0.1, n_iter=20, batch_size=128)
 
 
@@ -65,7 +65,7 @@ def summary(rows: list[dict]) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--out", default="benchmarks/results/learned_matching.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

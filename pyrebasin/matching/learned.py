@@ -121,8 +121,8 @@ def _project(spec: PermutationSpec, free, state_b, perms, seed: int) -> dict[str
 
 
 def ste_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
-                 state_b: Mapping[str, torch.Tensor], data, *, init="weight", steps: int = 200,
-                 lr: float = 1e-3, batch_size: int | None = 128, seed: int = 0,
+                 state_b: Mapping[str, torch.Tensor], data, *, init="weight", steps: int = 1000,
+                 lr: float = 3e-3, batch_size: int | None = 128, seed: int = 0,
                  progress: bool = False) -> MatchResult:
     """Permutations of B found by Git Re-Basin's straight-through estimator (Ainsworth et al. 2023, §3.3).
 
@@ -207,8 +207,8 @@ def _sinkhorn(logits: torch.Tensor, tau: float, n_iter: int) -> torch.Tensor:
 
 
 def sinkhorn_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
-                      state_b: Mapping[str, torch.Tensor], data, *, init="weight", steps: int = 200,
-                      lr: float = 0.1, tau: float = 0.05, n_iter: int = 20, batch_size: int | None = 128,
+                      state_b: Mapping[str, torch.Tensor], data, *, init="weight", steps: int = 1000,
+                      lr: float = 0.03, tau: float = 0.1, n_iter: int = 20, batch_size: int | None = 128,
                       seed: int = 0, progress: bool = False) -> MatchResult:
     """Permutations of B found by descending the midpoint's loss over soft permutations (Sinkhorn
     re-basin, Peña et al. 2023).

@@ -82,7 +82,7 @@ def test_ste_from_identity_starts_at_the_naive_midpoint():
     # init=None: W̃ = θ_B, its projection is the identity, so the first loss is the naive midpoint's
     model, spec, sa, sb = pair("mlp")
     x, y = data()
-    r = prb.ste_matching(model, spec, sa, sb, (x, y), steps=1, batch_size=None, init=None)
+    r = prb.ste_matching(model, spec, sa, sb, (x, y), steps=1, batch_size=None, init=None, keep="final")
     mid = prb.module_state.lerp_state(sa, sb, 0.5)
     want = torch.nn.functional.cross_entropy(torch.func.functional_call(model, mid, (x,)), y)
     assert r.objective[0] == pytest.approx(float(want), rel=1e-5)
@@ -90,7 +90,8 @@ def test_ste_from_identity_starts_at_the_naive_midpoint():
 
 @pytest.mark.parametrize("name", sorted(MATCHERS))
 @pytest.mark.parametrize("option,value", [("steps", 0), ("steps", 2.5), ("lr", 0.0), ("lr", float("nan")),
-                                          ("lr", -1.0), ("batch_size", 0), ("seed", "a"), ("init", "activation")])
+                                          ("lr", -1.0), ("batch_size", 0), ("seed", "a"), ("init", "activation"),
+                                          ("keep", "last"), ("check_every", 0)])
 def test_bad_options_name_the_argument(name, option, value):
     model, spec, sa, sb = pair("mlp")
     with pytest.raises(ValueError, match=option):
@@ -114,3 +115,17 @@ def test_bad_inputs():
         prb.sinkhorn_matching(model, spec, sa, {k: v[..., :1] for k, v in sb.items()}, data(), steps=2)
     with pytest.raises(TypeError, match="init"):
         prb.ste_matching(model, spec, sa, sb, data(), steps=2, init=3)
+
+
+@pytest.mark.parametrize("name", sorted(MATCHERS))
+def test_best_is_no_worse_than_the_start_on_the_data(name):
+    # keep="best" checks the start too: the returned perms' midpoint loss on the data is at most the
+    # start's (here weight matching's), whatever the learning rate does
+    model, spec, sa, sb = pair("mlp")
+    x, y = data()
+    r = MATCHERS[name](model, spec, sa, sb, (x, y), steps=6, batch_size=32, lr=1.0, check_every=2)
+
+    def loss(perms):
+        mid = prb.module_state.lerp_state(sa, prb.apply_permutation(spec, perms, sb), 0.5)
+        return float(torch.nn.functional.cross_entropy(torch.func.functional_call(model, mid, (x,)), y))
+    assert loss(r.perms) <= loss(prb.weight_matching(spec, sa, sb).perms) + 1e-5

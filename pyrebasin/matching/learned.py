@@ -112,6 +112,35 @@ def _midpoint_loss(view, state_a, state_b_aligned, x, y) -> torch.Tensor:
     return F.cross_entropy(out, y)
 
 
+class _Keeper:
+    """The hard perms to return: with keep="best" those of the lowest midpoint loss over all of `data`
+    among the ones offered (the start first, ties to the earlier), with keep="final" the last offered."""
+
+    def __init__(self, fn: str, keep: str, view, spec, state_a, state_b, data, batch_size):
+        if keep not in ("best", "final"):
+            raise ValueError(f"{fn}: keep={keep!r}; expected 'best' or 'final'")
+        self.keep, self.view, self.spec, self.a, self.b = keep, view, spec, state_a, state_b
+        self.data, self.batch_size = data, batch_size
+        self.perms, self.loss, self.last = None, math.inf, None
+
+    @torch.no_grad()
+    def offer(self, perms: Mapping[str, torch.Tensor], final: bool = False) -> None:
+        perms = {p: v.detach().to("cpu").clone() for p, v in perms.items()}
+        if self.keep == "final":
+            if final:
+                self.perms = perms
+            return
+        if self.last is not None and all(torch.equal(perms[p], self.last[p]) for p in perms):
+            return  # the same perms as the last check: the same loss
+        self.last = perms
+        aligned, total, rows = apply_permutation(self.spec, perms, self.b), 0.0, 0
+        for x, y in batches(self.data, batch_size=self.batch_size, labels="required"):
+            total += float(_midpoint_loss(self.view, self.a, aligned, x, y)) * y.numel()
+            rows += y.numel()
+        if total / rows < self.loss:
+            self.perms, self.loss = perms, total / rows
+
+
 def _project(spec: PermutationSpec, free, state_b, perms, seed: int) -> dict[str, torch.Tensor]:
     """The permutation of B nearest to W̃ (weight matching of B onto W̃), started from `perms`: the
     paper's loop, since W̃ moves little between steps."""
@@ -122,8 +151,8 @@ def _project(spec: PermutationSpec, free, state_b, perms, seed: int) -> dict[str
 
 def ste_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                  state_b: Mapping[str, torch.Tensor], data, *, init="weight", steps: int = 1000,
-                 lr: float = 3e-3, batch_size: int | None = 128, seed: int = 0,
-                 progress: bool = False) -> MatchResult:
+                 lr: float = 3e-3, batch_size: int | None = 128, seed: int = 0, keep: str = "best",
+                 check_every: int = 50, progress: bool = False) -> MatchResult:
     """Permutations of B found by Git Re-Basin's straight-through estimator (Ainsworth et al. 2023, §3.3).
 
     A free copy W̃ of B's parameters (starting at π₀(θ_B): `init` None is the identity, "weight" weight
@@ -132,8 +161,9 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, 
     the nearest permuted B (π = weight matching of B onto W̃, started from the previous π), and the
     loss is the cross-entropy of the midpoint ½(θ_A + π(θ_B)) in which π(θ_B) passes its gradient
     straight through to W̃. The model runs in eval mode on a private view (BN running statistics are
-    interpolated buffers). Returns the final projection; `.objective` is the batch loss of each step.
-    Inputs are never modified.
+    interpolated buffers). `keep`="best" returns the projection with the lowest midpoint loss over all
+    of `data` among the start, every `check_every`-th step's and the final one ("final": the final
+    one); `.objective` is the batch loss of each step. Inputs are never modified.
     """
     fn = "ste_matching"
     steps, lr, sizes = _check_inputs(fn, model, spec, state_a, state_b, data, steps, lr, batch_size, seed)
@@ -147,8 +177,11 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, 
     free = {k: start[k].detach().clone().requires_grad_(True) for k in keys}
     opt = _Adam(list(free.values()), lr=lr)
     gen, history = torch.Generator().manual_seed(int(seed)), []
+    kept = _Keeper(fn, keep, view, spec, state_a, state_b, data, batch_size)
+    check_every = _positive_int(fn, "check_every", check_every)
+    kept.offer(perms)
     bar = tqdm(total=steps, desc="ste matching", disable=not progress, leave=False)
-    for x, y in _steps_of(data, steps, batch_size, gen):
+    for step, (x, y) in enumerate(_steps_of(data, steps, batch_size, gen), 1):
         with torch.no_grad():
             perms = _project(proj_spec, free, state_b, perms, seed)
             aligned = apply_permutation(spec, perms, state_b)
@@ -157,12 +190,14 @@ def ste_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, 
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+        if step % check_every == 0:
+            kept.offer(perms)
         bar.update()
         bar.set_postfix(loss=f"{history[-1]:.4g}")
     bar.close()
     with torch.no_grad():
-        perms = _project(proj_spec, free, state_b, perms, seed)
-    return MatchResult({p: v.to("cpu").clone() for p, v in perms.items()}, history, steps, [0], int(seed))
+        kept.offer(_project(proj_spec, free, state_b, perms, seed), final=True)
+    return MatchResult(kept.perms, history, steps, [0], int(seed))
 
 
 def _apply_matrix(t: torch.Tensor, s: torch.Tensor, axis: int) -> torch.Tensor:
@@ -209,7 +244,8 @@ def _sinkhorn(logits: torch.Tensor, tau: float, n_iter: int) -> torch.Tensor:
 def sinkhorn_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                       state_b: Mapping[str, torch.Tensor], data, *, init="weight", steps: int = 1000,
                       lr: float = 0.03, tau: float = 0.1, n_iter: int = 20, batch_size: int | None = 128,
-                      seed: int = 0, progress: bool = False) -> MatchResult:
+                      seed: int = 0, keep: str = "best", check_every: int = 50,
+                      progress: bool = False) -> MatchResult:
     """Permutations of B found by descending the midpoint's loss over soft permutations (Sinkhorn
     re-basin, Peña et al. 2023).
 
@@ -217,9 +253,10 @@ def sinkhorn_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[
     identity, "weight": weight matching, or a dict of perms); Sinkhorn normalisation at temperature
     `tau` (`n_iter` log-space iterations) turns it into a doubly stochastic S, every permuted axis
     of B is multiplied by its S (`soft_permute`), and Adam (`lr`) descends the cross-entropy of the
-    midpoint ½(θ_A + S(θ_B)) for `steps` batches of `data` (order seeded by `seed`). The returned
-    perms are the LAP optima of the final logits; `.objective` is the batch loss of each step. The
-    model runs in eval mode on a private view; inputs are never modified.
+    midpoint ½(θ_A + S(θ_B)) for `steps` batches of `data` (order seeded by `seed`). The hard perms
+    are the LAP optima of the logits; `keep` and `check_every` choose among them as in
+    `ste_matching`. `.objective` is the batch loss of each step. The model runs in eval mode on a
+    private view; inputs are never modified.
     """
     fn = "sinkhorn_matching"
     steps, lr, sizes = _check_inputs(fn, model, spec, state_a, state_b, data, steps, lr, batch_size, seed)
@@ -230,8 +267,11 @@ def sinkhorn_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[
     view, learned = mode_view(model), set(_learned_keys(model, state_b))
     opt = _Adam(list(logits.values()), lr=lr)
     gen, history = torch.Generator().manual_seed(int(seed)), []
+    kept = _Keeper(fn, keep, view, spec, state_a, state_b, data, batch_size)
+    check_every = _positive_int(fn, "check_every", check_every)
+    kept.offer(perms)
     bar = tqdm(total=steps, desc="sinkhorn matching", disable=not progress, leave=False)
-    for x, y in _steps_of(data, steps, batch_size, gen):
+    for step, (x, y) in enumerate(_steps_of(data, steps, batch_size, gen), 1):
         mats = {p: _sinkhorn(v, tau, n_iter) for p, v in logits.items()}
         soft = soft_permute(spec, mats, state_b)
         # buffers (BN running statistics) follow S without a gradient: autograd refuses them
@@ -240,8 +280,10 @@ def sinkhorn_matching(model: nn.Module, spec: PermutationSpec, state_a: Mapping[
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+        if step % check_every == 0:
+            kept.offer({p: solve_lap(v.detach()) for p, v in logits.items()})
         bar.update()
         bar.set_postfix(loss=f"{history[-1]:.4g}")
     bar.close()
-    perms = {p: solve_lap(v.detach()) for p, v in logits.items()}
-    return MatchResult(perms, history, steps, [0], int(seed))
+    kept.offer({p: solve_lap(v.detach()) for p, v in logits.items()}, final=True)
+    return MatchResult(kept.perms, history, steps, [0], int(seed))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..batches import batches, require_reiterable
 from ..module_state import check_pair, mode_view
-from ..spec import Blocked, PermutationSpec, apply_permutation, check_permutations
+from ..spec import PermutationSpec, apply_permutation, check_permutations
 from .lap import solve_lap
 from .weight import MatchResult, weight_matching
 

@@ -106,6 +106,9 @@ def _midpoint_loss(view, state_a, state_b_aligned, x, y) -> torch.Tensor:
     """Cross-entropy of the midpoint ½(θ_A + θ'_B) on one batch; integer buffers come from A."""
     mid = {k: 0.5 * (a + state_b_aligned[k].to(a.dtype)) if a.is_floating_point() else a
            for k, a in state_a.items()}
+    device = next(iter(mid.values())).device  # batches arrive on the CPU; the states may not be
+    x = {k: v.to(device) for k, v in x.items()} if isinstance(x, Mapping) else x.to(device)
+    y = y.to(device)
     out = functional_call(view, mid, (x,)) if not isinstance(x, Mapping) else functional_call(view, mid, (), dict(x))
     if out.dim() > 2:  # token models: [batch, seq, classes] against [batch, seq] labels
         return F.cross_entropy(out.flatten(0, -2), y.flatten())

@@ -129,3 +129,15 @@ def test_best_is_no_worse_than_the_start_on_the_data(name):
         mid = prb.module_state.lerp_state(sa, prb.apply_permutation(spec, perms, sb), 0.5)
         return float(torch.nn.functional.cross_entropy(torch.func.functional_call(model, mid, (x,)), y))
     assert loss(r.perms) <= loss(prb.weight_matching(spec, sa, sb).perms) + 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(MATCHERS))
+def test_any_data_convention(name):
+    # a list of batches and a DataLoader are read as they come (their order is the caller's)
+    model, spec, sa, sb = pair("mlp")
+    x, y = data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    runs = [MATCHERS[name](model, spec, sa, sb, d, steps=5, seed=1)
+            for d in ([(x[:48], y[:48]), (x[48:], y[48:])], loader, loader)]
+    assert all(len(r.objective) == 5 for r in runs)
+    assert all(torch.equal(runs[1].perms[p], runs[2].perms[p]) for p in runs[1].perms)

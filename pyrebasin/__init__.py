@@ -12,7 +12,7 @@ from .check import check_spec
 from .combine import combine_states, evaluate_combinations, sample_coefficients
 from .lmc import Curve, barrier, interpolate
 from .maps import LossPlane, loss_plane
-from .matching import MatchResult, activation_matching, weight_matching
+from .matching import MatchResult, activation_matching, sinkhorn_matching, ste_matching, weight_matching
 from .merging import MergeResult, cycle_consistency_error, merge_many
 from .repair import repair, reset_bn
 from .spec import (
@@ -41,7 +41,7 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
     "apply_permutation", "random_permutation", "invert_permutation", "compose_permutations",
     "identity_permutation",
     # aligning two models, and N models into one space
-    "weight_matching", "activation_matching", "MatchResult",
+    "weight_matching", "activation_matching", "ste_matching", "sinkhorn_matching", "MatchResult",
     "merge_many", "MergeResult", "cycle_consistency_error",
     # what lies between them
     "interpolate", "barrier", "Curve", "repair", "reset_bn",

@@ -19,7 +19,8 @@ from ._contracts import assert_model_unchanged, assert_sd_equal, clone_sd, snaps
 
 PUBLIC_NAMES = ["PermutationSpec", "trace_spec", "apply_permutation", "random_permutation", "weight_matching",
                 "activation_matching", "interpolate", "barrier", "reset_bn", "repair", "sample_coefficients",
-                "evaluate_combinations", "combine_states", "check_spec", "use_backend", "backend", "MatchResult"]
+                "evaluate_combinations", "combine_states", "check_spec", "use_backend", "backend", "MatchResult",
+                "ste_matching", "sinkhorn_matching", "merge_many", "MergeResult", "loss_plane"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_NAMES)
@@ -53,6 +54,9 @@ def _params(f):
     (prb.sample_coefficients, ["spec_or_state", "n", "distribution", "granularity", "seed"], {}),
     (prb.evaluate_combinations, ["model", "state_a", "state_b", "coefficients", "data"], {}),
     (prb.trace_spec, ["model", "example_inputs"], {}),
+    (prb.ste_matching, ["model", "spec", "state_a", "state_b", "data"], {}),       # issue 15's API
+    (prb.sinkhorn_matching, ["model", "spec", "state_a", "state_b", "data"], {}),
+    (prb.merge_many, ["spec", "states"], {}),
 ])
 def test_documented_signature(f, positional, kwonly):
     ps = _params(f)

@@ -18,7 +18,8 @@ from .matching import activation_matching, weight_matching
 from .merging import merge_many
 from .spec import PermutationSpec, apply_permutation
 
-__all__ = ["ALIGNMENTS", "LossPlane", "affinity", "loss_plane", "pairwise_barriers", "spectral_clusters"]
+__all__ = ["ALIGNMENTS", "LossPlane", "affinity", "loss_plane", "mean_offdiagonal", "pairwise_barriers",
+           "spectral_clusters"]
 
 State = Mapping[str, torch.Tensor]
 ALIGNMENTS = (None, "weight", "activation", "merge")
@@ -106,6 +107,12 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
         for k in kinds:
             out[k][i, j] = out[k][j, i] = barrier(curve, metric, k)
     return out, curves
+
+
+def mean_offdiagonal(m: torch.Tensor) -> float:
+    """The mean of an N×N pairwise matrix over its N·(N−1) off-diagonal entries (diagonal zero)."""
+    n = len(m)
+    return float(m.sum() / (n * (n - 1)))
 
 
 def affinity(distances: torch.Tensor, delta: float | None = None) -> tuple[torch.Tensor, float]:

@@ -11,7 +11,7 @@ import torch
 
 from ..batches import batches, check_labels
 from ..fileio import check_target, same_file
-from ..io import load_state, parse_kwargs
+from ..io import first_line, load_state, parse_kwargs
 from ..module_state import check_state, mode_view
 from ..zoo import resolve_arch
 
@@ -141,7 +141,7 @@ def probe(model: torch.nn.Module, state: dict, x: torch.Tensor, what: str) -> in
             out = torch.func.functional_call(mode_view(model), state, (x[:2],))
     except RuntimeError as exc:
         raise ValueError(f"the model cannot run on {what} inputs of shape {list(x.shape[1:])}: "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{first_line(exc)}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the model's output on {what} is not [batch, classes] logits")
     return out.shape[1]

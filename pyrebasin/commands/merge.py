@@ -11,14 +11,10 @@ from ..io import STATE_SUFFIXES, atomic_write_text, save_state, state_suffix
 from . import _common, _many
 
 
-def _mean_offdiag(m) -> float:
-    n = len(m)
-    return float(m.sum() / (n * (n - 1)))
-
 
 def run(args: argparse.Namespace) -> int:
     from ..combine import evaluate_combinations
-    from ..maps import pairwise_barriers
+    from ..maps import mean_offdiagonal, pairwise_barriers
     from ..merging import mean_state, merge_many
 
     state_suffix(Path(args.out))
@@ -62,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
                         "merged": accuracy(res.merged)},
            "barriers": {"naive": {k: v.tolist() for k, v in naive.items()},
                         "merge_many": {k: v.tolist() for k, v in merged.items()}},
-           "mean_barrier": {"naive": _mean_offdiag(naive["endpoint_mean"]),
-                            "merge_many": _mean_offdiag(merged["endpoint_mean"])}}
+           "mean_barrier": {"naive": mean_offdiagonal(naive["endpoint_mean"]),
+                            "merge_many": mean_offdiagonal(merged["endpoint_mean"])}}
     if report is not None:
         atomic_write_text(report, json.dumps(out, indent=1))
     acc, mb = out["accuracy"], out["mean_barrier"]

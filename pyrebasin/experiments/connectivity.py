@@ -13,7 +13,7 @@ import torch
 
 from ..fileio import atomic_write_text
 from ..lmc import BARRIER_KINDS
-from ..maps import LossPlane, loss_plane, pairwise_barriers, spectral_clusters
+from ..maps import LossPlane, loss_plane, mean_offdiagonal, pairwise_barriers, spectral_clusters
 from .plots import figure, save_figure
 
 __all__ = ["ConnectivityMap", "connectivity_map", "connectivity_section", "merge_section", "plot_connectivity_map",
@@ -158,10 +158,6 @@ def _demo_models(ctx, seeds: Sequence[int]):
     return out[0][0], [s for _, s in out]
 
 
-def _mean_offdiag(m: torch.Tensor) -> float:
-    n = len(m)
-    return float(m.sum() / (n * (n - 1)))
-
 
 def merge_section(ctx):
     """N seeds merged by MergeMany against the naive average and two-model matching of every pair."""
@@ -179,7 +175,7 @@ def merge_section(ctx):
     maps = {"naive": pairwise_barriers(model, states, test, ts=ts, kinds=kinds)[0],
             "pairwise": pairwise_barriers(model, states, test, ts=ts, kinds=kinds, align="weight", spec=spec)[0],
             "merge_many": pairwise_barriers(model, res.aligned, test, ts=ts, kinds=kinds)[0]}
-    mean = {k: _mean_offdiag(m["endpoint_mean"]) for k, m in maps.items()}
+    mean = {k: mean_offdiagonal(m["endpoint_mean"]) for k, m in maps.items()}
     worst = {k: float(m["endpoint_mean"].max()) for k, m in maps.items()}
     cycle = {"pairwise": cycle_consistency_error(pairwise_matchings(spec, states)),
              "merge_many": cycle_consistency_error(res.pairwise())}

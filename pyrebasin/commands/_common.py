@@ -77,11 +77,16 @@ def build_model(arch: str, arch_kwargs: str | None) -> torch.nn.Module:
     return resolve_arch(arch, parse_kwargs(arch_kwargs))
 
 
-def add_pair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, help="zoo name (mlp, vgg, resnet20, transformer) or module:factory")
+def add_pair_args(p: argparse.ArgumentParser, *, directories: bool = False) -> None:
+    """--arch/--arch-kwargs/--a/--b; with `directories`, --a/--b may be Hugging Face model directories
+    (then --arch is not needed: the model comes from their config.json)."""
+    p.add_argument("--arch", required=not directories,
+                   help="zoo name (mlp, vgg, resnet20, transformer) or module:factory"
+                   + ("; not used with model directories" if directories else ""))
     p.add_argument("--arch-kwargs", default=None, help="JSON object of arguments for the architecture")
-    p.add_argument("--a", required=True, help="checkpoint of model A (.safetensors or .pt)")
-    p.add_argument("--b", required=True, help="checkpoint of model B (.safetensors or .pt)")
+    what = "checkpoint (.safetensors or .pt)" + (" or Hugging Face model directory" if directories else "")
+    p.add_argument("--a", required=True, help=f"model A: {what}")
+    p.add_argument("--b", required=True, help=f"model B: {what}")
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "mnist1d") -> None:

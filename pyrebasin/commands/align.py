@@ -1,5 +1,6 @@
 """`pyrebasin align`: permute checkpoint B onto checkpoint A (weight or activation matching) and write
-the aligned B (.safetensors or .pt, atomically), optionally with the permutations as JSON."""
+the aligned B (.safetensors or .pt, atomically), optionally with the permutations as JSON; Hugging Face
+model directories in give an aligned model directory out (streamed, see pyrebasin.hf)."""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,48 @@ from ..io import STATE_SUFFIXES, atomic_write_text, save_state, state_suffix
 from . import _common
 
 
-def run(args: argparse.Namespace) -> int:
+def _moved(perms) -> int:
     import torch
+
+    return sum(int((v != torch.arange(len(v))).sum()) for v in perms.values())
+
+
+def run_directories(args: argparse.Namespace) -> int:
+    from .. import hf
+
+    for flag in ("--a", "--b"):
+        path = getattr(args, flag[2:])
+        if not Path(path).is_dir():
+            raise ValueError(f"{flag} {path} is not a directory, but the other model is one: give two model "
+                             "directories or two checkpoint files")
+    if args.arch is not None:
+        raise ValueError("--arch is not used with model directories (the model comes from their config.json)")
+    if args.method != "weight":
+        raise ValueError("--method activation is not supported for model directories yet; use --method weight")
+    if args.data is not None:
+        raise ValueError("--data is not used by weight matching of model directories")
+    _common.check_outputs({"--perms": args.perms}, {"--a": args.a, "--b": args.b})
+    t0 = time.perf_counter()
+    result = hf.align_hf(args.a, args.b, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                         progress=not args.no_progress, seed=args.seed, max_iter=args.max_iter)
+    seconds = time.perf_counter() - t0
+    if args.perms:
+        atomic_write_text(args.perms, json.dumps({p: v.tolist() for p, v in result.perms.items()}))
+    print(f"weight matching in {seconds:.2f} s ({_moved(result.perms)} units moved, objective "
+          f"{result.objective[0]:.6g} -> {result.objective[-1]:.6g}); wrote {args.out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # noqa: F401  (the checkpoint path below needs it loaded)
 
     from ..similarity import weight_l2
     from ..spec import apply_permutation
 
+    if Path(args.a).is_dir() or Path(args.b).is_dir():
+        return run_directories(args)
+    if args.arch is None:
+        raise ValueError("--arch is required for checkpoint files (model directories need none)")
     # a bad output name, a directory in its place or an input as output fail before any work
     state_suffix(Path(args.out))
     _common.check_outputs({"--out": args.out, "--perms": args.perms},
@@ -38,20 +75,24 @@ def run(args: argparse.Namespace) -> int:
     save_state(aligned, args.out)
     if args.perms:
         atomic_write_text(args.perms, json.dumps({p: v.tolist() for p, v in result.perms.items()}))
-    moved = sum(int((v != torch.arange(len(v))).sum()) for v in result.perms.values())
-    print(f"{args.method} matching in {seconds:.2f} s ({moved} units moved): ||A - B|| {before:.4g} -> {after:.4g}; "
-          f"wrote {args.out}")
+    print(f"{args.method} matching in {seconds:.2f} s ({_moved(result.perms)} units moved): ||A - B|| "
+          f"{before:.4g} -> {after:.4g}; wrote {args.out}")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("align", help="permute checkpoint B onto A and write the aligned B")
-    _common.add_pair_args(p)
-    p.add_argument("--out", required=True, help=f"aligned B checkpoint ({', '.join(STATE_SUFFIXES)})")
+    _common.add_pair_args(p, directories=True)
+    p.add_argument("--out", required=True,
+                   help=f"aligned B: a checkpoint ({', '.join(STATE_SUFFIXES)}), or a directory for model directories")
     p.add_argument("--method", choices=("weight", "activation"), default="weight")
     _common.add_data_args(p, default=None)
     p.add_argument("--perms", default=None, help="also write the permutations as JSON here")
     p.add_argument("--seed", type=_common.SEED, default=0, help="weight matching's sweep order")
     p.add_argument("--max-iter", type=_common.int_at_least(1), default=100)
+    p.add_argument("--max-shard-size", default=None,
+                   help="model directories: cut the output into shards of at most this size ('5GB', '500MB'); "
+                        "default: B's shard layout")
+    p.add_argument("--overwrite", action="store_true", help="model directories: replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -1,5 +1,6 @@
 """The cost provider of weight matching: each perm group's LAP cost Σ W_A·W̃_Bᵀ and the objective, with
 the float64 cost cache, rank-|S| updates and drift accounting that keep later sweeps cheap.
+Tensors are reached only through `WeightCosts.tensors(keys)`, so a subclass can stream them (streamed.py).
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ __all__ = ["WeightCosts"]
 
 @dataclass
 class _Term:
-    """One (param, axis) of a perm group: A's unit matrix and B viewed with the group's units first."""
+    """One (param, axis[, factor]) of a perm group; `views` gives A's unit matrix and B viewed with the
+    group's units first, from the two tensors (so they need not be held)."""
 
     param: str
-    a_units: torch.Tensor                      # [n, rest] view (or copy) of A
-    b_view: torch.Tensor                       # B reshaped/moved so dim 0 holds the units (a view)
-    dims: list                                 # per b_view dim > 0: ("flat", entry) | ("perm", name) | None
+    axis: int
+    perm: str
+    shape: tuple                               # of B's view (units first)
+    dims: list                                 # per view dim > 0: ("flat", entry) | ("perm", name) | None
     deps: frozenset                            # perms that the gather of B reads
 
 
@@ -84,47 +87,75 @@ class WeightCosts:
 
     def __init__(self, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                  state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30):
-        for name, state in (("state_a", state_a), ("state_b", state_b)):
+        meta_a, meta_b = self.describe(state_a, spec), self.describe(state_b, spec)
+        for name, state in (("state_a", meta_a), ("state_b", meta_b)):
             missing = [k for k in spec.axes_to_perm if k not in state]
             if missing:
                 raise ValueError(f"weight_matching: {name} lacks {missing[:5]} (named in the spec)")
-        sizes, sizes_b = spec.perm_sizes(state_a), spec.perm_sizes(state_b)  # both validated against the spec
+        sizes, sizes_b = spec.perm_sizes(meta_a), spec.perm_sizes(meta_b)  # both validated against the spec
         for key in spec.axes_to_perm:
-            if state_a[key].shape != state_b[key].shape:
-                raise ValueError(f"weight_matching: {key!r} has shape {list(state_a[key].shape)} in A "
-                                 f"but {list(state_b[key].shape)} in B")
+            if meta_a[key].shape != meta_b[key].shape:
+                raise ValueError(f"weight_matching: {key!r} has shape {list(meta_a[key].shape)} in A "
+                                 f"but {list(meta_b[key].shape)} in B")
         if sizes != sizes_b:
             raise ValueError(f"weight_matching: perm sizes differ between A ({sizes}) and B ({sizes_b})")
         permuted = [k for k in spec.axes_to_perm if k not in set(spec.fixed)]
         for k in permuted:
-            for name, t in (("A", state_a[k]), ("B", state_b[k])):
+            for name, t in (("A", meta_a[k]), ("B", meta_b[k])):
                 if not t.is_floating_point():
                     raise TypeError(f"weight_matching: {name}[{k!r}] is {t.dtype}; permuted tensors must be floating")
-        # bf16/fp16 weights are matched in float32 (converted once); float32/64 are used as they are.
-        dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
-        self.spec, self.sizes = spec, sizes
-        self.a = {k: state_a[k].detach().to(dtype) for k in permuted}
-        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in permuted}
-        self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
+        # bf16/fp16 weights are matched in float32 (converted once, or per block when streamed).
+        dtype = torch.float64 if any(meta_a[k].dtype == torch.float64 for k in permuted) else torch.float32
+        self.spec, self.sizes, self.dtype, self.keys = spec, sizes, dtype, permuted
+        self.device = self.hold(state_a, state_b, permuted, dtype)
         self.terms: dict[str, list[_Term]] = {p: [] for p in sizes}
         for perm, pairs in spec.perm_to_axes.items():
             for key, axis in pairs:
-                view, dims = _expanded_view(self.b[key], spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
-                a_units = spec.unit_matrix(self.a[key], key, axis, perm)
-                self.terms[perm].append(_Term(key, a_units, view, dims, _term_deps(dims)))
+                probe = torch.empty(meta_b[key].shape, device="meta")
+                view, dims = _expanded_view(probe, spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
+                self.terms[perm].append(_Term(key, axis, perm, tuple(view.shape), dims, _term_deps(dims)))
         self.perms = {p: torch.arange(n, device=self.device) for p, n in sizes.items()}
         self.coupled = {p: [t for t in ts if t.deps] for p, ts in self.terms.items()}
         self.constant: dict[str, torch.Tensor | None] = {}
         self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
         self.cache_left = cache_bytes
-        for p, ts in self.terms.items():
-            c = None
-            for t in (t for t in ts if not t.deps):
-                prod = t.a_units @ t.b_view.reshape(t.b_view.shape[0], -1).T
-                c = prod if c is None else c.add_(prod)
-            self.constant[p] = c.to(torch.float64) if c is not None else None
+        fixed_terms = {p: [t for t in ts if not t.deps] for p, ts in self.terms.items()}
+        for p in sizes:
+            self.constant[p] = None
+        for _, views in self._views([t for ts in fixed_terms.values() for t in ts]):
+            for t, a_units, b_view in views:
+                prod = (a_units @ b_view.reshape(b_view.shape[0], -1).T).to(torch.float64)
+                c = self.constant[t.perm]
+                self.constant[t.perm] = prod if c is None else c.add_(prod)
         self.version = dict.fromkeys(sizes, 0)
         self._deps = {p: sorted(frozenset().union(*(t.deps for t in self.terms[p]))) for p in sizes}
+
+    # --- how tensors are reached (the hooks a streaming provider overrides) ---
+    @staticmethod
+    def describe(state: Mapping[str, torch.Tensor], spec: PermutationSpec) -> Mapping[str, torch.Tensor]:
+        """Tensors (or meta tensors) giving the shape and dtype of each spec key of `state`."""
+        return state
+
+    def hold(self, state_a, state_b, keys: list[str], dtype: torch.dtype) -> torch.device:
+        """Keep what `tensors` needs; returns the device of the costs. Here: converted copies held in memory."""
+        self.a = {k: state_a[k].detach().to(dtype) for k in keys}
+        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in keys}
+        return next(iter(self.a.values())).device if self.a else torch.device("cpu")
+
+    def tensors(self, keys: list[str]):
+        """Yields (A tensors, B tensors) by key, in `self.dtype`, for blocks of `keys` (here: one block)."""
+        yield {k: self.a[k] for k in keys}, {k: self.b[k] for k in keys}
+
+    def _views(self, terms: list[_Term]):
+        """(block's B tensors, [(term, A unit matrix, B view)]) per block of the terms' tensors."""
+        for a, b in self.tensors(list(dict.fromkeys(t.param for t in terms))):
+            views = []
+            for t in terms:
+                if t.param in b:
+                    view, _ = _expanded_view(b[t.param], self.spec.axes_to_perm[t.param], t.axis,
+                                             self.spec.factor(t.param, t.axis, t.perm))
+                    views.append((t, self.spec.unit_matrix(a[t.param], t.param, t.axis, t.perm), view))
+            yield b, views
 
     def set_perm(self, p: str, perm: torch.Tensor) -> None:
         """Group `p` now takes `perm`: the costs of the groups that read it change."""
@@ -136,20 +167,28 @@ class WeightCosts:
         return tuple(self.version[d] for d in self._deps[p])
 
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones)."""
-        pb = apply_permutation(self.spec.restrict(self.a), perms if perms is not None else self.perms, self.b)
+        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones),
+        one tensor permuted at a time (never a permuted copy of the model)."""
+        perms = perms if perms is not None else self.perms
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
-        return sum(_dot64(self.a[k], pb[k], buffers) for k in self.a)
+        total = 0.0
+        for a, b in self.tensors(self.keys):
+            for k in b:
+                sub = self.spec.restrict([k])
+                pb = apply_permutation(sub, {p: perms[p] for p in sub.perm_to_axes}, {k: b[k]})[k]
+                total += _dot64(a[k], pb, buffers)
+                del pb
+        return total
 
     def _indices(self, t: _Term) -> list:
         """(dim of b_view, gather index) for each dim that a perm touches."""
         out = []
-        dev = t.b_view.device
+        dev = self.device
         for d, spec_dim in enumerate(t.dims, start=1):
             if spec_dim is None:
                 continue
             kind, what = spec_dim
-            idx = self.perms[what].to(dev) if kind == "perm" else axis_index(what, self.perms, t.b_view.shape[d], dev)
+            idx = self.perms[what].to(dev) if kind == "perm" else axis_index(what, self.perms, t.shape[d], dev)
             if idx is not None:
                 out.append((d, idx))
         return out
@@ -178,17 +217,20 @@ class WeightCosts:
                 return None
             plans.append((t, d, pos, io, inew, [(d2, i2) for d2, i2 in nw if d2 != d]))
         drift = 0.0
-        for t, d, pos, io, inew, others in plans:
-            n = t.b_view.shape[0]
-            a_s = t.a_units.reshape(t.b_view.shape).index_select(d, pos).reshape(n, -1)
-            diff = self._gather(t.b_view.index_select(d, inew[pos]), others) - \
-                self._gather(t.b_view.index_select(d, io[pos]), others)
-            diff = diff.reshape(n, -1)
-            if a_s.shape[1] <= 512:  # thin update: float64 GEMM straight into the cache, no n×n temporary
-                total.addmm_(a_s.to(torch.float64), diff.to(torch.float64).T, alpha=weight)
-            else:
-                total.add_(a_s @ diff.T, alpha=weight)
-            drift += pos.numel() / io.numel()
+        plan_of = {id(plan[0]): plan for plan in plans}
+        for _, views in self._views([plan[0] for plan in plans]):
+            for t, a_units, b_view in views:
+                _, d, pos, io, inew, others = plan_of[id(t)]
+                n = b_view.shape[0]
+                a_s = a_units.reshape(b_view.shape).index_select(d, pos).reshape(n, -1)
+                diff = self._gather(b_view.index_select(d, inew[pos]), others) - \
+                    self._gather(b_view.index_select(d, io[pos]), others)
+                diff = diff.reshape(n, -1)
+                if a_s.shape[1] <= 512:  # thin update: float64 GEMM straight into the cache, no n×n temporary
+                    total.addmm_(a_s.to(torch.float64), diff.to(torch.float64).T, alpha=weight)
+                else:
+                    total.add_(a_s @ diff.T, alpha=weight)
+                drift += pos.numel() / io.numel()
         return drift
 
     def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
@@ -217,18 +259,21 @@ class WeightCosts:
                     return total
             self.cache_left += total.numel() * 8
             del self.cache[p]
-        tensors, indices, owners, axes = [], [], [], []
-        for j, (t, idx) in enumerate(zip(var, new)):
-            tensors.append(t.b_view)
-            for d, i in idx:
-                indices.append(i)
-                owners.append(j)
-                axes.append(d)
-        gathered = ops.permute_multi(tensors, indices, owners, axes)
+        index_of = {id(t): idx for t, idx in zip(var, new)}
         c = None
-        for t, g in zip(var, gathered):
-            g2 = g.reshape(n, -1)
-            c = t.a_units @ g2.T if c is None else c.addmm_(t.a_units, g2.T)
+        for _, views in self._views(var):  # block by block: the gathered copies of one block at a time
+            tensors, indices, owners, axes = [], [], [], []
+            for j, (t, _, b_view) in enumerate(views):
+                tensors.append(b_view)
+                for d, i in index_of[id(t)]:
+                    indices.append(i)
+                    owners.append(j)
+                    axes.append(d)
+            gathered = ops.permute_multi(tensors, indices, owners, axes)
+            for (t, a_units, _), g in zip(views, gathered):
+                g2 = g.reshape(n, -1)
+                c = a_units @ g2.T if c is None else c.addmm_(a_units, g2.T)
+            del gathered, views
         total = c.to(torch.float64).mul_(coupling)
         if base is not None:
             total.add_(base)

@@ -139,7 +139,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     seed: int = 0, init: Mapping[str, torch.Tensor] | None = None, solver: str | None = None,
                     progress: bool = False, tol: float = 1e-12, warm_start: bool = True,
                     schedule: Sequence[float] | None = None, restarts: int | None = None,
-                    refine: int | None = None) -> MatchResult:
+                    refine: int | None = None, provider=None) -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
@@ -156,9 +156,12 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     cost's inputs did not change since its last solve is skipped. A phase stops after a sweep
     without an improvement > `tol`, or after `max_iter` sweeps (with a RuntimeWarning when the
     last sweep still improved). Inputs are never modified.
+
+    `provider(spec, state_a, state_b)` builds the cost provider (default `WeightCosts`, holding
+    float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
-    costs = WeightCosts(spec, state_a, state_b)
+    costs = (provider or WeightCosts)(spec, state_a, state_b)
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     start = {p: (torch.arange(n) if init is None else init[p].detach().to("cpu", torch.long).clone())

@@ -12,7 +12,7 @@ import torch
 from .. import ops
 from ..spec import Blocked, PermutationSpec, apply_permutation, axis_index
 
-__all__ = ["WeightCosts"]
+__all__ = ["WeightCosts", "dot64"]
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _term_deps(dims) -> frozenset:
     return frozenset(deps)
 
 
-def _dot64(x: torch.Tensor, y: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]) -> float:
+def dot64(x: torch.Tensor, y: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]) -> float:
     """<x, y> accumulated in float64 (float32 products are exact in float64), converted through two
     reused cache-sized buffers instead of two full-size float64 copies."""
     x, y = x.reshape(-1), y.reshape(-1)
@@ -176,7 +176,7 @@ class WeightCosts:
             for k in b:
                 sub = self.spec.restrict([k])
                 pb = apply_permutation(sub, {p: perms[p] for p in sub.perm_to_axes}, {k: b[k]})[k]
-                total += _dot64(a[k], pb, buffers)
+                total += dot64(a[k], pb, buffers)
                 del pb
         return total
 

@@ -3,14 +3,16 @@ safetensors shards block by block, converts each block to float32 and frees it, 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Mapping
 
 import torch
 
 from ..shards import ShardedState
-from ..spec import PermutationSpec
-from .costs import WeightCosts
+from ..spec import PermutationSpec, apply_permutation
+from .costs import WeightCosts, dot64
 from .weight import MatchResult, weight_matching
 
 __all__ = ["StreamedCosts", "streamed_weight_matching", "BLOCK_BYTES", "CACHE_BYTES"]
@@ -30,6 +32,60 @@ class StreamedCosts(WeightCosts):
         self.block_bytes = block_bytes
         self.blocks_read = 0  # blocks converted so far (what the streaming costs, in reads)
         super().__init__(spec, state_a, state_b, cache_bytes=cache_bytes)
+        # The objective is tracked from the cost matrices: when group p moves to a new perm right
+        # after its cost was built, the objective changes by Σ_i T[i, new(i)] - T[i, old(i)], T the
+        # true (coupling 1) cost, exactly when no tensor has two slots in p (the objective is then
+        # linear in p's perm). Any other change falls back to one streamed pass.
+        self.linear = {p: len({t.param for t in ts}) == len(ts) for p, ts in self.terms.items()}
+        self.tracked: float | None = None
+        self.last: tuple | None = None  # (group, coupling, cost, snapshot) of the last cost built
+        self.streamed_passes = 0
+
+    def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
+        c = super().cost(p, coupling)
+        self.last = (p, coupling, c, self.snapshot(p))
+        return c
+
+    def set_perm(self, p: str, perm: torch.Tensor) -> None:
+        last, self.last = self.last, None
+        if self.tracked is not None and last is not None and last[0] == p and last[3] == self.snapshot(p) \
+                and self.linear[p] and last[1] > 0:
+            _, w, c, _ = last
+            rows, old, new = torch.arange(self.sizes[p]), self.perms[p].cpu(), perm.cpu().long()
+            base = self.constant[p]
+
+            def true_sum(cols):
+                v = c[rows, cols]
+                if w != 1.0:  # undo the coupling weight: T = base + (C - base) / w
+                    b = base[rows, cols] if base is not None else torch.zeros_like(v)
+                    v = b + (v - b) / w
+                return float(v.sum())
+            self.tracked += true_sum(new) - true_sum(old)
+        else:
+            self.tracked = None
+        super().set_perm(p, perm)
+
+    def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
+        """The tracked objective when every change since the last streamed pass came from a cost
+        matrix (see __init__), else one streamed pass over both models."""
+        if perms is None and self.tracked is not None:
+            return self.tracked
+        # Tensor by tensor in the checkpoint's dtype: bf16/fp16 -> float64 is exact, so this equals
+        # the float32 pass with a third of its memory.
+        perms = perms if perms is not None else self.perms
+        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64) for _ in range(2))
+        value = 0.0
+        for k in self.keys:
+            a, b = self.source_a.read([k])[k], self.source_b.read([k])[k]
+            sub = self.spec.restrict([k])
+            b = apply_permutation(sub, {q: perms[q] for q in sub.perm_to_axes}, {k: b})[k]
+            value += dot64(a, b, buffers)
+            del a, b
+        _trim()
+        self.streamed_passes += 1
+        if perms is None:
+            self.tracked = value
+        return value
 
     @staticmethod
     def describe(state, spec: PermutationSpec) -> Mapping[str, torch.Tensor]:
@@ -63,6 +119,18 @@ class StreamedCosts(WeightCosts):
             self.blocks_read += 1
             yield a, b
             del a, b
+            _trim()
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps freed blocks under its mmap threshold, which
+    a stream of same-sized tensors inflates); a no-op elsewhere."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def streamed_weight_matching(spec: PermutationSpec, source_a, source_b, *, cache_bytes: int = CACHE_BYTES,

@@ -1,0 +1,176 @@
+"""`pyrebasin align` on Hugging Face model directories: time, peak RSS / model bytes and recovery of a planted
+permutation, on LLaMA pairs built locally from a config with random weights (no download).
+
+    PYTHONPATH=$PWD python benchmarks/hf_align.py [--preset tinyllama|7b] [--layers N] [--work DIR] [--keep]
+
+For each preset: A (random bf16 weights, written shard by shard), B = A with a planted permutation, and
+B' = A + noise (std `--noise` x each tensor's std), then the same permutation. Each pair is aligned by the
+CLI in a child process (`python -m pyrebasin.cli align --a A --b B --out OUT --perms P.json`); its peak RSS
+is the child's ru_maxrss, its CPU time the child's user + system time. Recovery: groups whose found
+permutation is the planted one's inverse; for the planted pair also aligned weights bit-equal to A.
+Writes benchmarks/results/hf_align_<preset>.json and prints a table. Needs 3x the model's bytes of disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {  # TinyLlama-1.1B and LLaMA-2-7B shapes
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, shard="1GB"),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, shard="5GB"),
+}
+
+
+def write_dir(out: Path, config, meta: dict, plan: list, tensor) -> None:
+    """A model directory from `tensor(key) -> Tensor`, one tensor in memory at a time."""
+    from pyrebasin.fileio import atomic_write_text
+    from pyrebasin.shards import save_safetensors_streamed
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    for name, keys in plan:
+        save_safetensors_streamed(out / name, {k: meta[k] for k in keys}, ((k, tensor(k)) for k in keys),
+                                  metadata={"format": "pt"})
+    total = sum(m.numel() * m.element_size() for m in meta.values())
+    atomic_write_text(out / "model.safetensors.index.json", json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in plan for k in ks}}, indent=2))
+
+
+def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: int = 0):
+    """A, B (planted) and B' (noisy) under `work`; returns (spec, planted perms, model bytes)."""
+    from transformers import LlamaConfig
+
+    from pyrebasin import hf
+    from pyrebasin.shards import ShardedState, parse_size
+    from pyrebasin.spec import apply_permutation, random_permutation
+
+    shape = dict(PRESETS[preset])
+    shard = parse_size(shape.pop("shard"))
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_config(config)
+    meta = {k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta") for k, v in model.state_dict().items()}
+    plan, size = [[]], 0
+    for k, m in meta.items():
+        n = m.numel() * m.element_size()
+        if plan[-1] and size + n > shard:
+            plan.append([])
+            size = 0
+        plan[-1].append(k)
+        size += n
+    plan = [(f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors", ks) for i, ks in enumerate(plan)]
+    keys = list(meta)
+
+    def init(k):
+        g = torch.Generator().manual_seed(seed * 100003 + keys.index(k))
+        shape = meta[k].shape
+        t = 1.0 + 0.1 * torch.randn(shape, generator=g) if k.endswith("norm.weight") else \
+            0.02 * torch.randn(shape, generator=g)
+        return t.to(torch.bfloat16)
+
+    write_dir(work / "a", config, meta, plan, init)
+    spec, state_a = hf.load_hf_spec(work / "a")
+    planted = random_permutation(spec, state_a.meta(), generator=torch.Generator().manual_seed(seed + 1))
+
+    def permuted(k, t):
+        sub = spec.restrict([k])
+        return apply_permutation(sub, {p: planted[p] for p in sub.perm_to_axes}, {k: t})[k] if sub.perm_to_axes else t
+
+    write_dir(work / "b", config, meta, plan, lambda k: permuted(k, state_a[k]))
+
+    def noisy(k):
+        a = state_a[k].float()
+        g = torch.Generator().manual_seed(seed * 7919 + keys.index(k))
+        return permuted(k, (a + noise * a.std() * torch.randn(a.shape, generator=g)).to(torch.bfloat16))
+
+    write_dir(work / "b_noisy", config, meta, plan, noisy)
+    return spec, planted, ShardedState(work / "a").nbytes()
+
+
+def align(work: Path, b: str, threads: int) -> dict:
+    """The CLI in a child process; its wall and CPU time, peak RSS and the perms it found."""
+    out, perms = work / f"out_{b}", work / f"perms_{b}.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pyrebasin.cli", "align", "--a", str(work / "a"),
+                           "--b", str(work / b), "--out", str(out), "--perms", str(perms), "--no-progress"],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise RuntimeError(f"align failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime,
+                peak_rss=usage.ru_maxrss * 1024, stdout=proc.stdout.strip(),
+                perms={p: torch.tensor(v) for p, v in json.loads(perms.read_text()).items()}, out=out)
+
+
+def aligned_equals_a(work: Path, out: Path) -> bool:
+    from pyrebasin.shards import ShardedState
+
+    a, got = ShardedState(work / "a"), ShardedState(out)
+    return set(a) == set(got) and all(torch.equal(a[k], got[k]) for k in a)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (a quick run)")
+    ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=None, help="folder for the model directories (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the model directories")
+    ap.add_argument("--only", choices=("b", "b_noisy"), default=None)
+    args = ap.parse_args(argv)
+    from pyrebasin.fileio import atomic_write_text
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="hf_align_"))
+    try:
+        t0 = time.perf_counter()
+        spec, planted, model_bytes = build_pair(work, args.preset, args.layers, args.noise)
+        build_s = time.perf_counter() - t0
+        inverse = {p: torch.argsort(v) for p, v in planted.items()}
+        rows = {}
+        for b in ("b", "b_noisy") if args.only is None else (args.only,):
+            load = os.getloadavg()[0]
+            r = align(work, b, args.threads)
+            exact = sum(torch.equal(r["perms"][p], v) for p, v in inverse.items())
+            rows[b] = dict(wall_s=round(r["wall_s"], 1), cpu_s=round(r["cpu_s"], 1), peak_rss_gib=r["peak_rss"] / 2**30,
+                           rss_over_model=r["peak_rss"] / model_bytes, groups_exact=exact, groups=len(inverse),
+                           load_before=load, load_after=os.getloadavg()[0], cli=r["stdout"])
+            if b == "b":
+                rows[b]["aligned_bit_equal_to_a"] = aligned_equals_a(work, r["out"])
+            shutil.rmtree(r["out"])
+        result = dict(preset=args.preset, layers=args.layers, noise=args.noise, threads=args.threads,
+                      model_gib=model_bytes / 2**30, build_s=round(build_s, 1), runs=rows)
+        name = f"hf_align_{args.preset}" + (f"_{args.layers}l" if args.layers else "") + ".json"
+        atomic_write_text(ROOT / "benchmarks" / "results" / name, json.dumps(result, indent=1))
+        print(f"{args.preset} ({model_bytes / 2**30:.2f} GiB bf16 per model, built in {build_s:.0f} s)")
+        print(f"{'pair':10} {'wall s':>8} {'cpu s':>8} {'peak GiB':>9} {'RSS/model':>9} {'exact':>8} {'load':>10}")
+        for b, r in rows.items():
+            print(f"{b:10} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_gib']:9.2f} {r['rss_over_model']:9.2f} "
+                  f"{r['groups_exact']:>4}/{r['groups']:<3} {r['load_before']:4.1f}/{r['load_after']:4.1f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

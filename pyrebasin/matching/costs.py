@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..spec import Blocked, PermutationSpec, apply_permutation, axis_index
+from ..spec import Blocked, PermutationSpec, axis_index
 
 __all__ = ["WeightCosts", "dot64"]
 
@@ -174,11 +174,20 @@ class WeightCosts:
         total = 0.0
         for a, b in self.tensors(self.keys):
             for k in b:
-                sub = self.spec.restrict([k])
-                pb = apply_permutation(sub, {p: perms[p] for p in sub.perm_to_axes}, {k: b[k]})[k]
-                total += dot64(a[k], pb, buffers)
-                del pb
+                total += dot64(a[k], self.permuted(k, b[k], perms), buffers)
         return total
+
+    def permuted(self, key: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One tensor of B with every permuted axis gathered (one fused `permute_multi` call)."""
+        indices, axes = [], []
+        for axis, entry in enumerate(self.spec.axes_to_perm[key]):
+            idx = axis_index(entry, perms, tensor.shape[axis], tensor.device)
+            if idx is not None:
+                indices.append(idx)
+                axes.append(axis)
+        if not indices:
+            return tensor
+        return ops.permute_multi([tensor], indices, [0] * len(indices), axes)[0]
 
     def _indices(self, t: _Term) -> list:
         """(dim of b_view, gather index) for each dim that a perm touches."""

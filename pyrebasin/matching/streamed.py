@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from ..shards import ShardedState
-from ..spec import PermutationSpec, apply_permutation
+from ..spec import PermutationSpec
 from .costs import WeightCosts, dot64
 from .weight import MatchResult, weight_matching
 
@@ -77,9 +77,7 @@ class StreamedCosts(WeightCosts):
         value = 0.0
         for k in self.keys:
             a, b = self.source_a.read([k])[k], self.source_b.read([k])[k]
-            sub = self.spec.restrict([k])
-            b = apply_permutation(sub, {q: perms[q] for q in sub.perm_to_axes}, {k: b})[k]
-            value += dot64(a, b, buffers)
+            value += dot64(a, self.permuted(k, b, perms), buffers)
             del a, b
         _trim()
         self.streamed_passes += 1

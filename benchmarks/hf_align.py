@@ -105,7 +105,7 @@ def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: 
 
 def align(work: Path, b: str, threads: int) -> dict:
     """The CLI in a child process; its wall and CPU time, peak RSS and the perms it found."""
-    out, perms = work / f"out_{b}", work / f"perms_{b}.json"
+    out, perms = work / f"out_{b}_{os.getpid()}", work / f"perms_{b}_{os.getpid()}.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -136,14 +136,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for the model directories (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the model directories")
-    ap.add_argument("--only", choices=("b", "b_noisy"), default=None)
+    ap.add_argument("--only", choices=("b", "b_noisy"), default=None, help="align only this pair")
+    ap.add_argument("--reuse", action="store_true", help="reuse the model directories already under --work (kept)")
     args = ap.parse_args(argv)
     from pyrebasin.fileio import atomic_write_text
 
     work = Path(args.work or tempfile.mkdtemp(prefix="hf_align_"))
     try:
         t0 = time.perf_counter()
-        spec, planted, model_bytes = build_pair(work, args.preset, args.layers, args.noise)
+        if args.reuse and all((work / d / "config.json").is_file() for d in ("a", "b", "b_noisy")):
+            from pyrebasin import hf
+            from pyrebasin.spec import random_permutation
+
+            spec, state_a = hf.load_hf_spec(work / "a")  # the planted perms replayed from their seed
+            planted = random_permutation(spec, state_a.meta(), generator=torch.Generator().manual_seed(1))
+            model_bytes = state_a.nbytes()
+        else:
+            spec, planted, model_bytes = build_pair(work, args.preset, args.layers, args.noise)
         build_s = time.perf_counter() - t0
         inverse = {p: torch.argsort(v) for p, v in planted.items()}
         rows = {}
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
             shutil.rmtree(r["out"])
         result = dict(preset=args.preset, layers=args.layers, noise=args.noise, threads=args.threads,
                       model_gib=model_bytes / 2**30, build_s=round(build_s, 1), runs=rows)
-        name = f"hf_align_{args.preset}" + (f"_{args.layers}l" if args.layers else "") + ".json"
+        name = f"hf_align_{args.preset}" + (f"_{args.layers}l" if args.layers else "") + \
+            (f"_{args.only}" if args.only else "") + ".json"
         atomic_write_text(ROOT / "benchmarks" / "results" / name, json.dumps(result, indent=1))
         print(f"{args.preset} ({model_bytes / 2**30:.2f} GiB bf16 per model, built in {build_s:.0f} s)")
         print(f"{'pair':10} {'wall s':>8} {'cpu s':>8} {'peak GiB':>9} {'RSS/model':>9} {'exact':>8} {'load':>10}")
@@ -167,7 +177,7 @@ def main(argv=None) -> int:
             print(f"{b:10} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss_gib']:9.2f} {r['rss_over_model']:9.2f} "
                   f"{r['groups_exact']:>4}/{r['groups']:<3} {r['load_before']:4.1f}/{r['load_after']:4.1f}")
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(work, ignore_errors=True)
     return 0
 

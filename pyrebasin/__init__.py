@@ -51,7 +51,7 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
 ]
 
 # Submodules reachable as attributes, imported when first touched (PEP 562).
-_SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lmc", "maps", "matching",
+_SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lm", "lmc", "maps", "matching",
                "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
 
 

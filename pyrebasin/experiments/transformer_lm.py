@@ -41,6 +41,7 @@ class LMSetup:
     n_combine: int = 8      # combinations per granularity and alignment
     corrections: tuple[str, ...] = ("plain", "repair")
     seeds: tuple[int, int] = field(default=(0, 1))
+    methods: tuple[str, ...] = METHODS
 
 
 SETUPS = {
@@ -49,8 +50,8 @@ SETUPS = {
                      train_mod.LMConfig(steps=250, batch_size=32, seq_len=64), n_test=96, n_stat=96, ts=7,
                      n_combine=6),
     "full": LMSetup(dict(d_model=128, heads=4, layers=2, mlp_ratio=4),
-                    train_mod.LMConfig(steps=500, batch_size=32, seq_len=128), n_test=192, n_stat=192, ts=11,
-                    n_combine=12),
+                    train_mod.LMConfig(steps=500, batch_size=32, seq_len=128), n_test=64, n_stat=128, ts=9,
+                    n_combine=8),
 }
 
 
@@ -119,7 +120,7 @@ def _row(c: Curve) -> dict:
             "ppl_max": perplexity(max(loss)), "accuracy_mid": c.values("accuracy", "test")[mid]}
 
 
-def lm_connectivity(setup: LMSetup, seeds: Sequence[int] | None = None, *, methods: Sequence[str] = METHODS,
+def lm_connectivity(setup: LMSetup, seeds: Sequence[int] | None = None, *, methods: Sequence[str] | None = None,
                     corrections: Sequence[str] | None = None, progress: bool = False) -> dict:
     """Curves and barriers of one seed pair: `barriers["method/correction"]` holds the test loss
     barrier (endpoint_mean and any_chord), losses and perplexities at the ends, the midpoint and the
@@ -127,6 +128,7 @@ def lm_connectivity(setup: LMSetup, seeds: Sequence[int] | None = None, *, metho
     feed no norm, statistics on the "stat" windows)."""
     model, a, b = lm_pair(setup, seeds, progress=progress)
     data = lm_splits(setup)
+    methods = tuple(methods or setup.methods)
     pairs, seconds = align_lm(model, a, b, data["stat"], methods, progress=progress)
     curves, rows = {}, {}
     jobs = [(m, c) for m in methods for c in (corrections or setup.corrections)]
@@ -207,7 +209,8 @@ def transformer_section(ctx):
     name = "small" if ctx.config.quick else "full"
     setup = SETUPS[name]
     if ctx.config.quick:
-        setup = LMSetup(setup.arch, setup.train, n_test=48, n_stat=48, ts=5, n_combine=3)
+        setup = LMSetup(setup.arch, setup.train, n_test=48, n_stat=96, ts=5, n_combine=3,
+                        methods=("naive", "weight", "two_level", "orthogonal"))
     t0 = time.perf_counter()
     r = lm_connectivity(setup, progress=ctx.progress)
     curve_seconds = time.perf_counter() - t0
@@ -215,7 +218,7 @@ def transformer_section(ctx):
     figs = [plot_lm_curves(r["curves"], ctx.out / f"lm_curves_{c}.png", correction=c,
                            title=f"GPT ({name}) on Python stdlib source: interpolation, {c}")
             for c in setup.corrections]
-    groups = {m: {c: r["barriers"][f"{m}/{c}"]["barrier"] for c in setup.corrections} for m in METHODS}
+    groups = {m: {c: r["barriers"][f"{m}/{c}"]["barrier"] for c in setup.corrections} for m in setup.methods}
     figs.append(plot_bars(groups, ctx.out / "lm_barriers.png", title="GPT: test loss barrier (nats)"))
     train, test = data_mod.stdlib_files()
     b = r["barriers"]
@@ -229,11 +232,9 @@ def transformer_section(ctx):
         "(all-ones direction fixed, LayerNorm) on top of them, norm-folded.", "", _table(b), "",
         f"Mode combinability (λ ~ uniform(0, 1), {setup.n_combine} samples per granularity, test loss; "
         "aligned = two_level):", "", _combine_table(combos), "", *[f"![{f.stem}]({f.name})" for f in figs]])
-    summary = [f"GPT on stdlib text: test loss barrier naive {b['naive/plain']['barrier']:.3f} → weight "
-               f"{b['weight/plain']['barrier']:.3f} → activation {b['activation/plain']['barrier']:.3f} → two-level "
-               f"heads {b['two_level/plain']['barrier']:.3f} → orthogonal {b['orthogonal/plain']['barrier']:.3f}"
-               + (f"; with REPAIR (two-level) {b['two_level/repair']['barrier']:.3f}" if "repair" in setup.corrections
-                  else "")]
+    summary = ["GPT on stdlib text: test loss barrier " + " → ".join(
+        f"{m} {b[m + '/plain']['barrier']:.3f}" for m in setup.methods)
+        + (f"; with REPAIR (two_level) {b['two_level/repair']['barrier']:.3f}" if "repair" in setup.corrections else "")]
     data = {"setup": name, "arch": setup.arch, "train": asdict(setup.train),
             "seeds": r["seeds"], "barriers": b, "curves": {k: c.to_dict() for k, c in r["curves"].items()},
             "combinability": combos, "match_seconds": r["match_seconds"], "curve_seconds": curve_seconds,

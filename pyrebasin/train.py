@@ -148,6 +148,8 @@ def train_lm(*, seed: int = 0, config: LMConfig | None = None, cache: bool = Tru
     and Python version. Same arguments -> identical weights on one CPU instruction set (one intra-op
     thread, whatever the caller's setting)."""
     config = LMConfig(**{**asdict(config or LMConfig()), "seed": seed})
+    if arch_kwargs.get("seq_len", config.seq_len) != config.seq_len:
+        raise ValueError(f"train_lm: seq_len={arch_kwargs['seq_len']} differs from config.seq_len={config.seq_len}")
     arch_kwargs = {**arch_kwargs, "seq_len": config.seq_len}
     key = json.dumps({"arch": "gpt", "dataset": "pystdlib", "kw": arch_kwargs, "cfg": asdict(config),
                       "torch": torch.__version__.split("+")[0], "python": platform.python_version(), "v": 1},

@@ -172,3 +172,17 @@ def test_lm_loss_through_the_evaluator_is_the_next_token_loss():
     want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
     assert c.loss["test"][0] == pytest.approx(float(want), rel=1e-6)
     assert c.perplexity("test")[0] == pytest.approx(float(want.exp()), rel=1e-6)
+
+
+def test_train_lm_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYREBASIN_CACHE", str(tmp_path))
+    cfg = prb.train.LMConfig(steps=12, batch_size=4, seq_len=16)
+    kw = dict(d_model=16, heads=2, layers=1, mlp_ratio=2)
+    _, a = prb.train.train_lm(seed=0, config=cfg, progress=False, **kw)
+    assert len(list((tmp_path / "models").glob("gpt-*.safetensors"))) == 1
+    _, again = prb.train.train_lm(seed=0, config=cfg, progress=False, cache=False, **kw)
+    _, other = prb.train.train_lm(seed=1, config=cfg, progress=False, **kw)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not torch.equal(a["head.weight"], other["head.weight"])
+    with pytest.raises(ValueError, match="seq_len=8 differs"):
+        prb.train.train_lm(seed=0, config=cfg, seq_len=8, **kw)

@@ -47,7 +47,7 @@ def _block_perms(m, g):
 @pytest.mark.parametrize("positions,norm", VARIANTS)
 def test_both_spec_forms_preserve_the_function(positions, norm):
     m, s = _gpt(positions, norm)
-    x, want = _ids(), None
+    x = _ids()
     want = _out(m, s, x)
     g = torch.Generator().manual_seed(1)
     shared = m.permutation_spec()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..module_state import mode_view, model_state
+from ..module_state import mode_view
 from ..spec import AxisEntry, Blocked, PermutationSpec, apply_permutation
 from .heads import cross_moments_at
 

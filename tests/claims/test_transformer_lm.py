@@ -32,18 +32,24 @@ def test_alignment_lowers_the_lm_barrier():
     rows = [measure_lm(p) for p in PAIRS]
     for r in rows:   # B's function is kept by every alignment (its end of every curve scores the same)
         assert r["end_gap"] < 1e-4
-    # measured, pairs (0,1) (2,3) (4,5), AVX512: test loss barrier (nats) naive .xx; two_level .xx
+    # measured, pairs (0,1) (2,3) (4,5), AVX512 (AVX2, default: see docs/transformers.md): test loss barrier
+    # (nats) naive .670 .695 .741; weight .587 .550 .632; two_level .616 .597 .569 (margins >= .084, >= .054)
+    assert all(r["weight"] < r["naive"] - 0.04 for r in rows)
     assert all(r["two_level"] < r["naive"] - 0.03 for r in rows)
 
 
 def test_orthogonal_residual_map_beats_permutations():
     rows = [measure_lm(p) for p in PAIRS]
-    # measured, pairs (0,1) (2,3) (4,5), AVX512: orthogonal .xx vs two_level .xx
-    assert all(r["orthogonal"] < r["two_level"] - 0.05 for r in rows)
+    # measured, pairs (0,1) (2,3) (4,5), AVX512: orthogonal .447 .420 .418 vs the best permutation
+    # (weight / two_level) .587 .550 .569 (margin >= .130) and naive .670 .695 .741 (margin >= .22)
+    assert all(r["orthogonal"] < min(r["weight"], r["two_level"]) - 0.07 for r in rows)
+    assert all(r["orthogonal"] < r["naive"] - 0.15 for r in rows)
 
 
 def test_aligned_combinations_beat_naive_ones():
     rows = [measure_lm(p) for p in PAIRS]
-    # measured, pairs (0,1) (2,3) (4,5), AVX512: median loss of 4 uniform combinations naive -> aligned
+    # measured, pairs (0,1) (2,3) (4,5), AVX512: median test loss of 4 uniform(0, 1) combinations, naive ->
+    # two_level-aligned: neuron 3.254 3.250 3.247 -> 3.060 3.041 3.038; head 3.319 3.414 3.453 -> 3.150 3.155
+    # 3.057 (margin >= .17); every combination stays far above the endpoints (loss A 2.50 2.51 2.41)
     for g in ("neuron", "head"):
-        assert all(r[f"combine_{g}_aligned"] < r[f"combine_{g}_naive"] - 0.05 for r in rows), g
+        assert all(r[f"combine_{g}_aligned"] < r[f"combine_{g}_naive"] - 0.08 for r in rows), g

@@ -99,6 +99,11 @@ def test_fold_then_orthogonal_map_preserves_the_function(positions, norm):
     maps = prb.random_permutation(spec, s, generator=5) | {"P_res": q}
     r = apply_orthogonal(spec, maps, f, scales=[f"{n}.weight" for n in norms])
     torch.testing.assert_close(_out(m, r, x), want, rtol=0, atol=1e-9)
+    # a matrix on a Blocked factor: every head's v/o dims rotated alike (v rows R v, o columns W Rᵀ)
+    rot = procrustes(torch.randn(8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    r2 = apply_orthogonal(spec, maps | {"P_blocks.1.vo": rot}, f, scales=[f"{n}.weight" for n in norms])
+    torch.testing.assert_close(_out(m, r2, x), want, rtol=0, atol=1e-9)
+    assert not torch.allclose(r2["blocks.1.attn.v_proj.weight"], r["blocks.1.attn.v_proj.weight"])
     # Procrustes on the residual stream finds the planted map back (B = A rotated by q: Q_B→A = qᵀ)
     found = residual_procrustes(m, m, norms, x, state_a=f, state_b=r).double()
     torch.testing.assert_close(found, q.T, rtol=0, atol=1e-5)

@@ -14,7 +14,8 @@ import torch
 from . import rng
 from .spec import Blocked, PermutationSpec
 
-__all__ = ["Distribution", "CoefficientLayout", "Coefficients", "GRANULARITIES", "SPEC_GRANULARITIES", "coefficient_layout",
+__all__ = ["Distribution", "CoefficientLayout", "Coefficients", "GRANULARITIES", "SPEC_GRANULARITIES",
+           "coefficient_layout",
            "sample_coefficients", "check_seed"]
 
 GRANULARITIES = ("element", "neuron", "layer", "global")

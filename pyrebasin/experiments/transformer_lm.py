@@ -234,7 +234,8 @@ def transformer_section(ctx):
         "aligned = two_level):", "", _combine_table(combos), "", *[f"![{f.stem}]({f.name})" for f in figs]])
     summary = ["GPT on stdlib text: test loss barrier " + " → ".join(
         f"{m} {b[m + '/plain']['barrier']:.3f}" for m in setup.methods)
-        + (f"; with REPAIR (two_level) {b['two_level/repair']['barrier']:.3f}" if "repair" in setup.corrections else "")]
+        + (f"; with REPAIR (two_level) {b['two_level/repair']['barrier']:.3f}"
+           if "repair" in setup.corrections else "")]
     data = {"setup": name, "arch": setup.arch, "train": asdict(setup.train),
             "seeds": r["seeds"], "barriers": b, "curves": {k: c.to_dict() for k, c in r["curves"].items()},
             "combinability": combos, "match_seconds": r["match_seconds"], "curve_seconds": curve_seconds,

@@ -68,7 +68,8 @@ def apply_orthogonal(spec: PermutationSpec, maps: Mapping[str, torch.Tensor], st
         if n is None:
             raise ValueError(f"apply_orthogonal: maps names group {name!r}, which the spec does not have")
         if q.shape != (n, n):
-            raise ValueError(f"apply_orthogonal: matrix for {name!r} has shape {list(q.shape)}; its group has {n} units")
+            raise ValueError(f"apply_orthogonal: matrix for {name!r} has shape {list(q.shape)}; "
+                             f"its group has {n} units")
         err = float((q.double().T @ q.double() - torch.eye(n, dtype=torch.float64, device=q.device)).abs().max())
         if not err <= atol:
             raise ValueError(f"apply_orthogonal: matrix for {name!r} is not orthogonal (max |QᵀQ − I| = {err:.3g})")

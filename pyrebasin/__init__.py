@@ -52,7 +52,8 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
 
 # Submodules reachable as attributes, imported when first touched (PEP 562).
 _SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lm", "lmc", "maps", "matching",
-               "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
+               "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace",
+               "train", "zoo")
 
 
 # Names of a higher layer, handed on when first touched: the connectivity map plots, so it is a study.

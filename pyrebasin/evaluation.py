@@ -25,7 +25,15 @@ from .batches import (
     splits,
 )
 from .distributed import gather_objects, is_distributed, shard_range
-from .lm import LossParts, NextTokenLoss, check_token_ids, is_token_batch, logits_of, model_kwargs, vocabulary_size
+from .lm import (
+    LossParts,
+    NextTokenLoss,
+    check_token_ids,
+    is_token_batch,
+    logits_of,
+    model_kwargs,
+    vocabulary_size,
+)
 from .module_state import mode_view
 
 __all__ = ["StateSource", "PathPoints", "Evaluation", "evaluate", "loss_and_correct", "Correction", "Loss"]
@@ -181,7 +189,8 @@ class _Forward:
     def one(self, p: Params, x) -> torch.Tensor:
         """The logits of one parameter set; a mapping of inputs is passed as keyword arguments."""
         if isinstance(x, Mapping):
-            out = functional_call(self.view, (p, self.fixed), (), {**self.extra, **x}, strict=False, tie_weights=False)
+            out = functional_call(self.view, (p, self.fixed), (), {**self.extra, **x}, strict=False,
+                                  tie_weights=False)
         else:
             out = functional_call(self.view, (p, self.fixed), (x,), self.extra or None, strict=False,
                                   tie_weights=False)

@@ -115,8 +115,9 @@ def pystdlib(*, test_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]
 def lm_windows(stream: torch.Tensor, seq_len: int, n: int | None = None, *,
                seed: int | None = None) -> torch.Tensor:
     """Token windows [n, seq_len + 1] (int64) of a 1-D id stream: input ids are `w[:, :-1]`, next-token
-    targets `w[:, 1:]`. `seed=None`: consecutive non-overlapping windows from the start (all that fit
-    when `n` is None); an int: `n` windows at seeded random offsets."""
+    targets `w[:, 1:]`. `seed=None`: `n` non-overlapping windows spread evenly over the stream (every
+    window that fits, consecutively, when `n` is None), so a few windows still sample every file; an
+    int: `n` windows at seeded random offsets."""
     if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
         raise ValueError(f"stream must be a 1-D tensor of token ids, got {getattr(stream, 'shape', stream)!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len < stream.numel():
@@ -127,7 +128,8 @@ def lm_windows(stream: torch.Tensor, seq_len: int, n: int | None = None, *,
         n = fit if n is None else n
         if not 0 < n <= fit:
             raise ValueError(f"n={n!r}: the stream holds {fit} windows of {span} tokens")
-        return stream[:n * span].long().view(n, span)
+        pick = torch.div(torch.arange(n) * fit, n, rounding_mode="floor")
+        return stream[:fit * span].view(fit, span)[pick].long()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r} must be a positive int with seed=")
     starts = torch.randint(0, stream.numel() - span + 1, (n,), generator=torch.Generator().manual_seed(seed))

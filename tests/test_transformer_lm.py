@@ -146,6 +146,8 @@ def test_corpus_split_and_windows():
     w = data.lm_windows(b, 16)
     assert w.shape == (b.numel() // 17, 17) and w.dtype == torch.int64
     assert torch.equal(w[1], b[17:34].long())
+    few = data.lm_windows(b, 16, 4)        # spread evenly over the stream, not its first file only
+    assert torch.equal(few, w[[0, len(w) // 4, len(w) // 2, 3 * len(w) // 4]])
     r1, r2 = data.lm_windows(a, 16, 5, seed=3), data.lm_windows(a, 16, 5, seed=3)
     assert torch.equal(r1, r2) and r1.shape == (5, 17)
     with pytest.raises(ValueError, match="seq_len"):

@@ -66,7 +66,7 @@ def lm_pair(setup: LMSetup, seeds: Sequence[int] | None = None, *, progress: boo
 
 def lm_splits(setup: LMSetup) -> dict[str, torch.Tensor]:
     """Token windows [n, seq_len] (the model's full context; targets are the ids shifted inside the
-    loss): "test" from the held-out files, "stat" from the start of the training stream."""
+    loss), spread evenly over their stream: "test" over the held-out files, "stat" over the train files."""
     train, test = data_mod.pystdlib()
     t = setup.train.seq_len - 1
     return {"test": data_mod.lm_windows(test, t, setup.n_test), "stat": data_mod.lm_windows(train, t, setup.n_stat)}

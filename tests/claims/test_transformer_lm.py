@@ -33,7 +33,8 @@ def test_alignment_lowers_the_lm_barrier():
     rows = [measure_lm(p) for p in PAIRS]
     for r in rows:   # B's function is kept by every alignment (its end of every curve scores the same)
         assert r["end_gap"] < 1e-4
-    # measured, pairs (0,1) (2,3) (4,5), AVX512 (AVX2 with an empty cache: equal to 4 digits, here and below):
+    # measured, pairs (0,1) (2,3) (4,5), AVX512 (AVX2 and default kernels, empty caches: equal to 4 digits, here
+    # and below):
     # test loss barrier (nats) naive .865 1.153 .958; weight .761 .663 .673; two_level .632 .541 .750
     # (margins >= .104, >= .208)
     assert all(r["weight"] < r["naive"] - 0.04 for r in rows)

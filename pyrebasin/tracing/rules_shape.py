@@ -196,10 +196,34 @@ def pad(E: Engine, c: Call) -> None:
 @rule("index", "index_select", "gather", "take", "take_along_dim", "masked_select", "nonzero",
       "index_put", "index_put_", "scatter", "scatter_", "scatter_add", "index_add", "index_copy")
 def indexing(E: Engine, c: Call) -> None:
-    """Data-dependent indexing: the indexed tensor and the result are frozen (conservative)."""
+    """Data-dependent indexing: the indexed tensor and the result are frozen (conservative), except
+    `w[ids]` with `ids` an index tensor into a permutable axis (`Engine.pointers`, e.g. the experts a
+    router picked): w's first axis is that axis, the rest passes (permuting both keeps w[ids])."""
+    if c.name == "index" and _pointer_index(E, c):
+        return None
     for axes in E.tensor_args(c):
         E.freeze(axes, f"indexed by {c.where()}")
     E.fresh_out(c, f"indexed by {c.where()}")
+
+
+def _pointer_index(E: Engine, c: Call) -> bool:
+    x, idx = E.ax(c.arg(0, "self")), c.arg(1, "indices")
+    if x is None or not isinstance(idx, (list, tuple)) or len(idx) != 1:
+        return False
+    p = idx[0]
+    target = E.pointers.get(p) if isinstance(p, Hashable) else None
+    shape = E.out_shape(c)
+    if target is None or E.size(target) != E.size(x[0]) or not isinstance(shape, tuple):
+        return False
+    ids = E.ax(p)
+    E.tie(x[0], target, f"units picked by index in {c.where()}")
+    for a in x[0]:  # names: the experts, and (weakly: a residual axis keeps its own) their units
+        E.A.hint(a, c.path if c.path.rpartition(".")[2] == "experts" else f"{c.path}.experts", 3)
+    for atoms in x[1:]:
+        for a in atoms:
+            E.A.hint(a, f"{c.path}.hidden", 0.75)
+    E.set_out(c, list(ids) + x[1:])
+    return True
 
 
 @rule("getitem")

@@ -13,7 +13,8 @@ from .module_state import mode_view
 from .spec import PermutationSpec, apply_permutation, random_permutation
 from .trace import model_inputs
 
-__all__ = ["check_spec", "CheckReport", "SpecCheckError", "tolerance", "compute_dtype"]
+__all__ = ["check_spec", "CheckReport", "SpecCheckError", "tolerance", "compute_dtype",
+           "needs_jitter"]
 
 
 class SpecCheckError(AssertionError):
@@ -91,12 +92,13 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, 
     Train mode also compares the buffers the forward updates (BatchNorm running stats): the
     permuted model's updated buffers must equal the permuted updated buffers of the original.
     Dropout modules are kept in eval mode (their masks are random per unit). randomize=True first
-    jitters every floating tensor of the (copied) state, seeded, so that symmetric initial values
-    (BatchNorm's ones and zeros, zero biases) cannot hide a wrong entry. atol/rtol default to the
+    replaces, seeded, the tensors whose values could hide a wrong entry by jittered copies
+    (`needs_jitter`: those under 65536 entries, such as BatchNorm's ones and zeros and zero biases,
+    and constant ones); large non-constant weights are generic already. atol/rtol default to the
     state's compute dtype (`tolerance`: fp32 1e-5 / 1e-4, bf16 and fp16 4 eps of the output scale).
     Inputs are prepared as for `trace_spec` (`use_cache=False` for Hugging Face LMs). Memory: the
-    model plus one copy of its state (the jittered copy is permuted tensor by tensor in place of
-    itself; parameters are passed uncopied, only buffers are cloned per run). The caller's model is
+    model plus one permuted copy of its state, built tensor by tensor (jittered copies are dropped as
+    they are permuted); parameters are passed uncopied, only buffers are cloned per run. The caller's model is
     untouched (its modes are set on a private view). Raises SpecCheckError on a mismatch (or
     returns the failing report: raise_on_failure=False).
     """
@@ -112,13 +114,14 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, 
     keep = [k for k, v in state_vars.items() if first.setdefault(id(v), k) == k]  # one per tie
     state = {k: state_vars[k].detach() for k in keep}
     sizes = spec.perm_sizes({k: state_vars[k] for k in state_vars})
+    copied: set[str] = set()
     if randomize:
-        state = _jitter(state, seed)
+        state, copied = _jitter(state, seed)
     perms = random_permutation(spec, state_vars, generator=seed)
     buffers = {k for k, _ in model.named_buffers()} & set(keep)
     views = {mode: _mode(model, mode == "train") for mode in modes}
     runs_a = {mode: _run(views[mode], state, buffers, args, kwargs, seed) for mode in modes}
-    state = _permuted(spec, perms, state, consume=randomize)
+    state = _permuted(spec, perms, state, consume=copied)
     diffs, failures, buffer_diff = {}, [], 0.0
     dtype = compute_dtype(state)
     for mode in modes:
@@ -175,14 +178,14 @@ def _run(view: nn.Module, state: dict, buffers: set, args, kwargs, seed: int):
     return _leaves(out), {k: run_state[k] for k in buffers}
 
 
-def _permuted(spec: PermutationSpec, perms, state: dict, *, consume: bool) -> dict:
-    """`apply_permutation` one tensor at a time; with `consume` each input tensor is dropped once
-    its permuted copy exists, so one copy of the state is alive (plus one tensor)."""
+def _permuted(spec: PermutationSpec, perms, state: dict, *, consume: set) -> dict:
+    """`apply_permutation` one tensor at a time; the tensors of `consume` (our own jittered copies)
+    are dropped as their permuted copies appear, so one copy of the state is alive (plus one tensor)."""
     out = {}
     for k in list(state):
         sub = spec.restrict([k])
         one = {k: state[k]}
-        if consume:
+        if k in consume:
             del state[k]
         out[k] = apply_permutation(sub, {p: perms[p] for p in sub.perm_sizes(one)}, one)[k]
         del one
@@ -190,13 +193,27 @@ def _permuted(spec: PermutationSpec, perms, state: dict, *, consume: bool) -> di
 
 
 _CHUNK = 1 << 20  # noise is drawn in chunks: no float64 copy of a whole (embedding-sized) tensor
+GENERIC_NUMEL = 1 << 16  # a non-constant tensor this large is left as it is by the jitter
 
 
-def _jitter(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def needs_jitter(v: torch.Tensor) -> bool:
+    """A floating tensor whose values could hide a wrong permutation: small ones (biases, norm scales,
+    BatchNorm statistics: often ones and zeros) and constant ones (zero- or one-initialised weights).
+    A large non-constant tensor is generic already; jittering it would only cost a copy."""
+    if not (v.is_floating_point() and v.numel()):
+        return False
+    if v.numel() < GENERIC_NUMEL:
+        return True
+    lo, hi = torch.aminmax(v.reshape(-1))
+    return bool(lo == hi)
+
+
+def _jitter(state: dict[str, torch.Tensor], seed: int) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The state with `needs_jitter` tensors replaced by seeded jittered copies, and their keys."""
     gen = torch.Generator().manual_seed(seed + 1)
-    out = {}
+    out, copied = {}, set()
     for k, v in state.items():
-        if not (v.is_floating_point() and v.numel()):
+        if not needs_jitter(v):
             out[k] = v
             continue
         positive = bool((v > 0).all())  # variances, scales: stay positive
@@ -212,4 +229,5 @@ def _jitter(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor
             else:
                 dst[s:s + _CHUNK] = x + (noise - 0.5) * (scale or 0.1)
         out[k] = new
-    return out
+        copied.add(k)
+    return out, copied

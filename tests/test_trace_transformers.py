@@ -361,3 +361,50 @@ def test_check_spec_tolerance_follows_dtype():
     assert tolerance(torch.bfloat16, 2.0)[0] > tolerance(torch.float16, 2.0)[0] > tolerance(torch.float32, 2.0)[0]
     assert needs_jitter(torch.ones(4)) and needs_jitter(torch.zeros(300, 300))
     assert not needs_jitter(torch.randn(300, 300))  # generic already: used uncopied
+
+
+class Router(nn.Module):
+    """A top-2 router over 4 experts stacked in one tensor; `use` says how else the indices are read."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.gate = nn.Linear(6, 4, bias=False)
+        self.w = nn.Parameter(torch.randn(4, 5, 6))
+        self.v = nn.Parameter(torch.randn(3, 4))
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        _, ids = torch.topk(self.gate(x).softmax(-1), 2, dim=-1)
+        y = self.out(torch.einsum("bkoi,bi->bo", self.w[ids], x))
+        if self.use == "second_axis":  # v[:, ids] indexes an axis the rules do not tie
+            y = y + self.v[:, ids].sum()
+        elif self.use == "arithmetic":  # the index values themselves reach the output
+            y = y + ids.float().sum()
+        return y
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("use", ["gather_only", "second_axis", "arithmetic"])
+def test_router_indices_gather_experts(use, frontend):
+    torch.manual_seed(0)
+    model, x = Router(use), torch.randn(3, 6)
+    spec = prb.trace_spec(model, x, frontend=frontend)
+    experts = spec.axes_to_perm["w"][0]
+    if use == "gather_only":  # experts permuted with the router rows that pick them
+        assert experts == "P_experts" and spec.axes_to_perm["gate.weight"] == (experts, None)
+    else:  # any other use of the indices would see them change: the expert axis is frozen
+        assert experts is None and spec.axes_to_perm["gate.weight"] == (None, None)
+    assert spec.axes_to_perm["w"][1] is not None  # each expert's units stay permutable
+    prb.check_spec(model, spec, x)
+
+
+def test_meta_device_traces_like_real_weights():
+    from pyrebasin.zoo import MLP, ResNet20
+    for make, x in ((lambda: MLP(in_features=12, width=24, depth=2, classes=5, norm="bn"), torch.randn(4, 12)),
+                    (lambda: ResNet20(norm="bn", blocks_per_stage=1), torch.randn(3, 16))):  # fx, export
+        torch.manual_seed(0)
+        real = make()
+        with torch.device("meta"):
+            meta = make()
+        assert prb.trace_spec(meta, x).axes_to_perm == prb.trace_spec(real, x).axes_to_perm

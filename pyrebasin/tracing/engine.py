@@ -27,7 +27,7 @@ class Multi(list):
 POINTER_PASS = frozenset({"view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "clone",
                           "contiguous", "to", "_to_copy", "detach", "alias", "expand", "transpose",
                           "permute", "t", "getitem", "_assert_tensor_metadata"})
-POINTER_USE = frozenset({"index"})  # rules that read index tensors themselves
+POINTER_USE = frozenset({"index", "getitem"})  # rules that read index tensors themselves
 
 
 class UnsupportedOpError(ValueError):
@@ -209,6 +209,8 @@ class Engine:
             self.pointers[c.out] = self.pointers[tuple(c.args[:2])]
         if not found:
             return
+        if c.name == "getitem" and found[0] is not c.arg(0, "self"):
+            return  # x[ids]: the getitem rule reads the index tensor
         if c.name in POINTER_PASS and found[0] is c.arg(0, "self"):
             self.pointers[c.out] = self.pointers[found[0]]
         elif c.name not in POINTER_USE:

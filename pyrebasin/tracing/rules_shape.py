@@ -201,21 +201,33 @@ def indexing(E: Engine, c: Call) -> None:
     router picked): w's first axis is that axis, the rest passes (permuting both keeps w[ids])."""
     if c.name == "index" and _pointer_index(E, c):
         return None
+    for p in _flat(c.arg(1, "indices")):  # index tensors read some other way: their axis is frozen
+        if isinstance(p, Hashable) and p in E.pointers:
+            E.freeze([E.pointers[p]], f"indices into the axis are used by {c.where()}")
     for axes in E.tensor_args(c):
         E.freeze(axes, f"indexed by {c.where()}")
     E.fresh_out(c, f"indexed by {c.where()}")
 
 
+def _flat(x) -> list:
+    return [z for y in x for z in _flat(y)] if isinstance(x, (list, tuple)) else [x]
+
+
 def _pointer_index(E: Engine, c: Call) -> bool:
+    """`w[ids]` (aten.index(w, [ids]), or fx getitem(w, ids)) with `ids` an index tensor."""
     x, idx = E.ax(c.arg(0, "self")), c.arg(1, "indices")
-    if x is None or not isinstance(idx, (list, tuple)) or len(idx) != 1:
+    if isinstance(idx, (list, tuple)) and len(idx) == 1:
+        idx = idx[0]
+    if x is None or isinstance(idx, (list, tuple)):
         return False
-    p = idx[0]
+    p = idx
     target = E.pointers.get(p) if isinstance(p, Hashable) else None
     shape = E.out_shape(c)
     if target is None or E.size(target) != E.size(x[0]) or not isinstance(shape, tuple):
         return False
     ids = E.ax(p)
+    if shape != tuple(E.size(a) for a in list(ids) + x[1:]):
+        return False
     E.tie(x[0], target, f"units picked by index in {c.where()}")
     for a in x[0]:  # names: the experts, and (weakly: a residual axis keeps its own) their units
         E.A.hint(a, c.path if c.path.rpartition(".")[2] == "experts" else f"{c.path}.experts", 3)
@@ -237,6 +249,8 @@ def getitem(E: Engine, c: Call) -> None:
     x = E.ax(src)
     if x is None:
         return None if not E.tensor_args(c) else E.unmodelled(c)
+    if _pointer_index(E, c):
+        return None
     _tensor_getitem(E, c, x, idx)
 
 

@@ -98,7 +98,7 @@ def elementwise(E: Engine, c: Call) -> None:
 # --- reductions ----------------------------------------------------------------------------------
 REDUCE = ("mean", "sum", "amax", "amin", "var", "std", "prod", "logsumexp", "norm", "any", "all",
           "linalg_vector_norm", "nansum", "nanmean", "count_nonzero")
-ORDERED = ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "sort", "argsort",
+ORDERED = ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "sort", "argsort", "topk",
            "max", "min", "median", "mode", "kthvalue", "logcumsumexp", "diff")
 
 
@@ -107,7 +107,8 @@ def topk(E: Engine, c: Call) -> None:
     """Top-k along an axis (a mixture-of-experts router): the k values do not depend on the order of
     the axis, and the indices name its units, so a permutation of that axis maps them along; they
     become an index tensor (`Engine.pointers`) that gathers weights by unit (the experts' weights).
-    Unsorted top-k (order unspecified) keeps the old rule: the axis is frozen."""
+    Generic values assumed: among exactly tied values the lowest index wins, which a permutation
+    changes. Unsorted top-k (order unspecified) is an ordered reduction: the axis is frozen."""
     x = E.ax(c.arg(0, "self"))
     if x is None or not c.arg(4, "sorted", True):
         return reduce(E, c)
@@ -118,7 +119,7 @@ def topk(E: Engine, c: Call) -> None:
     E.pointers[(c.out, 1)] = x[dim]
 
 
-@rule(*REDUCE, *ORDERED)
+@rule(*REDUCE, *(n for n in ORDERED if n != "topk"))
 def reduce(E: Engine, c: Call) -> None:
     """Reducing over an axis is invariant to its permutation; order-dependent ops (argmax, cumsum,
     sort, diff) freeze the axes they run along."""

@@ -4,8 +4,9 @@ download), as a ratio to the model's bytes, in fp32 and bf16.
 Each case runs in a fresh subprocess: build the model, trace its spec, then reset the kernel's peak-RSS
 mark (/proc/self/clear_refs) and run `check_spec` (eval mode). Reported: `extra` = (peak RSS during
 check_spec − RSS before it) / model bytes, and `total` = 1 + extra, the model itself included (the
-target: total ≤ 2; a check that never writes the caller's weights needs one permuted copy, total ≥ 2). `--tree DIR` also measures the
-pyrebasin of another checkout (e.g. the main branch) in the same run, for a before/after ratio.
+target: total ≤ 2; a check that never writes the caller's weights needs one permuted copy, total ≥ 2).
+`--tree DIR` also measures the pyrebasin of another checkout (e.g. the main branch) in the same run,
+for a before/after ratio.
 
 Usage: python benchmarks/check_spec_memory.py [--tree /work/main] [--json out.json]
 """

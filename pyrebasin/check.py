@@ -59,8 +59,8 @@ def _mode(model: nn.Module, train: bool) -> nn.Module:
 
 # (atol as a share of the largest reference output, rtol) per compute dtype. A correct spec changes
 # only the order of floating sums; in bf16/fp16 that moves outputs by a few ulps of their scale.
-# The low-precision bounds are 4 eps (bf16 3.1%, fp16 0.39% of max |output|); wrong specs on the
-# tiny LLaMA of tests/test_trace_transformers.py move outputs by 7-100% of it (docs/trace.md).
+# The low-precision bounds are 4 eps (bf16 3.1%, fp16 0.39% of max |output|), well below what a
+# wrong spec does (measured in docs/trace.md).
 _TOLERANCE = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-4),
               torch.float16: (4 * torch.finfo(torch.float16).eps, 4 * torch.finfo(torch.float16).eps),
               torch.bfloat16: (4 * torch.finfo(torch.bfloat16).eps, 4 * torch.finfo(torch.bfloat16).eps)}
@@ -97,10 +97,10 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, 
     and constant ones); large non-constant weights are generic already. atol/rtol default to the
     state's compute dtype (`tolerance`: fp32 1e-5 / 1e-4, bf16 and fp16 4 eps of the output scale).
     Inputs are prepared as for `trace_spec` (`use_cache=False` for Hugging Face LMs). Memory: the
-    model plus one permuted copy of its state, built tensor by tensor (jittered copies are dropped as
-    they are permuted); parameters are passed uncopied, only buffers are cloned per run. The caller's model is
-    untouched (its modes are set on a private view). Raises SpecCheckError on a mismatch (or
-    returns the failing report: raise_on_failure=False).
+    model plus one permuted copy of its state, built tensor by tensor (jittered copies are dropped
+    as they are permuted); parameters are passed uncopied, only buffers are cloned per run. The
+    caller's model is untouched (its modes are set on a private view). Raises SpecCheckError on a
+    mismatch (or returns the failing report: raise_on_failure=False).
     """
     for m in modes:
         if m not in ("eval", "train"):

@@ -290,7 +290,8 @@ def test_hf_llama_gqa_groups_and_planted_permutation(hf):
     model = hf["llama"]
     spec = prb.trace_spec(model, torch.randint(0, 50, (2, 7)))
     per_layer = {"self_attn.heads", "self_attn.group_heads", "self_attn.vo", "mlp.gate_proj.out"}
-    assert set(spec.perm_names) == {"P_residual_0"} | {f"P_model.layers.{i}.{g}" for i in (0, 1) for g in per_layer}
+    assert set(spec.perm_names) == {"P_residual_0"} | {f"P_model.layers.{i}.{g}"
+                                                       for i in (0, 1) for g in per_layer}
     sizes = spec.perm_sizes(model.state_dict())  # 2 KV heads x 2 query heads each, head dim 8
     assert [sizes[f"P_model.layers.0.self_attn.{g}"] for g in ("heads", "group_heads", "vo")] == [2, 2, 8]
     state = model.state_dict()
@@ -354,11 +355,13 @@ def test_check_spec_tolerance_follows_dtype():
         assert prb.check_spec(bf16, spec, ids, modes=("eval",), seed=seed).ok
     # wrong specs fail in bf16: max Δ / max |output| measured 0.76-1.07 (o_proj's v dims not
     # permuted) and 0.15-0.23 (down_proj's inputs not permuted) over seeds 0-7, 5-7x the bound
-    for key, axis, factor in (("model.layers.1.self_attn.o_proj.weight", 1, 2), ("model.layers.0.mlp.down_proj.weight", 1, None)):
+    for key, axis, factor in (("model.layers.1.self_attn.o_proj.weight", 1, 2),
+                              ("model.layers.0.mlp.down_proj.weight", 1, None)):
         with pytest.raises(prb.SpecCheckError, match="bfloat16"):
             prb.check_spec(bf16, _without(spec, key, axis, factor), ids, modes=("eval",))
     from pyrebasin.check import needs_jitter, tolerance
-    assert tolerance(torch.bfloat16, 2.0)[0] > tolerance(torch.float16, 2.0)[0] > tolerance(torch.float32, 2.0)[0]
+    bound = {d: tolerance(d, 2.0)[0] for d in (torch.bfloat16, torch.float16, torch.float32)}
+    assert bound[torch.bfloat16] > bound[torch.float16] > bound[torch.float32]
     assert needs_jitter(torch.ones(4)) and needs_jitter(torch.zeros(300, 300))
     assert not needs_jitter(torch.randn(300, 300))  # generic already: used uncopied
 

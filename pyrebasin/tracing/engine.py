@@ -205,8 +205,9 @@ class Engine:
                 found.append(x)
         walk(c.args)
         walk(tuple(c.kwargs.values()))
-        if c.name == "getitem" and len(c.args) > 1 and _hashable(c.args[:2]) and tuple(c.args[:2]) in self.pointers:
-            self.pointers[c.out] = self.pointers[tuple(c.args[:2])]
+        key = tuple(c.args[:2])
+        if c.name == "getitem" and len(key) == 2 and _hashable(key) and key in self.pointers:
+            self.pointers[c.out] = self.pointers[key]  # the indices output of a top-k
         if not found:
             return
         if c.name == "getitem" and found[0] is not c.arg(0, "self"):

@@ -411,3 +411,54 @@ def test_meta_device_traces_like_real_weights():
         with torch.device("meta"):
             meta = make()
         assert prb.trace_spec(meta, x).axes_to_perm == prb.trace_spec(real, x).axes_to_perm
+
+
+class FusedQKV(nn.Module):
+    """One Linear for q, k and v, sliced apart (Phi-3 style); `offset` shifts the slices off alignment."""
+
+    def __init__(self, offset=0, d=16, heads=4):
+        super().__init__()
+        self.d, self.h, self.offset = d, heads, offset
+        self.qkv = nn.Linear(d, 3 * d + offset)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        y, d = self.qkv(x), self.d  # python-int bounds: fx sees them too
+        q, k, v = (y[..., self.offset + i * d: self.offset + (i + 1) * d].view(b, t, self.h, -1).transpose(1, 2)
+                   for i in range(3))
+        att = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(att.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_fused_qkv_sliced_into_aligned_pieces(offset):
+    torch.manual_seed(0)
+    model, x = FusedQKV(offset), torch.randn(2, 5, 16)
+    for frontend in ("fx", "export"):
+        spec = prb.trace_spec(model, x, frontend=frontend)
+        rows = spec.axes_to_perm["qkv.weight"][0]
+        if offset == 0:  # (q|k|v, heads, head dim): heads and one within-head perm (q, k, v share it)
+            assert rows.shape == (3, 4, 4) and rows.perms[0] is None and None not in rows.perms[1:]
+            assert spec.axes_to_perm["o.weight"][1] == prb.Blocked((4, 4), rows.perms[1:])
+        else:  # slices that are not equal pieces of the axis: frozen
+            assert rows is None and spec.axes_to_perm["o.weight"][1] is None
+        prb.check_spec(model, spec, x)
+
+
+def test_hf_phi3_fused_qkv():
+    pytest.importorskip("transformers")
+    from transformers import Phi3Config, Phi3ForCausalLM
+    ids = torch.randint(0, 50, (2, 7))
+    for kv in (4, 2):  # MHA: q, k, v slices are equal pieces; GQA: unequal, so frozen
+        torch.manual_seed(0)
+        model = Phi3ForCausalLM(Phi3Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=kv, pad_token_id=0,
+                                           max_position_embeddings=16))
+        spec = prb.trace_spec(model, ids)
+        rows = spec.axes_to_perm["model.layers.0.self_attn.qkv_proj.weight"][0]
+        if kv == 4:
+            assert rows == prb.Blocked((3, 4, 8), (None, "P_model.layers.0.self_attn.heads", None))
+        else:
+            assert rows is None
+        prb.check_spec(model, spec, ids)

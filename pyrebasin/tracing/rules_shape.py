@@ -163,13 +163,37 @@ def select(E: Engine, c: Call) -> None:
     E.set_out(c, x[:dim] + x[dim + 1:])
 
 
+def _aligned_piece(E: Engine, atoms: list[int], start, stop, step, why: str) -> list[int] | None:
+    """atoms[start:stop] when it is one of k equal pieces of the axis (its start a multiple of its
+    size; a fused q|k|v projection sliced apart): the axis is viewed as (k, size) with the piece
+    index frozen and one atom shared by all pieces, as split/chunk do. None otherwise."""
+    if step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (start, stop)):
+        return None
+    n = E.size(atoms)
+    start, stop, _ = slice(start, stop).indices(n)
+    m = stop - start
+    if m <= 0 or n % m or start % m:
+        return None
+    return _split_axis(E, atoms, n // m, why)
+
+
 @rule("slice", "narrow", "slice_copy")
 def slice_(E: Engine, c: Call) -> None:
+    """A full slice is the identity; an aligned equal piece shares one atom with the other pieces
+    (`_aligned_piece`); any other sub-range freezes the axis."""
     x = E.ax(c.arg(0, "self"))
     shape = E.out_shape(c)
     dim = c.arg(1, "dim", 0) % len(x)
     if shape[dim] == E.size(x[dim]) and (c.name != "slice" or c.arg(4, "step", 1) in (None, 1)):
         return E.set_out(c, list(x))  # full slice: the identity
+    if c.name == "narrow":
+        start, length = c.arg(2, "start"), c.arg(3, "length")
+        bounds = (start, start + length if isinstance(start, int) and isinstance(length, int) else None, 1)
+    else:
+        bounds = (c.arg(2, "start"), c.arg(3, "end"), c.arg(4, "step", 1))
+    piece = _aligned_piece(E, x[dim], *bounds, f"pieces of {c.where()} play different roles")
+    if piece is not None and E.size(piece) == shape[dim]:
+        return E.set_out(c, x[:dim] + [piece] + x[dim + 1:])
     why = f"{c.where()} keeps a sub-range of the axis"
     E.freeze(x[dim], why)
     E.set_out(c, x[:dim] + [[E.A.new(shape[dim], why)]] + x[dim + 1:])
@@ -275,8 +299,16 @@ def _tensor_getitem(E: Engine, c: Call, x: Axes, idx) -> None:
             p += 1
         else:
             n = E.size(x[p])
-            if slice(*i.indices(n)) == slice(0, n, 1) or i == slice(None):
+            static = all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+            full = i == slice(None) or (static and slice(*i.indices(n)) == slice(0, n, 1))
+            piece = None  # bounds computed in the graph (fx proxies) are unknown here: frozen
+            if static and not full:
+                piece = _aligned_piece(E, x[p], i.start, i.stop, i.step,
+                                       f"pieces of {c.where()} play different roles")
+            if full:
                 out.append(x[p])
+            elif piece is not None:
+                out.append(piece)
             else:
                 E.freeze(x[p], why)
                 out.append(None)

@@ -1,5 +1,7 @@
 """Several processes: 2 gloo ranks x 1 thread against 1 process x 1 thread on this machine, as throughput
-ratios measured in one run, for `evaluate_combinations` (MLP, K samples) and activation statistics.
+ratios measured in one run, for `evaluate_combinations` (MLP, K samples), activation statistics
+(activation matching; REPAIR endpoint statistics on an MLP with BatchNorm) and weight matching (groups
+split by owner: memory split, the descent itself stays sequential).
 
 Usage: python benchmarks/distributed_ratios.py [--k 64] [--width 512] [--rows 4096] [--json out.json]
 Wall ratios are what a user waits (they need two free cores); CPU ratios compare the work per rank, so
@@ -31,12 +33,17 @@ def _setup(args):
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(args.rows, 64, generator=g), torch.randint(0, 10, (args.rows,), generator=g)
     coef = prb.sample_coefficients(state_a, args.k, "uniform(-0.5, 1.5)", seed=3)
-    return model, state_a, state_b, x, y, coef
+    torch.manual_seed(4)
+    bn = prb.zoo.MLP(64, args.width, 3, classes=10, norm="bn")
+    bn_a = {k: v.detach().clone() for k, v in bn.state_dict().items()}
+    torch.manual_seed(5)
+    bn_b = {k: v.detach().clone() for k, v in prb.zoo.MLP(64, args.width, 3, classes=10, norm="bn").state_dict().items()}
+    return model, state_a, state_b, x, y, coef, (bn, bn_a, bn_b)
 
 
 def _flows(args, group, rank, world):
     """{flow: (wall s, CPU s, result)}: best of args.repeat after one warm-up, ranks started together."""
-    model, state_a, state_b, x, y, coef = _setup(args)
+    model, state_a, state_b, x, y, coef, (bn, bn_a, bn_b) = _setup(args)
     spec = model.permutation_spec()
     # each rank reads its own shard of the statistics data (data parallel), all of it in one process
     stat = x.repeat(args.stat_repeat, 1)
@@ -47,6 +54,9 @@ def _flows(args, group, rank, world):
         "activation_statistics": lambda: prb.activation_matching(
             model, model, spec, stat[rows.start:rows.stop], state_a=state_a, state_b=state_b, batch_size=1024,
             group=group).perms,
+        "repair_statistics": lambda: prb.endpoint_stats(bn, bn_a, bn_b, stat[rows.start:rows.stop], batch_size=1024,
+                                                        group=group).std_b,
+        "weight_matching": lambda: prb.weight_matching(spec, state_a, state_b, group=group).perms,
     }
     out = {}
     for name, fn in calls.items():
@@ -118,8 +128,11 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _equal(a, b) -> bool:
+    """Bit for bit; float64 statistics summed in another order: to 1e-10 relative."""
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if a.dtype == torch.float64:
+        return bool(torch.allclose(a, b, rtol=1e-10, atol=0))
     return torch.equal(a, b)
 
 

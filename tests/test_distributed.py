@@ -108,7 +108,7 @@ def _flow_worker(rank, world, port, results):
         prb.interpolate(model, state, state, (x, torch.zeros(8).long()), 9, chunk=2,
                         correction=lambda st, t: seen.append(t) or st)
         results[rank] = (match.perms, match.objective, comb.loss, comb.accuracy, comb.logits, curve.to_dict(),
-                         local.perms, error, mismatch, seen)
+                         local.perms, error, mismatch, seen, _more_flows(None, rank, world), _more_errors(rank))
     finally:
         dist.destroy_process_group()
 
@@ -122,7 +122,7 @@ def test_two_ranks_run_the_flows_as_one_process():
     assert rank_and_world() == (0, 1)   # this process never joined a group: single-process runs below
     match, comb, curve = _flows()
     for rank in (0, 1):
-        perms, objective, loss, acc, logits, curve_d, local_perms, error, mismatch, seen = results[rank]
+        perms, objective, loss, acc, logits, curve_d, local_perms, error, mismatch, seen, _, _ = results[rank]
         assert perms.keys() == match.perms.keys()
         assert all(torch.equal(perms[p], match.perms[p]) for p in perms)
         # float64 sums in another order: equal to rounding only
@@ -137,6 +137,17 @@ def test_two_ranks_run_the_flows_as_one_process():
     for rank in (0, 1):
         alone, _, _ = _flows(None, rank, 2)
         assert all(torch.equal(results[rank][6][p], alone.perms[p]) for p in alone.perms)
+    # weight matching, REPAIR/RESET statistics on shards, maps (below)
+    one = _more_flows()
+    for rank in (0, 1):
+        got, errors = results[rank][10:]
+        for key in ("mlp", "resnet20", "transformer", "maps", "plane", "cmap"):
+            _same(got[key], one[key])   # whole groups / pairs / rows per rank: bit for bit
+        for key in ("stats", "reset", "repair"):
+            _same(got[key], one[key], exact=False)   # float64 sums of the shards: equal to rounding
+            _same(got[key], results[0][10][key])     # and the same bits on every rank
+        assert "rank 1: statistics data is empty (0 rows)" in errors[0]
+        assert "weight_matching: rank(s) [1] passed other arguments than rank 0" in errors[1]
 
 
 def test_group_must_be_a_process_group():
@@ -146,3 +157,73 @@ def test_group_must_be_a_process_group():
     with pytest.raises(TypeError, match="group must be None, False or a torch.distributed ProcessGroup, got 'world'"):
         prb.evaluate_combinations(model, state, state, [0.5], (torch.randn(4, 12), torch.zeros(4).long()),
                                   group="world")
+
+
+# --- weight matching, REPAIR/RESET statistics and the connectivity maps under 2 ranks ---
+
+def _more_flows(group=None, rank=0, world=1):
+    """Weight matching of three zoo pairs; REPAIR/RESET statistics on this rank's shard; maps of 3 models."""
+    from tests.test_matching_weight import model_state
+    import pyrebasin as prb
+    from pyrebasin.maps import loss_plane, pairwise_barriers
+    from pyrebasin.repair import endpoint_stats, repair, reset_bn
+    out = {}
+    for name in ("mlp", "resnet20", "transformer"):
+        model, a = model_state(name, seed=0)
+        _, b = model_state(name, seed=1)
+        r = prb.weight_matching(model.permutation_spec(), a, b, group=group)
+        out[name] = (r.perms, r.objective, r.iterations, r.phase_starts)
+    model, a = model_state("mlp_bn", seed=0)
+    _, b = model_state("mlp_bn", seed=1)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(192, 12, generator=g)
+    rows = shard_range(len(x), rank, world)   # 96 rows = 3 batches of 32 on each of 2 ranks
+    shard = x[rows.start:rows.stop]
+    st = endpoint_stats(model, a, b, shard, batch_size=32, group=group)
+    out["stats"] = (st.mean_a, st.std_a, st.mean_b, st.std_b)
+    out["reset"] = reset_bn(model, a, shard, batch_size=32, group=group)
+    out["repair"] = repair(model, a, b, 0.4, shard, batch_size=32, group=group)
+    mlp, s0 = model_state("mlp", seed=0)
+    states = [s0] + [model_state("mlp", seed=s)[1] for s in (1, 2)]
+    data = (torch.randn(40, 12, generator=g), torch.randint(0, 5, (40,), generator=g))
+    bars, curves = pairwise_barriers(mlp, states, data, ts=5, align="weight", group=group)
+    out["maps"] = (bars, {k: c.to_dict() for k, c in curves.items()})
+    out["plane"] = loss_plane(mlp, *states, data, grid=3, group=group).to_dict()
+    out["cmap"] = prb.connectivity_map(mlp, states, data, ts=3, group=group).to_dict()
+    return out
+
+
+def _more_errors(rank):
+    """Calls that are bad on one rank only: the same ValueError on every rank, never a hang."""
+    import pyrebasin as prb
+    from pyrebasin.repair import endpoint_stats
+    from tests.test_matching_weight import model_state
+    model, a = model_state("mlp_bn")
+    errors = []
+    for call in (lambda: endpoint_stats(model, a, a, torch.randn(8 if rank == 0 else 0, 12)),
+                 lambda: prb.weight_matching(model.permutation_spec(), a, a, seed=rank)):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def _same(x, y, exact=True):
+    """Nested dicts/lists/tuples of tensors and numbers: equal bit for bit (or to 1e-10 relative)."""
+    if isinstance(x, dict):
+        assert x.keys() == y.keys()
+        for k in x:
+            _same(x[k], y[k], exact)
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            _same(u, v, exact)
+    elif isinstance(x, torch.Tensor):
+        if exact:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    else:
+        assert x == y

@@ -227,3 +227,56 @@ def _same(x, y, exact=True):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     else:
         assert x == y
+
+
+RANK_SCRIPT = """import os, sys
+os.chdir(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]))   # each rank its own working folder
+from pyrebasin.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_cli_under_torchrun_writes_on_rank_0_only(tmp_path):
+    # `pyrebasin interpolate --align weight --repair` unchanged under torchrun: the outputs (relative
+    # paths, so each rank's would land in its own folder) exist on rank 0 only, equal to one process's.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pyrebasin.cli import main
+    from pyrebasin.io import save_state
+    from pyrebasin.zoo import resolve_arch
+    kwargs = {"in_features": 12, "width": 16, "depth": 2, "classes": 5}
+    for seed, name in ((0, "A.safetensors"), (1, "B.pt")):
+        torch.manual_seed(seed)
+        save_state(resolve_arch("mlp", kwargs).state_dict(), tmp_path / name)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x_train": torch.randn(64, 12, generator=g), "y_train": torch.randint(0, 5, (64,), generator=g),
+                "x_test": torch.randn(32, 12, generator=g), "y_test": torch.randint(0, 5, (32,), generator=g)},
+               tmp_path / "data.pt")
+    (tmp_path / "run_rank.py").write_text(RANK_SCRIPT)
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").mkdir()
+    args = ["interpolate", "--arch", "mlp", "--arch-kwargs", json.dumps(kwargs), "--a", str(tmp_path / "A.safetensors"),
+            "--b", str(tmp_path / "B.pt"), "--data", str(tmp_path / "data.pt"), "--ts", "5", "--align", "weight",
+            "--repair"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    logs = tmp_path / "logs"   # torchrun's own per-rank copies of stdout/stderr (--redirects 3)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "--redirects", "3", "--log-dir", str(logs), str(tmp_path / "run_rank.py"), str(tmp_path),
+                        *args, "--out", "out"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "rank0" / "out").iterdir()) == ["curve.json", "curve.png"]
+    assert list((tmp_path / "rank1").iterdir()) == []          # rank 1 wrote nothing
+    out = {int(f.parent.name): f.read_text() for f in logs.rglob("stdout.log")}
+    err = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    assert "loss barrier" in out[0] and out[1] == "", out     # rank 1 printed nothing
+    assert "interpolate" in err[0] and "weight matching" in err[0]
+    assert "interpolate" not in err[1] and "weight matching" not in err[1], err[1]   # progress: rank 0 only
+    assert main(args + ["--out", str(tmp_path / "single"), "--no-progress"]) == 0
+    got, one = (json.loads((tmp_path / d / "curve.json").read_text()) for d in ("rank0/out", "single"))
+    assert got["barriers"] == one["barriers"]
+    assert {k: v for k, v in got["curve"].items() if k != "meta"} == {k: v for k, v in one["curve"].items() if k != "meta"}

@@ -103,26 +103,30 @@ class WeightCosts:
                     raise TypeError(f"weight_matching: {name}[{k!r}] is {t.dtype}; permuted tensors must be floating")
         # bf16/fp16 weights are matched in float32 (converted once); float32/64 are used as they are.
         dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
-        self.spec, self.sizes = spec, sizes
-        self.a = {k: state_a[k].detach().to(dtype) for k in permuted}
-        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in permuted}
-        self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
-        # Under a process group each rank builds and solves the groups it owns (whole groups: every
-        # cost is summed as in one process) and computes the objective's dots of the tensors it owns.
+        self.spec, self.sizes, self.keys = spec, sizes, permuted
+        # Under a process group each rank builds, caches and solves the groups it owns (whole groups:
+        # every cost is summed as in one process) and computes the objective's dots of the tensors
+        # it owns; it converts and holds only the tensors those read.
         self.group = group if is_distributed(group) else False
         self.rank, world = rank_and_world(self.group)
         pairs_of = spec.perm_to_axes
-        self.owner = owners({p: sum(n * self.b[k].numel() for k, _ in pairs_of.get(p, ())) for p, n in sizes.items()},
+        self.owner = owners({p: sum(n * state_b[k].numel() for k, _ in pairs_of.get(p, ())) for p, n in sizes.items()},
                             world)
-        key_owner = owners({k: t.numel() for k, t in self.a.items()}, world)
-        self.own_keys = [k for k in self.a if key_owner[k] == self.rank]
+        key_owner = owners({k: state_a[k].numel() for k in permuted}, world)
+        self.own_keys = [k for k in permuted if key_owner[k] == self.rank]
+        needed = set(self.own_keys) | {k for p, pairs in pairs_of.items() if self.owns(p) for k, _ in pairs}
+        self.a = {k: state_a[k].detach().to(dtype) for k in permuted if k in needed}
+        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in self.a}
+        self.device = state_a[permuted[0]].device if permuted else torch.device("cpu")
         self.terms: dict[str, list[_Term]] = {p: [] for p in sizes}
         deps: dict[str, set] = {p: set() for p in sizes}
         for perm, pairs in pairs_of.items():
             for key, axis in pairs:
-                view, dims = _expanded_view(self.b[key], spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
+                mine = self.owns(perm)
+                b_key = self.b[key] if mine else torch.empty(state_b[key].shape, device="meta")  # its dims only
+                view, dims = _expanded_view(b_key, spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
                 deps[perm].update(_term_deps(dims))
-                if self.owns(perm):
+                if mine:
                     a_units = spec.unit_matrix(self.a[key], key, axis, perm)
                     self.terms[perm].append(_Term(key, a_units, view, dims, _term_deps(dims)))
         self.perms = {p: torch.arange(n, device=self.device) for p, n in sizes.items()}
@@ -164,7 +168,7 @@ class WeightCosts:
             dots = {k: _dot64(self.a[k], pb[k], buffers) for k in self.own_keys}
         if self.group is not False:  # every rank's dots, added in the one-process order
             dots = {k: v for part in gather_objects(dots, self.group) for k, v in part.items()}
-        return sum(dots[k] for k in self.a)
+        return sum(dots[k] for k in self.keys)
 
     def _indices(self, t: _Term) -> list:
         """(dim of b_view, gather index) for each dim that a perm touches."""

@@ -69,7 +69,34 @@ def _flows(args, group, rank, world):
             r = fn()
             best = min(best, (time.perf_counter() - t, time.process_time() - c, r), key=lambda b: b[0])
         out[name] = best
+    out["cost_bytes"] = _cost_bytes(args, group)
     return out
+
+
+def _cost_bytes(args, group) -> int:
+    """Bytes weight matching's cost provider holds on this rank once every group it owns was built,
+    for an MLP 64-width x depth in bf16 (as a large checkpoint would be: the float32 copies, unit
+    matrices, constant and cached float64 costs), counted by storage (views of the inputs: nothing)."""
+    from pyrebasin.matching.costs import WeightCosts
+    states = []
+    for seed in (6, 7):
+        torch.manual_seed(seed)
+        m = prb.zoo.MLP(64, args.width, args.mem_depth, classes=10)
+        states.append({k: v.detach().to(torch.bfloat16) for k, v in m.state_dict().items()})
+    spec, (a16, b16) = m.permutation_spec(), states
+    costs = WeightCosts(spec, a16, b16, group=group)
+    for p in costs.sizes:
+        if costs.owns(p):
+            costs.cost(p)
+    seen, total = set(), 0
+    held = [*costs.a.values(), *costs.b.values(), *(t.a_units for ts in costs.terms.values() for t in ts),
+            *(c for c in costs.constant.values() if c is not None), *(c[0] for c in costs.cache.values())]
+    for t in held:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _worker(rank, world, port, args, results):
@@ -90,6 +117,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--stat-repeat", type=int, default=4, help="statistics data = rows x this")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--mem-depth", type=int, default=8, help="hidden layers of the MLP of the memory figure")
     ap.add_argument("--json")
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -108,6 +136,10 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {load_before[0]:.1f} (before) {os.getloadavg()[0]:.1f} (after); "
           f"MLP 64-{args.width}x3-10, K={args.k} chunk={args.chunk}, {args.rows} eval rows, "
           f"{args.rows * args.stat_repeat} statistics rows")
+    mem1, mem2 = single.pop("cost_bytes"), [ranks[r].pop("cost_bytes") for r in sorted(ranks)]
+    report["weight_matching_cost_bytes"] = {"1x1": mem1, "per_rank_2x1": mem2, "ratio_max_rank": max(mem2) / mem1}
+    print(f"weight matching cost memory (MLP 64-{args.width}x{args.mem_depth}, bf16): 1 process {mem1 / 2**20:.1f} MiB, ranks "
+          f"{', '.join(f'{m / 2**20:.1f}' for m in mem2)} MiB (busiest rank {max(mem2) / mem1:.2f}x)")
     for name, (wall1, cpu1, r1) in single.items():
         wall2 = max(ranks[r][name][0] for r in ranks)   # the flow ends when its slowest rank does
         cpu2 = max(ranks[r][name][1] for r in ranks)

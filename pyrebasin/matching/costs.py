@@ -112,8 +112,11 @@ class WeightCosts:
         pairs_of = spec.perm_to_axes
         self.owner = owners({p: sum(n * state_b[k].numel() for k, _ in pairs_of.get(p, ())) for p, n in sizes.items()},
                             world)
-        key_owner = owners({k: state_a[k].numel() for k in permuted}, world)
-        self.own_keys = [k for k in permuted if key_owner[k] == self.rank]
+        first = {}  # a tensor's objective dot goes to the owner of the first group reading it: no extra copy
+        for p, pairs in pairs_of.items():
+            for k, _ in pairs:
+                first.setdefault(k, p)
+        self.own_keys = [k for k in permuted if (self.owner[first[k]] if k in first else 0) == self.rank]
         needed = set(self.own_keys) | {k for p, pairs in pairs_of.items() if self.owns(p) for k, _ in pairs}
         self.a = {k: state_a[k].detach().to(dtype) for k in permuted if k in needed}
         self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in self.a}

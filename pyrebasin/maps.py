@@ -56,11 +56,11 @@ def _aligned_pair(model, spec, align, states, i, j, x, options, merged):
     if align == "merge":
         return apply_permutation(spec, merged[i, j], states[j])
     if align == "weight":
-        perms = weight_matching(spec, states[i], states[j], **options, group=False).perms
+        perms = weight_matching(spec, states[i], states[j], **{**options, "group": False}).perms
     else:
         # activation_matching runs a train-mode model on a private eval-mode view: no flag to restore
-        perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j], **options,
-                                    group=False).perms
+        perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j],
+                                    **{**options, "group": False}).perms
     return apply_permutation(spec, perms, states[j])
 
 
@@ -119,7 +119,8 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
     options = dict(match_options or {})
     if align is not None:
         spec = _spec_of(model, spec, x)
-    merged = merge_many(spec, list(states), matching=options).pairwise() if align == "merge" else None
+    # every rank runs merge_many alike (its weight matchings split over `group`)
+    merged = merge_many(spec, list(states), matching={**options, "group": group}).pairwise() if align == "merge" else None
     n = len(states)
     out = {k: torch.zeros(n, n, dtype=torch.float64) for k in kinds}
     curves: dict[tuple[int, int], Curve] = {}

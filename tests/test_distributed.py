@@ -280,3 +280,24 @@ def test_cli_under_torchrun_writes_on_rank_0_only(tmp_path):
     got, one = (json.loads((tmp_path / d / "curve.json").read_text()) for d in ("rank0/out", "single"))
     assert got["barriers"] == one["barriers"]
     assert {k: v for k, v in got["curve"].items() if k != "meta"} == {k: v for k, v in one["curve"].items() if k != "meta"}
+
+
+def test_owners_balance_work_deterministically():
+    from pyrebasin.distributed import owners
+    work = {"a": 5.0, "b": 4.0, "c": 3.0, "d": 3.0, "e": 1.0}
+    assert owners(work, 1) == dict.fromkeys(work, 0)
+    got = owners(work, 2)
+    assert got == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1} and list(got) == list(work)   # largest first, to the lighter
+    loads = [sum(w for k, w in work.items() if got[k] == r) for r in (0, 1)]
+    assert loads == [8.0, 8.0]
+
+
+def test_discard_writes_checks_the_target_and_writes_nothing(tmp_path):
+    from pyrebasin.fileio import atomic_write_text, discard_writes
+    with discard_writes():
+        assert atomic_write_text(tmp_path / "new" / "x.txt", "hi") == tmp_path / "new" / "x.txt"
+        with pytest.raises(IsADirectoryError, match="it is a directory"):
+            atomic_write_text(tmp_path, "hi")
+    assert list(tmp_path.iterdir()) == []
+    atomic_write_text(tmp_path / "x.txt", "hi")   # outside the block: written
+    assert (tmp_path / "x.txt").read_text() == "hi"

@@ -11,12 +11,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .moments import CrossMoments
 
 __all__ = ["is_distributed", "rank_and_world", "shard_range", "owners", "all_reduce_moments_", "broadcast_perms",
            "gather_rows", "gather_objects", "broadcast_object", "broadcast_optional", "check_same", "raise_together",
-           "all_reduce_sum_", "is_writer", "from_environment"]
+           "all_reduce_sum_", "split_map", "is_writer", "from_environment"]
 
 
 def is_distributed(group=None) -> bool:
@@ -170,6 +171,30 @@ def raise_together(error: Exception | None, group=None) -> None:
               if m is not None]
     if failed:
         raise ValueError("; ".join(f"rank {r}: {m}" for r, m in failed)) from error
+
+
+def split_map(fn, items: Sequence, *, group=None, desc: str = "", progress: bool = False, agree=None) -> list:
+    """[fn(item) for item in items]; under torch.distributed (`group`) the items are split among the
+    ranks by `shard_range`, each computed in its rank alone (`fn` must make no collective call: pass
+    group=False inside), and the results gathered in order, so every rank returns the single-process
+    list. `agree`: a picklable value every rank must pass alike (ValueError on every rank otherwise,
+    naming `desc`); a ValueError of `fn` on any rank is raised on every rank."""
+    spread = is_distributed(group)
+    if spread:
+        check_same((len(items), agree), desc or "split_map", group)
+    mine = shard_range(len(items), group=group) if spread else range(len(items))
+    out, error = [], None
+    try:
+        for i in tqdm(mine, desc=desc, disable=not progress, leave=False):
+            out.append(fn(items[i]))
+    except ValueError as exc:
+        if not spread:
+            raise
+        error = exc
+    if not spread:
+        return out
+    raise_together(error, group)
+    return [r for part in gather_objects(out, group) for r in part]
 
 
 def is_writer(group=None) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .combine import evaluate_combinations
-from .distributed import check_same, gather_objects, is_distributed, raise_together, shard_range
+from .distributed import split_map
 from .lmc import BARRIER_KINDS, Curve, barrier
 from .matching import activation_matching, weight_matching
 from .merging import merge_many
@@ -62,28 +62,6 @@ def _aligned_pair(model, spec, align, states, i, j, x, options, merged):
         perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j],
                                     **{**options, "group": False}).perms
     return apply_permutation(spec, perms, states[j])
-
-
-def _spread(items: Sequence, fn, group, desc: str, progress: bool, agree) -> list:
-    """[fn(item) for item in items]; under torch.distributed (`group`) the items are split among the
-    ranks by `shard_range`, each computed as in one process, and gathered in order, so every rank
-    returns the single-process list (`agree`: what every rank must have passed alike)."""
-    spread = is_distributed(group)
-    if spread:
-        check_same(agree, desc, group)
-    mine = shard_range(len(items), group=group) if spread else range(len(items))
-    out, error = [], None
-    try:
-        for i in tqdm(mine, desc=desc, disable=not progress, leave=False):
-            out.append(fn(items[i]))
-    except ValueError as exc:
-        if not spread:
-            raise
-        error = exc
-    if not spread:
-        return out
-    raise_together(error, group)
-    return [r for part in gather_objects(out, group) for r in part]
 
 
 def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: int | Sequence[float] = 11,
@@ -135,8 +113,8 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
         return Curve(tlist, {"data": res.loss.tolist()}, {"data": res.accuracy.tolist()},
                      {"pair": [i, j], "align": align})
 
-    for (i, j), curve in zip(pairs, _spread(pairs, curve_of, group, "connectivity", progress,
-                                            (n, tlist, list(kinds), metric, align))):
+    for (i, j), curve in zip(pairs, split_map(curve_of, pairs, group=group, desc="connectivity", progress=progress,
+                                              agree=(n, tlist, list(kinds), metric, align))):
         curves[i, j] = curve
         for k in kinds:
             out[k][i, j] = out[k][j, i] = barrier(curve, metric, k)
@@ -279,7 +257,7 @@ def loss_plane(model: nn.Module, state_a: State, state_b: State, state_c: State,
         res = evaluate_combinations(model, head, base, us, data, chunk=len(us), batch_size=batch_size, group=False)
         return res.loss, res.accuracy
 
-    rows = _spread(vs, row, group, "loss plane", progress, (us, vs))
+    rows = split_map(row, vs, group=group, desc="loss plane", progress=progress, agree=(us, vs))
     loss = torch.stack([r[0] for r in rows])
     acc = torch.stack([r[1] for r in rows])
     return LossPlane(us, vs, loss, acc, {"origin": "A", "u": "B - A", "v": "C - A"})

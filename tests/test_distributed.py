@@ -141,7 +141,7 @@ def test_two_ranks_run_the_flows_as_one_process():
     one = _more_flows()
     for rank in (0, 1):
         got, errors = results[rank][10:]
-        for key in ("mlp", "resnet20", "transformer", "maps", "plane", "cmap"):
+        for key in ("mlp", "resnet20", "transformer", "maps", "plane", "cmap", "robustness", "transitivity"):
             _same(got[key], one[key])   # whole groups / pairs / rows per rank: bit for bit
         for key in ("stats", "reset", "repair"):
             _same(got[key], one[key], exact=False)   # float64 sums of the shards: equal to rounding
@@ -190,6 +190,12 @@ def _more_flows(group=None, rank=0, world=1):
     out["maps"] = (bars, {k: c.to_dict() for k, c in curves.items()})
     out["plane"] = loss_plane(mlp, *states, data, grid=3, group=group).to_dict()
     out["cmap"] = prb.connectivity_map(mlp, states, data, ts=3, group=group).to_dict()
+    if group is not False:   # the studies split their rows / curves over the default group
+        from pyrebasin.experiments.robustness import robustness
+        from pyrebasin.experiments.transitivity import transitivity
+        spec = mlp.permutation_spec()
+        out["robustness"] = robustness(mlp, spec, s0, states[1], data, qs=(0.0, 0.5), noise=(0.1,), n=4, ts=3).to_dict()
+        out["transitivity"] = transitivity(mlp, spec, *states, data, ts=3).to_dict()
     return out
 
 

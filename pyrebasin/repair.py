@@ -271,6 +271,7 @@ def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tupl
             raise ValueError(f"BatchNorm {p.name!r} has no affine parameters to fold REPAIR's targets into")
         if p.kind == "affine" and f"{p.name}.bias" not in state:
             raise ValueError(f"REPAIR cannot shift the channels of {p.name!r}: it has no bias")
+
     def run():
         with _hooks(view, {p.name: hook_for(p) for p in points}):
             for xb in tqdm(_inputs(data, batch_size), desc="renormalize", disable=not progress, leave=False):
@@ -284,7 +285,7 @@ def renormalize(model: nn.Module, state: State, data, targets: Mapping[str, tupl
     if spread:
         check_same([(p, sums[p.name][1].shape) for p in points], "renormalize (repair points)", group)
         for acc in sums.values():
-            acc[0] = torch.tensor(float(acc[0]), dtype=torch.float64)
+            acc[0] = torch.tensor(float(acc[0]), dtype=torch.float64, device=acc[1].device)
         all_reduce_sum_([t for acc in sums.values() for t in acc], group)
     out = {k: v.clone() for k, v in state.items()}
     for p in points:

@@ -141,7 +141,7 @@ def test_two_ranks_run_the_flows_as_one_process():
     one = _more_flows()
     for rank in (0, 1):
         got, errors = results[rank][10:]
-        for key in ("mlp", "resnet20", "transformer", "maps", "plane", "cmap", "robustness", "transitivity"):
+        for key in ("mlp", "resnet20", "transformer", "maps", "plane", "cmap", "robustness", "transitivity", "lm"):
             _same(got[key], one[key])   # whole groups / pairs / rows per rank: bit for bit
         for key in ("stats", "reset", "repair"):
             _same(got[key], one[key], exact=False)   # float64 sums of the shards: equal to rounding
@@ -160,6 +160,17 @@ def test_group_must_be_a_process_group():
 
 
 # --- weight matching, REPAIR/RESET statistics and the connectivity maps under 2 ranks ---
+
+class TinyLM(torch.nn.Module):
+    """Logits [B, T, V] of token ids [B, T]."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb, self.out = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, vocab)
+
+    def forward(self, input_ids):
+        return self.out(torch.tanh(self.emb(input_ids)))
+
 
 def _more_flows(group=None, rank=0, world=1):
     """Weight matching of three zoo pairs; REPAIR/RESET statistics on this rank's shard; maps of 3 models."""
@@ -190,6 +201,13 @@ def _more_flows(group=None, rank=0, world=1):
     out["maps"] = (bars, {k: c.to_dict() for k, c in curves.items()})
     out["plane"] = loss_plane(mlp, *states, data, grid=3, group=group).to_dict()
     out["cmap"] = prb.connectivity_map(mlp, states, data, ts=3, group=group).to_dict()
+    from pyrebasin.lm import NextTokenLoss
+    torch.manual_seed(3)   # a causal LM's next-token objective: 2 chunks, then 1 state (rank 1 has no chunk)
+    lm = TinyLM()
+    la, lb = lm.state_dict(), {k: v + 0.1 for k, v in lm.state_dict().items()}
+    ids = torch.randint(0, 11, (6, 5), generator=g)
+    out["lm"] = (prb.interpolate(lm, la, lb, ids, 3, chunk=2, group=group).to_dict(),
+                 prb.evaluate_combinations(lm, la, lb, [0.5], ids, loss=NextTokenLoss(), group=group).accuracy)
     if group is not False:   # the studies split their rows / curves over the default group
         from pyrebasin.experiments.robustness import robustness
         from pyrebasin.experiments.transitivity import transitivity

@@ -145,6 +145,7 @@ class WeightCosts:
             self.constant[p] = c.to(torch.float64) if c is not None else None
         self.version = dict.fromkeys(sizes, 0)
         self._deps = {p: sorted(deps[p]) for p in sizes}
+        self._own_spec, self._own_groups = None, []
 
     def owns(self, p: str) -> bool:
         """Whether this rank builds and solves group `p` (always True outside a process group)."""
@@ -164,9 +165,11 @@ class WeightCosts:
         perms = perms if perms is not None else self.perms
         dots = {}
         if self.own_keys:
-            sub = self.spec.restrict(self.own_keys)
-            sizes = sub.perm_sizes({k: self.b[k] for k in self.own_keys})
-            pb = apply_permutation(sub, {p: perms[p] for p in sizes}, {k: self.b[k] for k in self.own_keys})
+            if self._own_spec is None:   # built once: the spec of this rank's objective tensors and its groups
+                self._own_spec = self.spec.restrict(self.own_keys)
+                self._own_groups = list(self._own_spec.perm_sizes({k: self.b[k] for k in self.own_keys}))
+            pb = apply_permutation(self._own_spec, {p: perms[p] for p in self._own_groups},
+                                   {k: self.b[k] for k in self.own_keys})
             buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
             dots = {k: _dot64(self.a[k], pb[k], buffers) for k in self.own_keys}
         if self.group is not False:  # every rank's dots, added in the one-process order

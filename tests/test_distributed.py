@@ -87,6 +87,8 @@ def _flow_worker(rank, world, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        from pyrebasin.matching import costs
+        costs.SPLIT_MIN_BYTES = 0   # split these small weight matchings by group, as a large model's
         match, comb, curve = _flows(None, rank, world)
         local, _, _ = _flows(False, rank, world)   # opt-out: this rank's shard alone, no collective
         try:   # an empty shard on one rank is an error on every rank, not a hang

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..distributed import gather_objects, is_distributed, owners, rank_and_world
+from ..distributed import all_reduce_sum_, is_distributed, owners, rank_and_world
 from ..spec import Blocked, PermutationSpec, apply_permutation, axis_index
 
-__all__ = ["WeightCosts"]
+__all__ = ["WeightCosts", "SPLIT_MIN_BYTES"]
+
+# Under a process group, a problem whose float64 cost matrices (8·Σ n_p² bytes) stay below this runs
+# whole on every rank: the same result, no message per LAP (whose latency would dominate small groups).
+SPLIT_MIN_BYTES = 64 << 20
 
 
 @dataclass
@@ -107,7 +111,8 @@ class WeightCosts:
         # Under a process group each rank builds, caches and solves the groups it owns (whole groups:
         # every cost is summed as in one process) and computes the objective's dots of the tensors
         # it owns; it converts and holds only the tensors those read.
-        self.group = group if is_distributed(group) else False
+        big = 8 * sum(n * n for n in sizes.values()) >= SPLIT_MIN_BYTES
+        self.group = group if big and is_distributed(group) else False
         self.rank, world = rank_and_world(self.group)
         pairs_of = spec.perm_to_axes
         self.owner = owners({p: sum(n * state_b[k].numel() for k, _ in pairs_of.get(p, ())) for p, n in sizes.items()},
@@ -172,8 +177,9 @@ class WeightCosts:
                                    {k: self.b[k] for k in self.own_keys})
             buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
             dots = {k: _dot64(self.a[k], pb[k], buffers) for k in self.own_keys}
-        if self.group is not False:  # every rank's dots, added in the one-process order
-            dots = {k: v for part in gather_objects(dots, self.group) for k, v in part.items()}
+        if self.group is not False:  # every rank's dots (each tensor's on one rank, zeros elsewhere: exact)
+            vec = torch.tensor([dots.get(k, 0.0) for k in self.keys], dtype=torch.float64)
+            dots = dict(zip(self.keys, all_reduce_sum_([vec], self.group)[0].tolist()))
         return sum(dots[k] for k in self.keys)
 
     def _indices(self, t: _Term) -> list:

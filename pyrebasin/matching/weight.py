@@ -174,8 +174,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
     this process alone) every rank passes the same arguments; each rank builds, caches and solves
     the cost of the groups it owns (balanced by GEMM work) and the objective's share of the tensors
-    it owns, so cost memory is split; one broadcast per group visit shares the outcome. Every rank
-    returns the single-process result bit for bit (docs/distributed.md).
+    it owns, so cost memory is split; one broadcast per group visit shares the outcome. Problems whose
+    float64 costs total less than `costs.SPLIT_MIN_BYTES` (64 MiB) run whole on every rank instead.
+    Every rank returns the single-process result bit for bit (docs/distributed.md).
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
     costs = WeightCosts(spec, state_a, state_b, group=group)

@@ -10,9 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..distributed import all_reduce_sum_, is_distributed, owners, rank_and_world
 from ..spec import Blocked, PermutationSpec, axis_index
 
-__all__ = ["WeightCosts", "dot64"]
+__all__ = ["WeightCosts", "SPLIT_MIN_BYTES", "dot64"]
+
+# Under a process group, a problem whose float64 cost matrices (8·Σ n_p² bytes) stay below this runs
+# whole on every rank: the same result, no message per LAP (whose latency would dominate small groups).
+SPLIT_MIN_BYTES = 64 << 20
 
 
 @dataclass
@@ -86,7 +91,7 @@ class WeightCosts:
     is larger or the updates add up to two full axes (bounding the rounding drift)."""
 
     def __init__(self, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
-                 state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30):
+                 state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30, group=None):
         meta_a, meta_b = self.describe(state_a, spec), self.describe(state_b, spec)
         for name, state in (("state_a", meta_a), ("state_b", meta_b)):
             missing = [k for k in spec.axes_to_perm if k not in state]
@@ -107,13 +112,31 @@ class WeightCosts:
         # bf16/fp16 weights are matched in float32 (converted once, or per block when streamed).
         dtype = torch.float64 if any(meta_a[k].dtype == torch.float64 for k in permuted) else torch.float32
         self.spec, self.sizes, self.dtype, self.keys = spec, sizes, dtype, permuted
-        self.device = self.hold(state_a, state_b, permuted, dtype)
+        # Under a process group each rank builds, caches and solves the groups it owns (whole groups:
+        # every cost is summed as in one process) and computes the objective's dots of the tensors
+        # it owns; it converts and holds only the tensors those read.
+        big = 8 * sum(n * n for n in sizes.values()) >= SPLIT_MIN_BYTES
+        self.group = group if big and is_distributed(group) else False
+        self.rank, world = rank_and_world(self.group)
+        pairs_of = spec.perm_to_axes
+        self.owner = owners({p: sum(n * meta_b[k].numel() for k, _ in pairs_of.get(p, ())) for p, n in sizes.items()},
+                            world)
+        first = {}  # a tensor's objective dot goes to the owner of the first group reading it: no extra copy
+        for p, pairs in pairs_of.items():
+            for k, _ in pairs:
+                first.setdefault(k, p)
+        self.own_keys = [k for k in permuted if (self.owner[first[k]] if k in first else 0) == self.rank]
+        needed = set(self.own_keys) | {k for p, pairs in pairs_of.items() if self.owns(p) for k, _ in pairs}
+        self.device = self.hold(state_a, state_b, [k for k in permuted if k in needed], dtype)
         self.terms: dict[str, list[_Term]] = {p: [] for p in sizes}
-        for perm, pairs in spec.perm_to_axes.items():
+        deps: dict[str, set] = {p: set() for p in sizes}
+        for perm, pairs in pairs_of.items():
             for key, axis in pairs:
-                probe = torch.empty(meta_b[key].shape, device="meta")
+                probe = torch.empty(meta_b[key].shape, device="meta")  # its dims only
                 view, dims = _expanded_view(probe, spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
-                self.terms[perm].append(_Term(key, axis, perm, tuple(view.shape), dims, _term_deps(dims)))
+                deps[perm].update(_term_deps(dims))
+                if self.owns(perm):
+                    self.terms[perm].append(_Term(key, axis, perm, tuple(view.shape), dims, _term_deps(dims)))
         self.perms = {p: torch.arange(n, device=self.device) for p, n in sizes.items()}
         self.coupled = {p: [t for t in ts if t.deps] for p, ts in self.terms.items()}
         self.constant: dict[str, torch.Tensor | None] = {}
@@ -128,7 +151,11 @@ class WeightCosts:
                 c = self.constant[t.perm]
                 self.constant[t.perm] = prod if c is None else c.add_(prod)
         self.version = dict.fromkeys(sizes, 0)
-        self._deps = {p: sorted(frozenset().union(*(t.deps for t in self.terms[p]))) for p in sizes}
+        self._deps = {p: sorted(deps[p]) for p in sizes}
+
+    def owns(self, p: str) -> bool:
+        """Whether this rank builds and solves group `p` (always True outside a process group)."""
+        return self.owner[p] == self.rank
 
     # --- how tensors are reached (the hooks a streaming provider overrides) ---
     @staticmethod
@@ -137,10 +164,10 @@ class WeightCosts:
         return state
 
     def hold(self, state_a, state_b, keys: list[str], dtype: torch.dtype) -> torch.device:
-        """Keep what `tensors` needs; returns the device of the costs. Here: converted copies held in memory."""
+        """Keep what `tensors(keys)` needs; returns the device of the costs. Here: converted copies in memory."""
         self.a = {k: state_a[k].detach().to(dtype) for k in keys}
         self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in keys}
-        return next(iter(self.a.values())).device if self.a else torch.device("cpu")
+        return state_a[self.keys[0]].device if self.keys else torch.device("cpu")
 
     def tensors(self, keys: list[str]):
         """Yields (A tensors, B tensors) by key, in `self.dtype`, for blocks of `keys` (here: one block)."""
@@ -170,12 +197,17 @@ class WeightCosts:
         """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones),
         one tensor permuted at a time (never a permuted copy of the model)."""
         perms = perms if perms is not None else self.perms
+        dots = self.dots(perms) if self.own_keys else {}
+        if self.group is not False:  # every rank's dots (each tensor's on one rank, zeros elsewhere: exact)
+            vec = torch.tensor([dots.get(k, 0.0) for k in self.keys], dtype=torch.float64)
+            dots = dict(zip(self.keys, all_reduce_sum_([vec], self.group)[0].tolist()))
+        return sum(dots[k] for k in self.keys)
+
+    def dots(self, perms: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """<A_k, π(B_k)> in float64 for this rank's tensors k of the objective."""
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
-        total = 0.0
-        for a, b in self.tensors(self.keys):
-            for k in b:
-                total += dot64(a[k], self.permuted(k, b[k], perms), buffers)
-        return total
+        return {k: dot64(a[k], self.permuted(k, b[k], perms), buffers)
+                for a, b in self.tensors(self.own_keys) for k in b}
 
     def permuted(self, key: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One tensor of B with every permuted axis gathered (one fused `permute_multi` call)."""
@@ -245,7 +277,9 @@ class WeightCosts:
     def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
         """Group `p`'s cost matrix, float64, on the tensors' device: constant terms + `coupling` x the
         terms that read other perms (1.0: the true objective's cost). May be the cached tensor
-        itself: read it, never modify it."""
+        itself: read it, never modify it. Under a process group, only for a group this rank owns."""
+        if not self.owns(p):
+            raise ValueError(f"WeightCosts.cost: group {p!r} is built on rank {self.owner[p]}, not on rank {self.rank}")
         n = self.sizes[p]
         base = self.constant[p]
         var = self.coupled[p]

@@ -28,14 +28,14 @@ class StreamedCosts(WeightCosts):
     (`cache_bytes`), the constant costs and one block of each model, whatever the models' size."""
 
     def __init__(self, spec: PermutationSpec, state_a, state_b, *, cache_bytes: int = CACHE_BYTES,
-                 block_bytes: int = BLOCK_BYTES):
+                 block_bytes: int = BLOCK_BYTES, group=None):
         self.block_bytes = block_bytes
         self.blocks_read = 0  # blocks converted so far (what the streaming costs, in reads)
-        super().__init__(spec, state_a, state_b, cache_bytes=cache_bytes)
+        super().__init__(spec, state_a, state_b, cache_bytes=cache_bytes, group=group)
         # The objective is tracked from the cost matrices: when group p moves to a new perm right
         # after its cost was built, the objective changes by Σ_i T[i, new(i)] - T[i, old(i)], T the
         # true (coupling 1) cost, exactly when no tensor has two slots in p (the objective is then
-        # linear in p's perm). Any other change falls back to one streamed pass.
+        # linear in p's perm). Any other change (or a process group) falls back to one streamed pass.
         self.linear = {p: len({t.param for t in ts}) == len(ts) for p, ts in self.terms.items()}
         self.tracked: float | None = None
         self.last: tuple | None = None  # (group, coupling, cost, snapshot) of the last cost built
@@ -49,7 +49,7 @@ class StreamedCosts(WeightCosts):
     def set_perm(self, p: str, perm: torch.Tensor) -> None:
         last, self.last = self.last, None
         if self.tracked is not None and last is not None and last[0] == p and last[3] == self.snapshot(p) \
-                and self.linear[p] and last[1] > 0:
+                and self.linear[p] and last[1] > 0 and self.group is False:  # ranks must agree: no tracking there
             _, w, c, _ = last
             rows, old, new = torch.arange(self.sizes[p]), self.perms[p].cpu(), perm.cpu().long()
             base = self.constant[p]
@@ -65,21 +65,24 @@ class StreamedCosts(WeightCosts):
             self.tracked = None
         super().set_perm(p, perm)
 
+    def dots(self, perms: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Tensor by tensor in the checkpoint's dtype: bf16/fp16 -> float64 is exact, so this equals
+        the float32 pass with a third of its memory."""
+        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64) for _ in range(2))
+        out = {}
+        for k in self.own_keys:
+            a, b = self.source_a.read([k])[k], self.source_b.read([k])[k]
+            out[k] = dot64(a, self.permuted(k, b, perms), buffers)
+            del a, b
+        _trim()
+        return out
+
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
         """The tracked objective when every change since the last streamed pass came from a cost
         matrix (see __init__), else one streamed pass over both models."""
         if perms is None and self.tracked is not None:
             return self.tracked
-        # Tensor by tensor in the checkpoint's dtype: bf16/fp16 -> float64 is exact, so this equals
-        # the float32 pass with a third of its memory.
-        perms = perms if perms is not None else self.perms
-        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64) for _ in range(2))
-        value = 0.0
-        for k in self.keys:
-            a, b = self.source_a.read([k])[k], self.source_b.read([k])[k]
-            value += dot64(a, self.permuted(k, b, perms), buffers)
-            del a, b
-        _trim()
+        value = super().objective(perms)
         self.streamed_passes += 1
         if perms is None:
             self.tracked = value
@@ -140,8 +143,8 @@ def streamed_weight_matching(spec: PermutationSpec, source_a, source_b, *, cache
     states = [s if hasattr(s, "read") and hasattr(s, "meta") else ShardedState(_path(s, n))
               for s, n in ((source_a, "source_a"), (source_b, "source_b"))]
 
-    def provider(spec_, a, b):
-        return StreamedCosts(spec_, a, b, cache_bytes=cache_bytes, block_bytes=block_bytes)
+    def provider(spec_, a, b, **kwargs):
+        return StreamedCosts(spec_, a, b, cache_bytes=cache_bytes, block_bytes=block_bytes, **kwargs)
 
     return weight_matching(spec, states[0], states[1], provider=provider, **options)
 

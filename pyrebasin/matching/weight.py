@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import broadcast_optional, check_same
 from ..spec import PermutationSpec, check_permutations
 from .costs import WeightCosts
 from .lap import LapPolicy
@@ -49,6 +50,20 @@ class MatchResult:
     seed: int = 0
 
 
+def _step(costs: WeightCosts, lap: LapPolicy, p: str, coupling: float, tol: float) -> torch.Tensor | None:
+    """Group `p`'s LAP optimum when it gains more than `tol` over its current perm, else None. Under a
+    process group the rank owning `p` builds the cost and solves; the others receive the outcome."""
+    new = None
+    if costs.owns(p):
+        cost = costs.cost(p, coupling).to("cpu")
+        cand, rows = lap.solve(p, cost), torch.arange(costs.sizes[p])
+        if float(cost[rows, cand].sum() - cost[rows, costs.perms[p].cpu()].sum()) > tol:
+            new = cand
+    else:
+        lap.solves += 1  # the refinement budget counts every solve, wherever it ran
+    return broadcast_optional(new, costs.sizes[p], costs.owner[p], costs.group)
+
+
 def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling: float, max_iter: int,
              tol: float, history: list[float], bar, capped: list, *, every_sweep: bool = True) -> int:
     """Algorithm 1 on `costs.cost(p, coupling)`: sweeps over the groups in a random order, each group
@@ -65,9 +80,8 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
             if solved_at[p] == costs.snapshot(p):
                 continue  # nothing its cost reads changed: the LAP would return the same optimum
             solved_at[p] = costs.snapshot(p)
-            cost = costs.cost(p, coupling).to("cpu")
-            new, rows = lap.solve(p, cost), torch.arange(costs.sizes[p])
-            if float(cost[rows, new].sum() - cost[rows, costs.perms[p].cpu()].sum()) > tol:
+            new = _step(costs, lap, p, coupling, tol)
+            if new is not None:
                 costs.set_perm(p, new)
                 improved = True
         bar.update()
@@ -139,7 +153,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     seed: int = 0, init: Mapping[str, torch.Tensor] | None = None, solver: str | None = None,
                     progress: bool = False, tol: float = 1e-12, warm_start: bool = True,
                     schedule: Sequence[float] | None = None, restarts: int | None = None,
-                    refine: int | None = None, provider=None) -> MatchResult:
+                    refine: int | None = None, group=None, provider=None) -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
@@ -157,13 +171,22 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     without an improvement > `tol`, or after `max_iter` sweeps (with a RuntimeWarning when the
     last sweep still improved). Inputs are never modified.
 
-    `provider(spec, state_a, state_b)` builds the cost provider (default `WeightCosts`, holding
-    float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
+    Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
+    this process alone) every rank passes the same arguments; each rank builds, caches and solves
+    the cost of the groups it owns (balanced by GEMM work) and the objective's share of the tensors
+    it owns, so cost memory is split; one broadcast per group visit shares the outcome. Problems whose
+    float64 costs total less than `costs.SPLIT_MIN_BYTES` (64 MiB) run whole on every rank instead.
+    Every rank returns the single-process result bit for bit (docs/distributed.md).
+
+    `provider(spec, state_a, state_b, group=...)` builds the cost provider (default `WeightCosts`,
+    holding float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
-    costs = (provider or WeightCosts)(spec, state_a, state_b)
+    costs = (provider or WeightCosts)(spec, state_a, state_b, group=group)
     if init is not None:
         check_permutations(spec, init, costs.sizes)
+    check_same((costs.sizes, schedule, restarts, refine, max_iter, seed, tol, solver, warm_start,
+                None if init is None else {p: v.tolist() for p, v in init.items()}), "weight_matching", costs.group)
     start = {p: (torch.arange(n) if init is None else init[p].detach().to("cpu", torch.long).clone())
              for p, n in costs.sizes.items()}
     bar = tqdm(total=max_iter * (len(schedule) + refine * len(costs.sizes)) * restarts, desc="weight matching",

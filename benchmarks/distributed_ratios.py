@@ -89,7 +89,7 @@ def _cost_bytes(args, group) -> int:
         if costs.owns(p):
             costs.cost(p)
     seen, total = set(), 0
-    held = [*costs.a.values(), *costs.b.values(), *(t.a_units for ts in costs.terms.values() for t in ts),
+    held = [*costs.a.values(), *costs.b.values(),  # unit-matrix views are built per cost, not held
             *(c for c in costs.constant.values() if c is not None), *(c[0] for c in costs.cache.values())]
     for t in held:
         ptr = t.untyped_storage().data_ptr()

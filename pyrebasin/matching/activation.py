@@ -26,7 +26,8 @@ from ..distributed import all_reduce_moments_, broadcast_object, gather_objects,
 from ..module_state import check_finite_state, mode_view, model_state
 from ..moments import ACCUMULATOR_DTYPES, CrossMoments
 from ..spec import PermutationSpec
-from .activation_stats import Site, find_sites, gather_moments, plan_passes, probe_sites, takes_use_cache
+from ..lm import model_kwargs
+from .activation_stats import Site, find_sites, gather_moments, plan_passes, probe_sites
 from .lap import solve_lap
 from .weight import MatchResult
 
@@ -227,8 +228,8 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     # eval-mode views: BatchNorm must not update (or use batch) statistics, and the caller's flags stay
     view_a = mode_view(model_a)
     view_b = view_a if model_b is model_a else mode_view(model_b)
-    run_a = (view_a, state_a, takes_use_cache(model_a))
-    run_b = (view_b, state_b, takes_use_cache(model_b))
+    run_a = (view_a, state_a, model_kwargs(model_a))
+    run_b = (view_b, state_b, model_kwargs(model_b))
     device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
     failure, stream = None, data
     try:   # the sites in forward order, and those that read another's tensor (q/k/v: counted once)

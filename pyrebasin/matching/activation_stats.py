@@ -4,7 +4,6 @@ split into passes over the data so that at most a memory budget of moments is al
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from ..batches import batches
 from ..moments import CrossMoments
 from ..spec import Blocked, PermutationSpec
 
-__all__ = ["Site", "find_sites", "site_view", "site_width", "model_forward", "takes_use_cache", "token_mask",
+__all__ = ["Site", "find_sites", "site_view", "site_width", "model_forward", "token_mask",
            "probe_sites", "plan_passes", "gather_moments"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -97,20 +96,10 @@ def site_view(t: torch.Tensor, site: Site) -> tuple[torch.Tensor, int]:
     return t.reshape(t.shape[:d] + (-1,) + t.shape[d + len(factors):]), d
 
 
-def takes_use_cache(model: nn.Module) -> bool:
-    """Whether the model's forward takes `use_cache` (HF causal LMs: turned off, no KV cache built)."""
-    try:
-        return "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def model_forward(model: nn.Module, state, x, *, no_cache: bool = False):
+def model_forward(model: nn.Module, state, x, extra: Mapping | None = None):
     """`functional_call` on one batch: a mapping of inputs as keyword arguments (token dicts), a tensor
-    as the positional input; `no_cache` adds `use_cache=False` unless the batch sets it."""
-    kwargs = dict(x) if isinstance(x, Mapping) else {}
-    if no_cache:
-        kwargs.setdefault("use_cache", False)
+    as the positional input; `extra` keywords (`lm.model_kwargs`: use_cache=False) unless the batch sets them."""
+    kwargs = {**(extra or {}), **x} if isinstance(x, Mapping) else dict(extra or {})
     args = () if isinstance(x, Mapping) else (x,)
     return torch.func.functional_call(model, state, args, kwargs)
 
@@ -168,9 +157,9 @@ def _hooks(model: nn.Module, sites, make):
     return handles
 
 
-def _run(model, state, x, no_cache, handles) -> None:
+def _run(model, state, x, extra, handles) -> None:
     try:
-        model_forward(model, state, x, no_cache=no_cache)
+        model_forward(model, state, x, extra)
     except _Stop:
         pass
     finally:
@@ -180,14 +169,14 @@ def _run(model, state, x, no_cache, handles) -> None:
 
 @torch.no_grad()
 def probe_sites(runs, sites: list[Site], x) -> tuple[list[Site], set[Site], dict[Site, int]]:
-    """One forward per (model, state, no_cache) run on the first row of batch `x`: (the sites in the order
+    """One forward per (model, state, extra keywords) run on the first row of batch `x`: (the sites in the order
     the forward reaches them, then the unreached ones; the sites whose tensor another site already
     read — q/k/v of one input, counted once; how often each site's module runs per forward)."""
     order: list[Site] = []
     shared: set[Site] = set()
     calls: dict[Site, int] = {}
     x1 = _first_row(x)
-    for i, (model, state, no_cache) in enumerate(runs):
+    for i, (model, state, extra) in enumerate(runs):
         seen, alive = set(), []   # tensors kept alive: a freed one's address could be reused
 
         def make(site):
@@ -203,7 +192,7 @@ def probe_sites(runs, sites: list[Site], x) -> tuple[list[Site], set[Site], dict
                 if site not in order:
                     order.append(site)
             return hook
-        _run(model, state, x1, no_cache, _hooks(model, sites, make))
+        _run(model, state, x1, extra, _hooks(model, sites, make))
     order = [s for s in order if s not in shared]
     return order + [s for s in sites if s not in order and s not in shared], shared, calls
 
@@ -289,10 +278,10 @@ def gather_moments(run_a, run_b, group: list[Site], calls: Mapping[Site, int], d
         state["mask"] = token_mask(x)
         queued.clear()
         state["pending"] = 0
-        (model_a, state_a, cache_a), (model_b, state_b, cache_b) = run_a, run_b
-        _run(model_a, state_a, x, cache_a, _hooks(model_a, group, make_a))
+        (model_a, state_a, extra_a), (model_b, state_b, extra_b) = run_a, run_b
+        _run(model_a, state_a, x, extra_a, _hooks(model_a, group, make_a))
         if state["pending"]:
-            _run(model_b, state_b, x, cache_b, _hooks(model_b, group, make_b))
+            _run(model_b, state_b, x, extra_b, _hooks(model_b, group, make_b))
         queued.clear()
         n += 1
     return moments, n

@@ -124,3 +124,23 @@ def test_cli_interpolate_on_a_text_file(pair, tmp_path, capsys):
                "--out", str(tmp_path / "out2"), "--no-progress"])
     assert rc != 0
     assert "token ids must lie in [0, 256)" in capsys.readouterr().err
+
+
+def test_cli_combine_on_two_lm_checkpoints(pair, tmp_path, capsys):
+    model, config, sa, sb = pair
+    config.save_pretrained(tmp_path / "cfg")
+    save_state(sa, tmp_path / "a.safetensors")
+    save_state(sb, tmp_path / "b.safetensors")
+    torch.save(torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(2)), tmp_path / "ids.pt")
+    common = ["combine", "--a", str(tmp_path / "a.safetensors"), "--b", str(tmp_path / "b.safetensors"),
+              "--hf-config", str(tmp_path / "cfg"), "--data", str(tmp_path / "ids.pt"), "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(common + ["--quick", "--studies", "combinability", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "combine.json").read_text())
+    ends = prb.interpolate(model, sa, sb, {"d": torch.load(tmp_path / "ids.pt")}, ts=[0.0, 1.0]).perplexity("d")
+    assert [report["lm"]["perplexity_a"], report["lm"]["perplexity_b"]] == pytest.approx(ends, rel=1e-5)
+    assert "perplexity A" in capsys.readouterr().out
+    assert main(common + ["--studies", "transitivity", "--out", str(tmp_path / "o2")]) != 0
+    assert "transitivity study needs three models" in capsys.readouterr().err

@@ -99,6 +99,9 @@ def test_max_memory_splits_into_passes_with_identical_result(planted, monkeypatc
     assert all(exact(split, inverse).values())
     with pytest.raises(ValueError, match="max_memory=1000 bytes is too small"):
         prb.activation_matching(model, model, spec, data, state_a=state_a, state_b=state_b, max_memory=1000)
+    one_shot = prb.activation_matching(model, model, spec, (b for b in data.split(16)), state_a=state_a,
+                                       state_b=state_b)   # one pass: a generator is read once, its head put back
+    assert one_shot.objective == whole.objective
     with pytest.raises(TypeError, match="one-shot iterator"):
         prb.activation_matching(model, model, spec, iter([data[:16], data[16:]]), state_a=state_a,
                                 state_b=state_b, max_memory=budget)

@@ -165,3 +165,55 @@ def test_bad_token_batches_are_named(planted):
                                 state_a=state_a, state_b=state_b)
     with pytest.raises(ValueError, match="dtype must be torch.float64 or torch.float32"):
         prb.activation_matching(model, model, spec, ids, state_a=state_a, state_b=state_b, dtype=torch.float16)
+
+
+def _shifted_worker(rank, world, port, results):
+    import os
+
+    import torch.distributed as dist
+
+    from pyrebasin.distributed import shard_range
+    from tests.test_matching_weight import model_state
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, state_a = model_state("mlp", seed=0)
+        _, state_b = model_state("mlp", seed=1)
+        x = 3 + torch.randn(203, 12, generator=torch.Generator().manual_seed(5))
+        rows = shard_range(len(x), rank, world)   # other data per rank: other float32 shifts to reconcile
+        r = prb.activation_matching(model, model, model.permutation_spec(), x[rows.start:rows.stop],
+                                    state_a=state_a, state_b=state_b, batch_size=32, dtype=torch.float32,
+                                    max_memory=3_000)   # one site per pass
+        results[rank] = (r.perms, r.objective)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_float32_passes_under_torch_distributed():
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from tests.test_matching_weight import model_state
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_shifted_worker, args=(2, port, results), nprocs=2, join=True)
+        results = dict(results)
+    model, state_a = model_state("mlp", seed=0)
+    _, state_b = model_state("mlp", seed=1)
+    spec = model.permutation_spec()
+    assert len(plan_passes(find_sites(model, spec), spec.perm_sizes(state_a), set(), 3_000, torch.float32)) == 3
+    x = 3 + torch.randn(203, 12, generator=torch.Generator().manual_seed(5))
+    whole = prb.activation_matching(model, model, model.permutation_spec(), x, state_a=state_a, state_b=state_b,
+                                    batch_size=32)
+    for rank in (0, 1):
+        perms, objective = results[rank]
+        assert all(torch.equal(perms[p], whole.perms[p]) for p in whole.perms)
+        assert objective == pytest.approx(whole.objective, rel=1e-5)

@@ -11,7 +11,8 @@ def test_files_of_ids(tmp_path):
     ids = torch.randint(0, 50, (6, 9))
     torch.save(ids, tmp_path / "a.pt")
     assert torch.equal(load_tokens(tmp_path / "a.pt", vocab=50), ids)
-    save_file({"input_ids": ids.int(), "attention_mask": torch.ones(6, 9, dtype=torch.int8)}, str(tmp_path / "b.safetensors"))
+    save_file({"input_ids": ids.int(), "attention_mask": torch.ones(6, 9, dtype=torch.int8)},
+              str(tmp_path / "b.safetensors"))
     both = load_tokens(tmp_path / "b.safetensors")
     assert torch.equal(both["input_ids"], ids) and both["input_ids"].dtype == torch.int64
     assert both["attention_mask"].shape == (6, 9)
@@ -56,7 +57,8 @@ def test_bad_files_are_named(tmp_path):
         load_tokens(tmp_path / "short.txt", seq_len=8)
     with pytest.raises(ValueError, match="needs seq_len"):
         load_tokens(tmp_path / "short.txt")
-    torch.save({"a": torch.zeros(2, 3, dtype=torch.long), "b": torch.zeros(2, 3, dtype=torch.long)}, tmp_path / "two.pt")
+    two = {"a": torch.zeros(2, 3, dtype=torch.long), "b": torch.zeros(2, 3, dtype=torch.long)}
+    torch.save(two, tmp_path / "two.pt")
     with pytest.raises(ValueError, match="named one of"):
         load_tokens(tmp_path / "two.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"not a header")

@@ -119,7 +119,8 @@ def add_pair_args(p: argparse.ArgumentParser) -> None:
                    help="zoo name (mlp, vgg, resnet20, transformer) or module:factory (or give --hf-config)")
     p.add_argument("--arch-kwargs", default=None, help="JSON object of arguments for the architecture")
     p.add_argument("--hf-config", default=None,
-                   help="a Hugging Face causal LM config (config.json or its directory, read locally) instead of --arch")
+                   help="a Hugging Face causal LM config (config.json or its directory, read locally) "
+                        "instead of --arch")
     p.add_argument("--a", required=True, help="checkpoint of model A (.safetensors or .pt)")
     p.add_argument("--b", required=True, help="checkpoint of model B (.safetensors or .pt)")
 

@@ -117,8 +117,9 @@ def register(sub) -> None:
     p.add_argument("--b", default=None, help="checkpoint of model B")
     p.add_argument("--hf-config", default=None, help="with --a/--b: a Hugging Face causal LM config (read locally)")
     p.add_argument("--factory", default=None, help="with --a/--b: module:factory building the model")
-    p.add_argument("--data", default=None, help="with --a/--b: token file (.pt/.safetensors ids or UTF-8 text, "
-                                                "byte-level) or a .pt/.safetensors with x_train, y_train[, x_test, y_test]")
+    p.add_argument("--data", default=None,
+                   help="with --a/--b: token file (.pt/.safetensors ids or UTF-8 text, byte-level) or a "
+                        ".pt/.safetensors with x_train, y_train[, x_test, y_test]")
     p.add_argument("--seq-len", type=_common.int_at_least(2), default=128, help="tokens per sequence of a text --data")
     p.add_argument("--samples", type=_common.int_at_least(1), default=2000, help="train rows / token sequences used")
     p.add_argument("--arch", default="mlp", choices=["mlp", "vgg", "resnet20", "transformer"])

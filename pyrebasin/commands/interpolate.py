@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("interpolate", help="loss/accuracy (and LM perplexity) curve between two checkpoints (JSON + PNG)")
+    p = sub.add_parser("interpolate",
+                       help="loss/accuracy (and LM perplexity) curve between two checkpoints (JSON + PNG)")
     _common.add_pair_args(p)
     p.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
     _common.add_data_args(p)

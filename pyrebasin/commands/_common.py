@@ -114,15 +114,19 @@ def model_of(args) -> torch.nn.Module:
     return build_model(args.arch, args.arch_kwargs)
 
 
-def add_pair_args(p: argparse.ArgumentParser) -> None:
+def add_pair_args(p: argparse.ArgumentParser, *, directories: bool = False) -> None:
+    """--arch/--arch-kwargs/--hf-config/--a/--b (`model_of` needs --arch or --hf-config); with
+    `directories`, --a/--b may be Hugging Face model directories (then the model comes from their config)."""
     p.add_argument("--arch", default=None,
-                   help="zoo name (mlp, vgg, resnet20, transformer) or module:factory (or give --hf-config)")
+                   help="zoo name (mlp, vgg, resnet20, transformer) or module:factory (or give --hf-config)"
+                   + ("; not used with model directories" if directories else ""))
     p.add_argument("--arch-kwargs", default=None, help="JSON object of arguments for the architecture")
     p.add_argument("--hf-config", default=None,
                    help="a Hugging Face causal LM config (config.json or its directory, read locally) "
                         "instead of --arch")
-    p.add_argument("--a", required=True, help="checkpoint of model A (.safetensors or .pt)")
-    p.add_argument("--b", required=True, help="checkpoint of model B (.safetensors or .pt)")
+    what = "checkpoint (.safetensors or .pt)" + (" or Hugging Face model directory" if directories else "")
+    p.add_argument("--a", required=True, help=f"model A: {what}")
+    p.add_argument("--b", required=True, help=f"model B: {what}")
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "mnist1d") -> None:
@@ -271,14 +275,19 @@ def spec_of(model: torch.nn.Module, example):
     raise ValueError(f"{type(model).__name__} has no permutation_spec() (and no traced spec is available)")
 
 
-def align(model, spec, state_a, state_b, method: str, x: torch.Tensor | None, *, seed: int = 0,
+def align(model, spec, state_a, state_b, method: str, x, *, seed: int = 0,
           max_iter: int = 100, progress: bool = False):
-    """MatchResult aligning B to A by "weight" or "activation" matching."""
+    """MatchResult aligning B to A by "weight" or "activation" matching (token ids: batches of about
+    8192 tokens, so a language model's activations per batch stay bounded)."""
     from .. import matching
 
     if method == "weight":
         return matching.weight_matching(spec, state_a, state_b, seed=seed, max_iter=max_iter, progress=progress)
     if x is None:
         raise ValueError("activation matching needs --data")
+    batch_size = 512
+    if is_token_split(x):
+        ids = x["input_ids"] if isinstance(x, dict) else x
+        batch_size = max(1, 8192 // ids.shape[1])
     return matching.activation_matching(model, model, spec, x, state_a=state_a, state_b=state_b,
-                                        max_iter=max_iter, progress=progress)
+                                        batch_size=batch_size, max_iter=max_iter, progress=progress)

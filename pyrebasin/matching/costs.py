@@ -123,6 +123,7 @@ class WeightCosts:
                 prod = t.a_units @ t.b_view.reshape(t.b_view.shape[0], -1).T
                 c = prod if c is None else c.add_(prod)
             self.constant[p] = c.to(torch.float64) if c is not None else None
+        self._buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
         self.version = dict.fromkeys(sizes, 0)
         self._deps = {p: sorted(frozenset().union(*(t.deps for t in self.terms[p]))) for p in sizes}
 
@@ -136,10 +137,29 @@ class WeightCosts:
         return tuple(self.version[d] for d in self._deps[p])
 
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones)."""
-        pb = apply_permutation(self.spec.restrict(self.a), perms if perms is not None else self.perms, self.b)
-        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
-        return sum(_dot64(self.a[k], pb[k], buffers) for k in self.a)
+        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, checked, default the held
+        ones, which `set_perm` keeps valid: then B is gathered in one `permute_multi` call)."""
+        if perms is not None:
+            pb = apply_permutation(self.spec.restrict(self.a), perms, self.b)
+            return sum(_dot64(self.a[k], pb[k], self._buffers) for k in self.a)
+        keys = list(self.a)
+        if not keys:
+            return 0.0
+        tensors, indices, owners, axes, index_of = [], [], [], [], {}
+        for j, k in enumerate(keys):
+            tensors.append(self.b[k].resolve_conj().resolve_neg())
+            for axis, entry in enumerate(self.spec.axes_to_perm[k]):
+                if entry is None:
+                    continue
+                size = self.b[k].shape[axis]
+                if (entry, size) not in index_of:
+                    index_of[entry, size] = axis_index(entry, self.perms, size, self.device)
+                if index_of[entry, size] is not None:
+                    indices.append(index_of[entry, size])
+                    owners.append(j)
+                    axes.append(axis)
+        pb = ops.permute_multi(tensors, indices, owners, axes)
+        return sum(_dot64(self.a[k], g, self._buffers) for k, g in zip(keys, pb))
 
     def _indices(self, t: _Term) -> list:
         """(dim of b_view, gather index) for each dim that a perm touches."""

@@ -221,13 +221,13 @@ def unrelated_mlps(seed, width=128):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_default_reaches_at_least_the_textbook_objective(seed):
-    # Deterministic random-weight pairs: the default (schedule, then refinement rounds that only keep
-    # improvements) ends at least as high as the schedule alone for the same group orders, and here
-    # above the textbook loop (measured: +4.8%, +2.7%, +8.3% over it for seeds 0, 1, 2; the schedule
-    # alone +4.8%, +2.7%, +7.6%).
+    # Deterministic random-weight pairs: the default (its schedule, then refinement rounds that only
+    # keep improvements) ends at least as high as its schedule alone (refine=0, same group orders),
+    # and here above the textbook loop (measured: +6.0%, +2.7%, +8.3% over it for seeds 0, 1, 2;
+    # its schedule alone +4.8%, +2.7%, +7.6%).
     spec, a, b = unrelated_mlps(seed)
     textbook = prb.weight_matching(spec, a, b, method="textbook")
-    schedule = prb.weight_matching(spec, a, b, method="schedule")
+    schedule = prb.weight_matching(spec, a, b, refine=0)
     default = prb.weight_matching(spec, a, b)
     assert default.objective[-1] >= schedule.objective[-1]
     assert default.objective[-1] > textbook.objective[-1]

@@ -25,7 +25,7 @@ COUPLING_SCHEDULE = (0.2, 1.0)
 # orders (seeds) are tried, the best final objective kept, and `settle`: a phase before the last stops
 # once a sweep changed the true objective by at most that share of it (0: only when no LAP gains).
 # "textbook" is Git Re-Basin's loop; "default" was chosen by the matcher study (docs/alignment.md,
-# benchmarks/matchers.py); "thorough" buys a higher objective with 4 restarts (about 4x the time).
+# benchmarks/matchers.py); "thorough" buys a higher objective with 4 restarts (about 4x the default's time).
 METHODS = {
     "textbook": dict(schedule=(1.0,), restarts=1, refine=0, settle=0.0),
     "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0, settle=0.0),
@@ -151,10 +151,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
     docs/alignment.md, "thorough" the default with 4 restarts); `schedule`, `restarts` and `refine`
-    override its parts. `schedule`: the weight of the
-    coupling terms (those that read another perm, e.g. the next layer's columns) in each phase,
-    ending with 1.0, each phase starting from the previous one's perms: early on B's other axes are
-    unaligned and those terms are mostly noise. `refine`: passes of iterated local search after
+    override its parts. `schedule`: the weight of the coupling terms (those that read another perm,
+    e.g. the next layer's columns) in each phase, ending with 1.0, each phase starting from the
+    previous one's perms: early on B's other axes are unaligned and those terms are mostly noise. `refine`: passes of iterated local search after
     the schedule (each visit shuffles a share `KICK` of one group's units, re-descends, and keeps
     the result only if the objective rose). `restarts`: group-order seeds seed, seed+1, ... tried;
     the run with the best final objective is kept (the first on ties).

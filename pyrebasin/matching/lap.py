@@ -131,12 +131,12 @@ class LapPolicy:
     """Solves the LAPs of a sequence of sweeps, one state per perm group: with the "jv" solver and
     `warm_start`, a group's LAP restarts from its previous duals or cold, whichever needed fewer
     augmenting paths (Dijkstra searches after the row reduction, a deterministic count) the last
-    time each ran (a cold start counted `COLD_OVERHEAD` paths more, for its row reduction); the other start is re-tried after `explore` solves, and after twice as many each
-    time that re-try lost again (up to `8 * explore`; a win resets the wait), but a cold start
-    never while the warm one needs at most `COLD_OVERHEAD` paths. Trained weights tend to
-    favour warm starts, random wide layers cold ones (the row reduction settles them), so the
-    choice is measured per group instead of fixed; a losing re-try on trained weights costs ~10 warm
-    solves, hence the back-off."""
+    time each ran, a cold start counted `COLD_OVERHEAD` paths more for its row reduction. The other
+    start is re-tried after `explore` solves, after twice as many each time that re-try lost again
+    (up to `8 * explore`; a win resets the wait), and a cold start never while the warm one needs
+    at most `COLD_OVERHEAD` paths (it cannot win). Trained weights tend to favour warm starts,
+    random wide layers cold ones (the row reduction settles them), so the choice is measured per
+    group instead of fixed; a losing cold re-try on trained weights costs ~10 warm solves."""
 
     def __init__(self, names, *, solver: str | None = None, warm_start: bool = True, explore: int = 8):
         self.solver = solver or default_solver()

@@ -153,10 +153,11 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     docs/alignment.md, "thorough" the default with 4 restarts); `schedule`, `restarts` and `refine`
     override its parts. `schedule`: the weight of the coupling terms (those that read another perm,
     e.g. the next layer's columns) in each phase, ending with 1.0, each phase starting from the
-    previous one's perms: early on B's other axes are unaligned and those terms are mostly noise. `refine`: passes of iterated local search after
-    the schedule (each visit shuffles a share `KICK` of one group's units, re-descends, and keeps
-    the result only if the objective rose). `restarts`: group-order seeds seed, seed+1, ... tried;
-    the run with the best final objective is kept (the first on ties).
+    previous one's perms: early on B's other axes are unaligned and those terms are mostly noise.
+    `refine`: passes of iterated local search after the schedule (each visit shuffles a share `KICK`
+    of one group's units, re-descends, and keeps the result only if the objective rose).
+    `restarts`: group-order seeds seed, seed+1, ... tried; the run with the best final objective is
+    kept (the first on ties).
 
     Each sweep visits the groups in a seeded random order and solves one LAP per group (cost on the
     tensors' device, LAP on the CPU, `solver` and `warm_start` as in `LapPolicy`); a group whose

@@ -148,6 +148,7 @@ class WeightCosts:
                 prod = t.a_units @ t.b_view.reshape(t.b_view.shape[0], -1).T
                 c = prod if c is None else c.add_(prod)
             self.constant[p] = c.to(torch.float64) if c is not None else None
+        self._buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
         self.version = dict.fromkeys(sizes, 0)
         self._deps = {p: sorted(deps[p]) for p in sizes}
         self._own_spec, self._own_groups = None, []
@@ -166,17 +167,34 @@ class WeightCosts:
         return tuple(self.version[d] for d in self._deps[p])
 
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones)."""
-        perms = perms if perms is not None else self.perms
+        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, checked, default the held
+        ones, which `set_perm` keeps valid: then B is gathered in one `permute_multi` call). Under a
+        process group each rank adds its own tensors' dots and one exact all-reduce shares them."""
+        keys = self.own_keys
         dots = {}
-        if self.own_keys:
+        if keys and perms is not None:
             if self._own_spec is None:   # built once: the spec of this rank's objective tensors and its groups
-                self._own_spec = self.spec.restrict(self.own_keys)
-                self._own_groups = list(self._own_spec.perm_sizes({k: self.b[k] for k in self.own_keys}))
+                self._own_spec = self.spec.restrict(keys)
+                self._own_groups = list(self._own_spec.perm_sizes({k: self.b[k] for k in keys}))
             pb = apply_permutation(self._own_spec, {p: perms[p] for p in self._own_groups},
-                                   {k: self.b[k] for k in self.own_keys})
-            buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
-            dots = {k: _dot64(self.a[k], pb[k], buffers) for k in self.own_keys}
+                                   {k: self.b[k] for k in keys})
+            dots = {k: _dot64(self.a[k], pb[k], self._buffers) for k in keys}
+        elif keys:
+            tensors, indices, owners, axes, index_of = [], [], [], [], {}
+            for j, k in enumerate(keys):
+                tensors.append(self.b[k].resolve_conj().resolve_neg())
+                for axis, entry in enumerate(self.spec.axes_to_perm[k]):
+                    if entry is None:
+                        continue
+                    size = self.b[k].shape[axis]
+                    if (entry, size) not in index_of:
+                        index_of[entry, size] = axis_index(entry, self.perms, size, self.device)
+                    if index_of[entry, size] is not None:
+                        indices.append(index_of[entry, size])
+                        owners.append(j)
+                        axes.append(axis)
+            pb = ops.permute_multi(tensors, indices, owners, axes)
+            dots = {k: _dot64(self.a[k], g, self._buffers) for k, g in zip(keys, pb)}
         if self.group is not False:  # every rank's dots (each tensor's on one rank, zeros elsewhere: exact)
             vec = torch.tensor([dots.get(k, 0.0) for k in self.keys], dtype=torch.float64)
             dots = dict(zip(self.keys, all_reduce_sum_([vec], self.group)[0].tolist()))

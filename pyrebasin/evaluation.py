@@ -353,12 +353,13 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
         parts = gather_objects(({s: [t.cpu() for t in v] for s, v in losses.items()},
                                 {s: [t.cpu() for t in v] for s, v in accs.items()},
                                 None if logits is None else {s: [t.cpu() for t in v] for s, v in logits.items()},
-                                (n, chunk, sorted(named), logits is None)), group)
+                                (n, chunk, sorted(named), logits is None), scored), group)
         odd = [r for r, p in enumerate(parts) if p[3] != parts[0][3]]
         if odd:   # a rank that evaluated another source would corrupt the rows silently
             raise ValueError(f"evaluate: rank(s) {odd} passed another number of states, chunk, splits or "
                              f"return_logits than rank 0 ({[p[3] for p in parts]}); every rank must pass the same")
         losses, accs = ({s: [t for p in parts for t in p[j][s]] for s in named} for j in (0, 1))
+        scored = any(p[4] for p in parts)   # a rank without chunks never saw the loss report correct counts
         if logits is not None:
             logits = {s: [t for p in parts for t in p[2][s]] for s in named}
     empty = torch.zeros(0, dtype=torch.float64)

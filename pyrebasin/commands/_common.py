@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..batches import batches, check_labels
+from ..distributed import shard_range
 from ..fileio import check_target, same_file
 from ..io import first_line, load_state, parse_kwargs
 from ..lm import check_token_ids, is_token_batch, logits_of, model_kwargs, vocabulary_size
@@ -286,8 +287,10 @@ def align(model, spec, state_a, state_b, method: str, x, *, seed: int = 0,
     if x is None:
         raise ValueError("activation matching needs --data")
     batch_size = 512
+    ids = x["input_ids"] if isinstance(x, dict) else x
     if is_token_split(x):
-        ids = x["input_ids"] if isinstance(x, dict) else x
         batch_size = max(1, 8192 // ids.shape[1])
-    return matching.activation_matching(model, model, spec, x, state_a=state_a, state_b=state_b,
+    rows = shard_range(len(ids))   # under torchrun each rank reads its share; the statistics are summed
+    share = {k: v[rows.start:rows.stop] for k, v in x.items()} if isinstance(x, dict) else x[rows.start:rows.stop]
+    return matching.activation_matching(model, model, spec, share, state_a=state_a, state_b=state_b,
                                         batch_size=batch_size, max_iter=max_iter, progress=progress)

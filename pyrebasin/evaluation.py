@@ -10,12 +10,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ._chain import forget as forget_chain
-from ._chain import linear_chain
+from .batched_forward import BatchedForward
 from .batches import (
     batches,
     check_batch_size,
@@ -161,37 +159,6 @@ def _reader(data, name: str, batch_size: int | None, labels: str):
     return lambda: batches(data, batch_size=batch_size, labels=labels, name=name)
 
 
-class _Forward:
-    """out [K, B, ...] of K stacked parameter sets: the Linear-chain fast path where it is recognised
-    (and agrees with the model on a probe), else vmap(functional_call) or a loop over the K sets."""
-
-    def __init__(self, model, view, fixed, use_vmap: bool, fast_path: bool):
-        self.model, self.view, self.fixed, self.use_vmap = model, view, fixed, use_vmap
-        self.chain = linear_chain(model) if fast_path and not fixed else None
-        self.checked = False
-        self.run = vmap(lambda p, x: functional_call(view, (p, self.fixed), (x,), strict=False), in_dims=(0, None))
-
-    def general(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        k = next(iter(params.values())).shape[0]
-        if self.use_vmap and k > 1:
-            return self.run(params, x)
-        return torch.stack([functional_call(self.view, ({n: v[i] for n, v in params.items()}, self.fixed), (x,),
-                                            strict=False) for i in range(k)])
-
-    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        if self.chain is not None and isinstance(x, torch.Tensor) and self.chain.accepts(x):
-            if not self.checked:   # cheap re-validation: a forward the trace does not see may have changed
-                one = {n: v[:1] for n, v in params.items()}
-                want, got = self.general(one, x[:2]), self.chain.forward(one, x[:2])
-                self.checked = True
-                if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
-                    forget_chain(self.model)
-                    self.chain = None
-                    return self.general(params, x)
-            return self.chain.forward(params, x)
-        return self.general(params, x)
-
-
 def _corrected(source: StateSource, stacked: Params, begin: int, correction: Correction) -> tuple[Params, dict]:
     """Apply `correction` to every state of a chunk and restack (float keys; non-float from the first)."""
     k = next(iter(stacked.values())).shape[0] if stacked else 0
@@ -233,7 +200,7 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     view = mode_view(model)
-    forward = _Forward(model, view, source.fixed, use_vmap, fast_path)
+    forward = BatchedForward(model, view, source.fixed, use_vmap, fast_path)
     f64 = {"dtype": torch.float64, "device": device}
     losses = {s: [] for s in named}
     accs = {s: [] for s in named}

@@ -27,8 +27,9 @@ Params = dict[str, torch.Tensor]
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _KEEP = 8   # traced input signatures kept per model (the last batch of a split is often smaller)
 # CPU: models per pass through the graph chosen so that one layer's activations of the group stay near
-# this many bytes (see docs/perf-combine.md for the measurement); GPUs run the whole chunk at once.
-GROUP_BYTES = 16 << 20
+# this many bytes: measured (docs/perf-combine.md), groups whose layers exceed a few MiB fall out of
+# cache and lose to one model at a time; GPUs run the whole chunk at once.
+GROUP_BYTES = 4 << 20
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -42,6 +43,7 @@ class TracedGraph:
 
     def __init__(self, gm: torch.fx.GraphModule, pkeys: list[str], fkeys: list[str], out_spec):
         self.gm, self.pkeys, self.fkeys, self.out_spec = gm, pkeys, fkeys, out_spec
+        gm.graph.eliminate_dead_code()   # e.g. the pooling indices an eval forward never reads
         self.nodes = [n for n in gm.graph.nodes]
         self.last_use = _last_uses(self.nodes)
         self.fallbacks: set[str] = set()
@@ -84,6 +86,7 @@ class TracedGraph:
                 if node.target is _getitem:
                     env[node] = args[0][args[1]]
                 else:
+                    ctx.node = node
                     env[node] = apply(ctx, node.target, args, kwargs)
             elif node.op == "output":
                 out = torch.fx.node.map_arg(node.args[0], env.__getitem__)

@@ -4,10 +4,11 @@
 # write one JSON of every step's status, time and results. Each step is time-boxed; the whole run
 # stays under 8 minutes (steps are skipped, and say so, once the budget is spent).
 #
-# Usage: scripts/gpu_check.sh [--dry-run] [--out FILE]
+# Usage: scripts/gpu_check.sh [--dry-run] [--out FILE] [--only STEP,STEP]
 #   --dry-run  (automatic when torch has no CUDA or no GPU is visible) skip the CUDA steps with the
 #              reason, and run the CPU parts at smoke sizes (the script, the tools and the JSON are checked)
 #   --out      the JSON (default benchmarks/results/gpu_check.json), written atomically
+#   --only     run only these steps (the others are recorded as not selected)
 # Env: PYTHON (default: .venv/bin/python if present, else python3), BUDGET_S (default 460).
 set -uo pipefail
 
@@ -18,12 +19,14 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 OUT="benchmarks/results/gpu_check.json"
 DRY=0
+ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --out FILE)" >&2; exit 2 ;;
+    --only) ONLY=",$2,"; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --out FILE, --only STEPS)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -49,6 +52,9 @@ fi
 # step NAME TIMEOUT_S CMD...: run it time-boxed; record rc, seconds and the output tail
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ -n $ONLY && $ONLY != *",$name,"* ]]; then
+    printf '%s\tskipped\t0\tnot selected (--only)\n' "$name" >> "$WORK/steps.tsv"; return
+  fi
   local used=$(( $(date +%s) - T0 ))
   if (( used + 5 > BUDGET_S )); then
     printf '%s\tskipped\t0\tbudget of %ss spent\n' "$name" "$BUDGET_S" >> "$WORK/steps.tsv"

@@ -2,9 +2,9 @@
 
 evaluate_combinations (K combinations, neuron λ) vs (i) a loop of combine + load_state_dict + forward
 per model, (ii) K forwards of one model (the floor of any per-model evaluation), (iii) the general
-vmap(functional_call) path (with --vmap, timed once), and interpolate(ts=K) vs (ii); peak memory of the batched call (RSS on
-CPU in a fresh process per model; CUDA max_memory_allocated) as a ratio to one model's bytes and to
-the chunk's stacked parameters; the cost of RESET per combination (BN models).
+vmap(functional_call) path (with --vmap, timed once), and interpolate(ts=K) vs (ii); peak memory of
+the batched call (RSS on CPU in a fresh process per model; CUDA max_memory_allocated) as a ratio to
+one model's bytes and to the chunk's stacked parameters; the cost of RESET per combination (BN models).
 
 Usage: python benchmarks/evaluator_ratios.py [--threads 2] [--device cpu|cuda] [--quick] [--cases vgg_bn,...]
        [--json benchmarks/results/evaluator_ratios.json]
@@ -113,7 +113,8 @@ def run_case(name: str, device: str, repeat: int, quick: bool, with_vmap: bool) 
            "vmap_s": t_vmap[0], "interpolate_s": t_interp[0],
            "speedup_vs_loop": t_loop[0] / ours[0], "cpu_speedup_vs_loop": t_loop[1] / ours[1],
            "ratio_to_k_forwards": ours[0] / t_floor[0], "cpu_ratio_to_k_forwards": ours[1] / t_floor[1],
-           "speedup_vs_vmap": t_vmap[0] and t_vmap[0] / ours[0], "interpolate_ratio_to_k_forwards": t_interp[0] / t_floor[0],
+           "speedup_vs_vmap": t_vmap[0] and t_vmap[0] / ours[0],
+           "interpolate_ratio_to_k_forwards": t_interp[0] / t_floor[0],
            "peak_memory_bytes": peak, "peak_over_model_bytes": peak / model_bytes,
            "peak_over_chunk_param_bytes": peak / res["r"].chunk_param_bytes}
     if "bn" in name:   # RESET per combination: statistics recomputed on 256 inputs for each of 4 combinations
@@ -150,7 +151,8 @@ def main():
     result = {"threads": args.threads, "device": args.device, "load_before": os.getloadavg(), "cases": {}}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--threads", str(args.threads),
-               "--repeat", str(args.repeat), "--device", args.device] + (["--quick"] if args.quick else []) + (["--vmap"] if args.vmap else [])
+               "--repeat", str(args.repeat), "--device", args.device]
+        cmd += (["--quick"] if args.quick else []) + (["--vmap"] if args.vmap else [])
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:

@@ -177,8 +177,9 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     `data` (an (x, y) pair, an iterable of batches, a DataLoader, or a dict of named ones).
 
     `chunk` states are stacked at a time (stacks over 64 MiB are checked against the free memory) and
-    run through the model's Linear-chain fast path when it is one, else `vmap(functional_call)`
-    (`use_vmap`) or one `functional_call` per state, always on a private eval-mode view of `model`
+    run through `batched_forward.BatchedForward` (the Linear-chain fast path, else the traced-graph
+    engine, else `vmap(functional_call)` (`use_vmap`) or one `functional_call` per state; `fast_path=False`
+    keeps the last two), always on a private eval-mode view of `model`
     (`mode_view`): the caller's module, its flags and the states are never modified. `correction(state,
     t)` changes each state before it is evaluated (REPAIR/RESET, see `repair.RepairCorrection`).
     `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None).

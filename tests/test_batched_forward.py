@@ -82,7 +82,8 @@ def test_evaluate_combinations_across_chunk_boundaries_and_interpolate(name):
     curve = prb.interpolate(model, a, b, (x, y), 3, chunk=2, batch_size=6)
     lerp = {n: torch.stack([torch.lerp(a[n], b[n], t) for t in (0.0, 0.5, 1.0)]) for n in states}
     want = F.cross_entropy(_loop(model, lerp, fixed, x).transpose(1, 2), y.expand(3, -1), reduction="none").mean(1)
-    torch.testing.assert_close(torch.tensor(curve.loss["data"], dtype=torch.float64), want.double(), rtol=1e-4, atol=1e-5)
+    got_curve = torch.tensor(curve.loss["data"], dtype=torch.float64)
+    torch.testing.assert_close(got_curve, want.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_bn_models_with_combined_and_reset_statistics():

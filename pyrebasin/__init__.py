@@ -51,8 +51,9 @@ __all__ = [  # noqa: RUF022  (grouped by topic)
 ]
 
 # Submodules reachable as attributes, imported when first touched (PEP 562).
-_SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lmc", "maps", "matching",
-               "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace", "train", "zoo")
+_SUBMODULES = ("combine", "data", "distributed", "experiments", "interop", "io", "lm", "lmc", "maps", "matching",
+               "merging", "moments", "ops", "reference", "rng", "shards", "similarity", "spec", "stitching", "trace",
+               "train", "zoo")
 
 
 # Names of a higher layer, handed on when first touched: the connectivity map plots, so it is a study.

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._batched_rules import KV, Context, apply
 from ._chain import fingerprint, linear_chain
 from ._chain import forget as forget_chain
+from .lm import logits_of, model_kwargs
 
 __all__ = ["BatchedForward", "TracedGraph", "trace_graph", "forget", "tolerance"]
 
@@ -124,17 +125,19 @@ def _signature(params: Params, fixed, inputs, in_spec) -> tuple:
             tuple(sig(t) for t in inputs), repr(in_spec))
 
 
-def trace_graph(model: nn.Module, view: nn.Module, params: Params, fixed: Mapping[str, torch.Tensor], x
-                ) -> TracedGraph | None:
+def trace_graph(model: nn.Module, view: nn.Module, params: Params, fixed: Mapping[str, torch.Tensor], x,
+                extra: Mapping | None = None) -> TracedGraph | None:
     """The traced graph of `view` (the eval-mode view of `model`) for these stacked `params` and input
-    `x` (a tensor, or a mapping passed as keyword arguments), cached per model; None when the forward
-    cannot be traced on fake tensors (data-dependent control flow, hooks, untraceable code)."""
+    `x` (a tensor, or a mapping passed as keyword arguments, with `extra` keyword arguments), cached per
+    model; its output is the model's logits (`lm.logits_of`). None when the forward cannot be traced on
+    fake tensors (data-dependent control flow, hooks, untraceable code)."""
     if any(m._forward_hooks or m._forward_pre_hooks for m in view.modules()):
         return None   # hooks run in functional_call; a trace would bake in (or drop) their effects
     leaves, in_spec = tree_flatten(x)
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         return None
-    key = (fingerprint(model), _signature(params, fixed, leaves, in_spec))
+    extra = dict(extra or {})
+    key = (fingerprint(model), _signature(params, fixed, leaves, in_spec), repr(sorted(extra.items())))
     cache = _GRAPHS.setdefault(model, OrderedDict())
     if key in cache:
         cache.move_to_end(key)
@@ -146,8 +149,9 @@ def trace_graph(model: nn.Module, view: nn.Module, params: Params, fixed: Mappin
         p = dict(zip(pkeys, flat[:len(pkeys)]))
         p.update(zip(fkeys, flat[len(pkeys):len(pkeys) + len(fkeys)]))
         xs = tree_unflatten(list(flat[len(pkeys) + len(fkeys):]), in_spec)
-        return functional_call(view, p, (), dict(xs), strict=False) if as_kwargs else \
-            functional_call(view, p, (xs,), strict=False)
+        if as_kwargs:
+            return logits_of(functional_call(view, p, (), {**extra, **xs}, strict=False, tie_weights=False))
+        return logits_of(functional_call(view, p, (xs,), extra or None, strict=False, tie_weights=False))
 
     proto = [v[0] for v in params.values()] + list(fixed.values()) + leaves
     try:
@@ -219,22 +223,32 @@ class BatchedForward:
         self.engine = engine and fast_path
         self.checked: set = set()
         self.route = None
-        self.run = vmap(self._one, in_dims=(0, None))
+        self.extra = model_kwargs(model)   # use_cache=False for HF models
+        self.run = vmap(self.one, in_dims=(0, None))
+        self.vmap_failed = False
 
-    def _one(self, p: Params, x):
+    def one(self, p: Params, x) -> torch.Tensor:
+        """The logits of one parameter set; a mapping of inputs is passed as keyword arguments."""
         if isinstance(x, Mapping):
-            return functional_call(self.view, (p, self.fixed), (), dict(x), strict=False)
-        return functional_call(self.view, (p, self.fixed), (x,), strict=False)
+            out = functional_call(self.view, (p, self.fixed), (), {**self.extra, **x}, strict=False,
+                                  tie_weights=False)
+        else:
+            out = functional_call(self.view, (p, self.fixed), (x,), self.extra or None, strict=False,
+                                  tie_weights=False)
+        return logits_of(out)
 
-    def general(self, params: Params, x) -> object:
+    def general(self, params: Params, x) -> torch.Tensor:
         k = next(iter(params.values())).shape[0]
-        self.route = "vmap" if self.use_vmap and k > 1 else "loop"
-        if self.route == "vmap":
-            return self.run(params, x)
-        outs = [self._one({n: v[i] for n, v in params.items()}, x) for i in range(k)]
-        flat = [tree_flatten(o) for o in outs]
-        return tree_unflatten([torch.stack(vs) if isinstance(vs[0], torch.Tensor) else vs[0]
-                               for vs in zip(*[f[0] for f in flat])], flat[0][1])
+        if self.use_vmap and k > 1 and not self.vmap_failed:
+            self.route = "vmap"
+            try:
+                return self.run(params, x)
+            except (RuntimeError, NotImplementedError) as err:   # an op vmap cannot batch: loop instead
+                if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
+                    raise
+                self.vmap_failed = True
+        self.route = "loop"
+        return torch.stack([self.one({n: v[i] for n, v in params.items()}, x) for i in range(k)])
 
     def _probe(self, name: str, fn, params: Params, x) -> bool:
         """Compare a route with the loop of functional_call once per (route, input signature)."""
@@ -262,7 +276,7 @@ class BatchedForward:
                 self.route = "chain"
                 return self.chain.forward(params, x)
             self.chain = None
-        if self.engine and params and trace_graph(self.model, self.view, params, self.fixed, x) is not None:
+        if self.engine and params and trace_graph(self.model, self.view, params, self.fixed, x, self.extra) is not None:
             if self._probe("engine", self._engine, params, x):
                 self.route = "engine"
                 return self._engine(params, x)
@@ -270,7 +284,7 @@ class BatchedForward:
         return self.general(params, x)
 
     def _engine(self, params: Params, x) -> object:
-        graph = trace_graph(self.model, self.view, params, self.fixed, x)
+        graph = trace_graph(self.model, self.view, params, self.fixed, x, self.extra)
         if graph is None:   # this input signature does not trace (the probe's rows did): the general path
             return self.general(params, x)
         return graph.run(params, self.fixed, tree_flatten(x)[0], self.conv)

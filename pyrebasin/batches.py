@@ -162,8 +162,9 @@ def splits(data, name: str = "data") -> dict[str, object]:
         for k, v in data.items():
             if not isinstance(k, str):
                 raise TypeError(f"{name}: split names must be str, got {k!r}")
-            if isinstance(v, torch.Tensor):
-                raise TypeError(f"{name}: split {k!r} is a bare tensor; evaluation needs (x, y) labels")
+            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.dim() != 2):
+                raise TypeError(f"{name}: split {k!r} is a bare tensor; evaluation needs (x, y) labels "
+                                "(or integer token ids [batch, tokens] for a language model)")
         return dict(data)
     return {name: data}
 

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import pkgutil
 import sys
 
-from . import commands
+from . import commands, distributed, fileio
 
 __all__ = ["main", "build_parser"]
 
@@ -32,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Under a launcher such as torchrun every rank joins the process group, the
+    library splits the work, and only rank 0 writes files, prints and shows progress."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with distributed.from_environment(), contextlib.ExitStack() as quiet:
+            if not distributed.is_writer():
+                quiet.enter_context(fileio.discard_writes())
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                args.no_progress = True
+            return int(args.func(args) or 0)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         # Caller errors (and files that cannot be read or written: a full disk, a directory in the
         # way): one line naming what is wrong, no traceback.

@@ -14,10 +14,12 @@ import torch
 from . import rng
 from .spec import Blocked, PermutationSpec
 
-__all__ = ["Distribution", "CoefficientLayout", "Coefficients", "GRANULARITIES", "coefficient_layout",
+__all__ = ["Distribution", "CoefficientLayout", "Coefficients", "GRANULARITIES", "SPEC_GRANULARITIES",
+           "coefficient_layout",
            "sample_coefficients", "check_seed"]
 
 GRANULARITIES = ("element", "neuron", "layer", "global")
+SPEC_GRANULARITIES = GRANULARITIES + ("head",)   # "head": attention heads (Blocked axes) of a spec, else layers
 State = Mapping[str, torch.Tensor]
 SEED_LIMIT = 1 << 63   # seeds travel as int64 into the native op: both backends refuse the same range
 
@@ -124,11 +126,13 @@ class CoefficientLayout:
         return (self.base[i] + (e // self.div[i]) % self.mod[i]).reshape(self.shapes[i])
 
 
-def _neuron_axis(key: str, shape: tuple[int, ...], spec: PermutationSpec) -> tuple[str, int, int] | None:
-    """(perm, div, units) of an element's neuron: the unit along its FIRST permuted axis."""
+def _neuron_axis(key: str, shape: tuple[int, ...], spec: PermutationSpec,
+                 blocked_only: bool = False) -> tuple[str, int, int] | None:
+    """(perm, div, units) of an element's neuron: the unit along its FIRST permuted axis (its first
+    Blocked one with `blocked_only`: the head of a (heads, head_dim) axis)."""
     for axis, entry in enumerate(spec.axes_to_perm[key]):
         inner = math.prod(shape[axis + 1:])
-        if isinstance(entry, str):
+        if isinstance(entry, str) and not blocked_only:
             return entry, inner, shape[axis]
         if isinstance(entry, Blocked):
             for f, p in enumerate(entry.perms):
@@ -146,19 +150,23 @@ def coefficient_layout(state: State, granularity: str = "element", spec: Permuta
     that unit (weight rows of the layer the unit belongs to; the next layer's input columns are owned
     by that layer's own output units, the head's columns by the last hidden units), biases, norm
     params and BN buffers — tensors no perm touches (e.g. the head bias) get one λ each; needs `spec`;
-    layer: one λ per module (the key up to its last '.'); global: one λ for everything.
+    layer: one λ per module (the key up to its last '.'); global: one λ for everything; head (needs
+    `spec`): one λ per attention head — the first permuted factor of a tensor's first Blocked axis
+    (heads x head_dim of q/k/v/o) — and one λ per module for every other tensor.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}; expected one of {GRANULARITIES}")
+    if granularity not in SPEC_GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}; expected one of {SPEC_GRANULARITIES}")
     keys = [k for k, v in state.items() if v.is_floating_point()]
     shapes = [tuple(state[k].shape) for k in keys]
     base, div, mod = [], [], []
     offsets, total = {}, 0          # neuron: perm groups first, then one index per untouched tensor
-    if granularity == "neuron":
+    if granularity in ("neuron", "head"):
         if spec is None:
-            raise ValueError("granularity='neuron' needs a PermutationSpec (pass the spec, and the state)")
+            raise ValueError(f"granularity={granularity!r} needs a PermutationSpec (pass the spec, and the state)")
         sizes = spec.perm_sizes(state)
-        for p in spec.perm_names:
+        used = spec.perm_names if granularity == "neuron" else dict.fromkeys(
+            f[0] for f in (_neuron_axis(k, tuple(state[k].shape), spec, True) for k in keys) if f is not None)
+        for p in used:
             offsets[p], total = total, total + sizes[p]
     modules: dict[str, int] = {}
     for key, shape in zip(keys, shapes):
@@ -171,6 +179,14 @@ def coefficient_layout(state: State, granularity: str = "element", spec: Permuta
         elif granularity == "layer":
             b = modules.setdefault(key.rpartition(".")[0], len(modules))
             d, m, total = numel, 1, len(modules)
+        elif granularity == "head" and _neuron_axis(key, shape, spec, blocked_only=True) is None:
+            if key.rpartition(".")[0] not in modules:
+                modules[key.rpartition(".")[0]] = total
+                total += 1
+            b, d, m = modules[key.rpartition(".")[0]], numel, 1
+        elif granularity == "head":
+            p, d, m = _neuron_axis(key, shape, spec, blocked_only=True)
+            b, d = offsets[p], max(1, d)
         else:
             found = _neuron_axis(key, shape, spec)
             if found is None:

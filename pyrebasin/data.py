@@ -1,19 +1,22 @@
-"""Offline datasets as tensors, cached under the user cache dir: mnist1d (procedural) and sklearn digits.
+"""Offline datasets as tensors, cached under the user cache dir: mnist1d (procedural), sklearn digits and
+a byte-level text corpus (the running interpreter's standard-library source).
 
-Never downloads: mnist1d's generator runs locally; sklearn ships the digits.
+Never downloads: mnist1d's generator runs locally; sklearn ships the digits; every Python ships its stdlib.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
+import sysconfig
 from pathlib import Path
 
 import torch
 
 from .fileio import atomic_torch_save
 
-__all__ = ["cache_dir", "mnist1d", "digits", "load", "DATASETS"]
+__all__ = ["cache_dir", "mnist1d", "digits", "load", "DATASETS", "pystdlib", "stdlib_files", "lm_windows"]
 
 Dataset = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -76,6 +79,61 @@ def digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         return x[train], y[train], x[test], y[test]
 
     return _cached("digits", {"test_fraction": test_fraction, "seed": seed, "v": 1}, build)
+
+
+def stdlib_files(test_fraction: float = 0.1) -> tuple[list[Path], list[Path]]:
+    """(train files, test files): the top-level `*.py` files of the running interpreter's standard
+    library (`sysconfig.get_paths()["stdlib"]`), sorted by name; a file is a test file when the SHA-1 of
+    its name falls in the first `test_fraction` of the hash range (the same split on every machine
+    with the same Python, whatever files are added later)."""
+    if not (isinstance(test_fraction, float) and 0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction={test_fraction!r} must be a float in (0, 1)")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"), key=lambda f: f.name)
+    if not files:
+        raise ValueError(f"no *.py files in the standard library folder {root}")
+    test = [f for f in files if int(hashlib.sha1(f.name.encode()).hexdigest(), 16) / 16**40 < test_fraction]
+    return [f for f in files if f not in test], test
+
+
+def pystdlib(*, test_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A byte-level text corpus: (train, test) uint8 streams (token ids 0..255) of the standard
+    library's top-level `*.py` sources (`stdlib_files`), each file's bytes followed by one NUL byte
+    (a separator no source contains). Cached per Python version and file list."""
+    train, test = stdlib_files(test_fraction)
+
+    def build():
+        def stream(files):
+            return torch.frombuffer(bytearray(b"".join(f.read_bytes() + b"\0" for f in files)), dtype=torch.uint8)
+        return stream(train), stream(test)
+
+    names = hashlib.sha1("\n".join(f.name for f in train + test).encode()).hexdigest()[:12]
+    return _cached("pystdlib", {"python": platform.python_version(), "files": names,
+                                "test_fraction": test_fraction, "v": 1}, build)
+
+
+def lm_windows(stream: torch.Tensor, seq_len: int, n: int | None = None, *,
+               seed: int | None = None) -> torch.Tensor:
+    """Token windows [n, seq_len + 1] (int64) of a 1-D id stream: input ids are `w[:, :-1]`, next-token
+    targets `w[:, 1:]`. `seed=None`: `n` non-overlapping windows spread evenly over the stream (every
+    window that fits, consecutively, when `n` is None), so a few windows still sample every file; an
+    int: `n` windows at seeded random offsets."""
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
+        raise ValueError(f"stream must be a 1-D tensor of token ids, got {getattr(stream, 'shape', stream)!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len < stream.numel():
+        raise ValueError(f"seq_len={seq_len!r} must be an int in [1, {stream.numel()})")
+    span = seq_len + 1
+    if seed is None:
+        fit = stream.numel() // span
+        n = fit if n is None else n
+        if not 0 < n <= fit:
+            raise ValueError(f"n={n!r}: the stream holds {fit} windows of {span} tokens")
+        pick = torch.div(torch.arange(n) * fit, n, rounding_mode="floor")
+        return stream[:fit * span].view(fit, span)[pick].long()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be a positive int with seed=")
+    starts = torch.randint(0, stream.numel() - span + 1, (n,), generator=torch.Generator().manual_seed(seed))
+    return stream[starts[:, None] + torch.arange(span)].long()
 
 
 DATASETS = {"mnist1d": mnist1d, "digits": digits}

@@ -23,14 +23,25 @@ from .batches import (
     splits,
 )
 from .distributed import gather_objects, is_distributed, shard_range
+from .lm import (
+    LossParts,
+    NextTokenLoss,
+    check_token_ids,
+    is_token_batch,
+    logits_of,
+    model_kwargs,
+    vocabulary_size,
+)
 from .module_state import mode_view
 
 __all__ = ["StateSource", "PathPoints", "Evaluation", "evaluate", "loss_and_correct", "Correction", "Loss"]
 
 State = Mapping[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
-# loss(out [K, B, ...], y [B] | None) -> per-example losses [K, B]: the hook for non-classifier losses
-Loss = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# loss(out [K, B, ...], y [B, ...] | None) -> per-example losses [K, B], or lm.LossParts(sum [K, B], count [B],
+# correct [K, B] | None) for means over a varying number of targets; a loss with `uses_inputs = True` is called
+# loss(out, y, x). The hook for non-classifier losses (lm.NextTokenLoss is one).
+Loss = Callable[..., "torch.Tensor | LossParts"]
 # correction(state, t) -> a new state (t: the path position of the state, None where it has none)
 Correction = Callable[[dict[str, torch.Tensor], "float | None"], dict[str, torch.Tensor]]
 
@@ -149,14 +160,32 @@ def check_chunk_memory(k: int, param_bytes: int, device: torch.device, chunk: in
 
 
 def _reader(data, name: str, batch_size: int | None, labels: str):
-    """A re-readable source of (x, y) batches: tensors are sliced once, loaders re-iterated per chunk."""
-    if isinstance(data, torch.Tensor) and labels == "required":
+    """A re-readable source of (x, y) batches: tensors are sliced once, loaders re-iterated per chunk.
+    Without a custom loss a bare tensor must be token ids [B, T] (a causal LM's own targets)."""
+    if isinstance(data, torch.Tensor) and labels == "required" and not is_token_batch(data):
         raise TypeError(f"{name} is a bare tensor of inputs; evaluation needs labels: pass an (x, y) pair")
+    labels = "optional" if labels == "required" else labels   # token batches carry their targets
     if isinstance(data, torch.Tensor) or is_pair(data):
         fixed = list(batches(data, batch_size=batch_size, labels=labels, name=name))
         return lambda: fixed
     require_reiterable(data, name)
     return lambda: batches(data, batch_size=batch_size, labels=labels, name=name)
+
+
+def _loss_parts(per, k: int, b: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """(summed loss [K], number of targets, correct [K] | None) of one batch from a Loss's return value."""
+    if isinstance(per, LossParts):
+        total, count, correct = per
+        if tuple(total.shape) != (k, b) or tuple(count.shape) != (b,) or (
+                correct is not None and tuple(correct.shape) != (k, b)):
+            raise ValueError(f"loss= returned LossParts of shapes sum {list(total.shape)}, count {list(count.shape)}"
+                             f", correct {None if correct is None else list(correct.shape)}; expected "
+                             f"{[k, b]}, {[b]}, {[k, b]}")
+        return total.sum(1), float(count.sum()), None if correct is None else correct.sum(1)
+    if not isinstance(per, torch.Tensor) or tuple(per.shape) != (k, b):
+        raise ValueError(f"loss= must return per-example losses [K, B] = {[k, b]}, "
+                         f"got {list(per.shape) if isinstance(per, torch.Tensor) else per!r}")
+    return per.sum(1), b, None
 
 
 def _corrected(source: StateSource, stacked: Params, begin: int, correction: Correction) -> tuple[Params, dict]:
@@ -182,7 +211,11 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     keeps the last two), always on a private eval-mode view of `model`
     (`mode_view`): the caller's module, its flags and the states are never modified. `correction(state,
     t)` changes each state before it is evaluated (REPAIR/RESET, see `repair.RepairCorrection`).
-    `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None).
+    `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None). A causal LM (logits
+    [batch, tokens, vocab], or a ModelOutput holding them) on token batches (ids [B, T], or mappings with
+    input_ids / attention_mask / labels, passed as keyword arguments with use_cache=False where the model
+    takes it) is scored by `lm.NextTokenLoss`: loss = mean next-token cross-entropy over the positions
+    with a target (padding masked), accuracy = next-token top-1 accuracy; perplexity = exp(loss).
 
     Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
     this process alone) every rank passes the same source and data; the chunks are split by
@@ -206,6 +239,8 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     losses = {s: [] for s in named}
     accs = {s: [] for s in named}
     logits = {s: [] for s in named} if return_logits else None
+    next_token, vocab = NextTokenLoss(), vocabulary_size(model)
+    scored = loss is None   # accuracy is reported unless a custom loss gives no correct counts
     start = time.perf_counter()
     spread = is_distributed(group)
     # whole chunks per rank: each state is evaluated in the very stack it has in one process
@@ -221,29 +256,42 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
                 tot, hits, rows, outs = torch.zeros(end - begin, **f64), torch.zeros(end - begin, **f64), 0, []
                 for i, (x, y) in enumerate(read()):
                     x = x.to(device) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
+                    if isinstance(x, Mapping) and "labels" in x:   # HF convention: labels travel with the inputs
+                        x = dict(x)
+                        y = x.pop("labels") if y is None else y
                     y = None if y is None else y.to(device)
+                    check_token_ids(x, vocab, f"{split} batch {i}")
                     out = forward(stacked, x)
                     b = y.shape[0] if y is not None else out.shape[1]
                     if out.dim() < 2 or out.shape[:2] != (end - begin, b):
                         raise ValueError(f"{split} batch {i}: the model's output has shape {list(out.shape[1:])} for "
                                          f"a batch of {b}; expected the batch dimension first")
-                    if loss is None:
+                    fn = loss
+                    if fn is None and out.dim() == 4 and (y is None or y.dim() == 2):
+                        fn = next_token   # a causal LM: logits [K, B, T, V], its own inputs as targets
+                    if fn is None:
                         if out.dim() != 3:
                             raise ValueError(f"{split} batch {i}: model output has shape {list(out.shape[1:])}; "
-                                             "expected [batch, classes] logits (or pass loss=)")
+                                             "expected [batch, classes] logits, [batch, tokens, vocab] LM logits "
+                                             "(or pass loss=)")
+                        if y is None:
+                            raise ValueError(f"{split} batch {i} has no labels; pass (x, y) pairs")
                         check_labels(y, out.shape[-1], f"{split} batch {i}")
                         lo, ok = loss_and_correct(out, y)
                         hits += ok.double()
+                        rows += b
                     else:
-                        per = loss(out, y)
-                        if not isinstance(per, torch.Tensor) or tuple(per.shape) != (end - begin, b):
-                            raise ValueError(f"loss= must return per-example losses [K, B] = {[end - begin, b]}, "
-                                             f"got {list(per.shape) if isinstance(per, torch.Tensor) else per!r}")
-                        lo = per.sum(1)
+                        per = fn(out, y, x) if getattr(fn, "uses_inputs", False) else fn(out, y)
+                        lo, count, ok = _loss_parts(per, end - begin, b)
+                        rows += count
+                        if ok is not None:
+                            hits += ok.double()
+                            scored = True
                     tot += lo.double()
-                    rows += b
                     if logits is not None:
                         outs.append(out.float().cpu())
+                if not rows:
+                    raise ValueError(f"{split}: no position has a target (every label is ignored or padding)")
                 losses[split].append(tot / rows)
                 accs[split].append(hits / rows)
                 if logits is not None:
@@ -257,16 +305,17 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
         parts = gather_objects(({s: [t.cpu() for t in v] for s, v in losses.items()},
                                 {s: [t.cpu() for t in v] for s, v in accs.items()},
                                 None if logits is None else {s: [t.cpu() for t in v] for s, v in logits.items()},
-                                (n, chunk, sorted(named), logits is None)), group)
+                                (n, chunk, sorted(named), logits is None), scored), group)
         odd = [r for r, p in enumerate(parts) if p[3] != parts[0][3]]
         if odd:   # a rank that evaluated another source would corrupt the rows silently
             raise ValueError(f"evaluate: rank(s) {odd} passed another number of states, chunk, splits or "
                              f"return_logits than rank 0 ({[p[3] for p in parts]}); every rank must pass the same")
         losses, accs = ({s: [t for p in parts for t in p[j][s]] for s in named} for j in (0, 1))
+        scored = any(p[4] for p in parts)   # a rank without chunks never saw the loss report correct counts
         if logits is not None:
             logits = {s: [t for p in parts for t in p[2][s]] for s in named}
     empty = torch.zeros(0, dtype=torch.float64)
     cat = lambda d: {s: (torch.cat(v).cpu() if v else empty) for s, v in d.items()}
-    return Evaluation(cat(losses), cat(accs) if loss is None else None, k_max, chunk_bytes if n else 0,
+    return Evaluation(cat(losses), cat(accs) if scored else None, k_max, chunk_bytes if n else 0,
                       _peak_memory(device), seconds,
                       {s: torch.cat(v) for s, v in logits.items() if v} if logits is not None else None)

@@ -2,6 +2,8 @@
 a failed write leaves the old one intact, and a killed process leaves no temporary file behind."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import os
 import secrets
@@ -11,12 +13,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save",
-           "atomic_save_safetensors", "check_target", "same_file"]
+           "atomic_save_safetensors", "check_target", "same_file", "discard_writes"]
 
 # Linux: an unnamed file in the target's directory (O_TMPFILE), linked into place once written, so a
 # process killed mid-write leaves nothing (the kernel frees the inode). Elsewhere a named temp file.
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _PROC_FD = "/proc/self/fd"
+_DISCARD = contextvars.ContextVar("pyrebasin_discard_writes", default=False)
+
+
+@contextlib.contextmanager
+def discard_writes():
+    """Within the block, every write through this module checks its target and then writes nothing
+    (the ranks of a distributed run other than the writer: the same checks, no files)."""
+    token = _DISCARD.set(True)
+    try:
+        yield
+    finally:
+        _DISCARD.reset(token)
 
 
 def _umask() -> int:
@@ -123,6 +137,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     no name until it is complete (O_TMPFILE), so a killed process leaves nothing behind; elsewhere
     it is a hidden `.name.*.tmp`, removed on any error. Errors name the path: a parent that is a file, a target that is a directory, a full disk (OSError ENOSPC)."""
     path = check_target(path)
+    if _DISCARD.get():
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:

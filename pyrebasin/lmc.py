@@ -12,6 +12,7 @@ from torch import nn
 
 from .batches import check_batch_size, splits
 from .evaluation import Correction, Loss, PathPoints, evaluate
+from .lm import perplexity
 from .module_state import check_pair, lerp_state
 from .repair import RepairCorrection, ResetCorrection
 
@@ -39,9 +40,12 @@ class Curve:
         return list(self.loss)
 
     def values(self, metric: str = "loss", split: str | None = None) -> list[float]:
-        """One metric of one split; `split` may be omitted when the curve has a single split."""
-        if metric not in ("loss", "accuracy"):
-            raise ValueError(f"metric={metric!r}; expected 'loss' or 'accuracy'")
+        """One metric of one split ("loss", "accuracy", or "perplexity" = exp(loss), meaningful for a
+        language model's mean next-token loss); `split` may be omitted when the curve has a single split."""
+        if metric not in ("loss", "accuracy", "perplexity"):
+            raise ValueError(f"metric={metric!r}; expected 'loss', 'accuracy' or 'perplexity'")
+        if metric == "perplexity":
+            return [perplexity(v) for v in self.values("loss", split)]
         table = self.loss if metric == "loss" else self.accuracy
         if split is None:
             if len(table) != 1:
@@ -50,6 +54,10 @@ class Curve:
         if split not in table:
             raise ValueError(f"split {split!r} not in curve (has {sorted(table)})")
         return table[split]
+
+    def perplexity(self, split: str | None = None) -> list[float]:
+        """exp(loss) at every t: the perplexity of a language model's path (`values("perplexity")`)."""
+        return self.values("perplexity", split)
 
     def to_dict(self) -> dict:
         return {"ts": list(self.ts), "loss": {k: list(v) for k, v in self.loss.items()},
@@ -119,6 +127,8 @@ def barrier(curve: Curve, metric: str = "loss", kind: str = "endpoint_mean", *, 
         raise ValueError(f"curve ts must be strictly increasing, got {ts}")
     if metric == "accuracy":
         vals = [-v for v in vals]  # a fall in accuracy is a rise in -accuracy
+    if any(not math.isfinite(v) for v in vals):
+        raise ValueError(f"curve has non-finite {metric} values {vals}; no barrier can be read from it")
     if kind == "any_chord":
         hull = _lower_hull_values(ts, vals)
         return max(0.0, max(v - h for v, h in zip(vals, hull)))

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .combine import evaluate_combinations
+from .distributed import split_map
 from .lmc import BARRIER_KINDS, Curve, barrier
 from .matching import activation_matching, weight_matching
 from .merging import merge_many
@@ -49,23 +50,24 @@ def _spec_of(model: nn.Module, spec: PermutationSpec | None, x: torch.Tensor) ->
 
 
 def _aligned_pair(model, spec, align, states, i, j, x, options, merged):
-    """State j aligned to state i (i < j) by the chosen method."""
+    """State j aligned to state i (i < j) by the chosen method (in this process alone)."""
     if align is None:
         return states[j]
     if align == "merge":
         return apply_permutation(spec, merged[i, j], states[j])
     if align == "weight":
-        perms = weight_matching(spec, states[i], states[j], **options).perms
+        perms = weight_matching(spec, states[i], states[j], **{**options, "group": False}).perms
     else:
         # activation_matching runs a train-mode model on a private eval-mode view: no flag to restore
-        perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j], **options).perms
+        perms = activation_matching(model, model, spec, x, state_a=states[i], state_b=states[j],
+                                    **{**options, "group": False}).perms
     return apply_permutation(spec, perms, states[j])
 
 
 def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: int | Sequence[float] = 11,
                       kinds: Sequence[str] = BARRIER_KINDS, metric: str = "loss", align: str | None = None,
                       spec: PermutationSpec | None = None, match_options: Mapping | None = None,
-                      batch_size: int | None = 1000, progress: bool = False
+                      batch_size: int | None = 1000, progress: bool = False, group=None
                       ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, int], Curve]]:
     """barriers[kind][i, j] for every pair (symmetric, diagonal 0) and the curve of each pair i < j.
 
@@ -73,7 +75,10 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
     None (naive), "weight" / "activation" (match j to i, per pair), "merge" (one `merge_many` shared
     space: cycle-consistent pairwise maps). `spec` defaults to `model.permutation_spec()` or
     `trace_spec`; `match_options` go to the matcher. `data`: an (x, y) pair or an iterable of (x, y)
-    batches (activation matching reads their x). Inputs are never modified.
+    batches (activation matching reads their x). Inputs are never modified. Under torch.distributed
+    (`group`: None = the default group when initialised, a group, or False for this process alone)
+    every rank passes the same arguments; the pairs are split among the ranks and the curves gathered
+    (identical to one process on every rank).
     """
     if isinstance(states, Mapping) or not isinstance(states, Sequence) or len(states) < 2:
         raise ValueError("states must be a list of at least 2 state dicts")
@@ -92,17 +97,24 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], data, *, ts: in
     options = dict(match_options or {})
     if align is not None:
         spec = _spec_of(model, spec, x)
-    merged = merge_many(spec, list(states), matching=options).pairwise() if align == "merge" else None
+    # every rank runs merge_many alike (its weight matchings split over `group`)
+    merged = merge_many(spec, list(states), matching={**options, "group": group}).pairwise() if align == "merge" else None
     n = len(states)
     out = {k: torch.zeros(n, n, dtype=torch.float64) for k in kinds}
     curves: dict[tuple[int, int], Curve] = {}
     pairs = list(itertools.combinations(range(n), 2))
-    for i, j in tqdm(pairs, desc="connectivity", disable=not progress, leave=False):
+
+    def curve_of(pair):
+        i, j = pair
         b = _aligned_pair(model, spec, align, states, i, j, x, options, merged)
         # θ_B + λ(θ_A − θ_B) with A = state j, B = state i: λ = t walks from model i to model j
-        res = evaluate_combinations(model, b, states[i], tlist, data, chunk=len(tlist), batch_size=batch_size)
-        curve = Curve(tlist, {"data": res.loss.tolist()}, {"data": res.accuracy.tolist()},
-                      {"pair": [i, j], "align": align})
+        res = evaluate_combinations(model, b, states[i], tlist, data, chunk=len(tlist), batch_size=batch_size,
+                                    group=False)
+        return Curve(tlist, {"data": res.loss.tolist()}, {"data": res.accuracy.tolist()},
+                     {"pair": [i, j], "align": align})
+
+    for (i, j), curve in zip(pairs, split_map(curve_of, pairs, group=group, desc="connectivity", progress=progress,
+                                              agree=(n, tlist, list(kinds), metric, align))):
         curves[i, j] = curve
         for k in kinds:
             out[k][i, j] = out[k][j, i] = barrier(curve, metric, k)
@@ -218,12 +230,13 @@ def _grid(grid) -> tuple[list[float], list[float]]:
 
 
 def loss_plane(model: nn.Module, state_a: State, state_b: State, state_c: State, data, *, grid=13,
-               batch_size: int | None = 1000, progress: bool = False) -> LossPlane:
+               batch_size: int | None = 1000, progress: bool = False, group=None) -> LossPlane:
     """Loss and accuracy over the plane through three models, θ_A + u(θ_B − θ_A) + v(θ_C − θ_A).
 
     grid: a point count per axis (on [−0.25, 1.25]), one list of values for both axes, or (us, vs).
     Each row v is one batched `evaluate_combinations` call over its us (base θ_A + v(θ_C − θ_A),
-    direction θ_B − θ_A). Non-float buffers come from A; inputs are never modified.
+    direction θ_B − θ_A). Non-float buffers come from A; inputs are never modified. Under
+    torch.distributed (`group` as in `pairwise_barriers`) the rows are split among the ranks.
     """
     us, vs = _grid(grid)
     for name, s in (("state_b", state_b), ("state_c", state_c)):
@@ -233,15 +246,18 @@ def loss_plane(model: nn.Module, state_a: State, state_b: State, state_c: State,
             if v.shape != state_a[k].shape:
                 raise ValueError(f"{name}[{k!r}] has shape {list(v.shape)} but state_a's is {list(state_a[k].shape)}")
     floats = [k for k, v in state_a.items() if v.is_floating_point()]
-    loss = torch.zeros(len(vs), len(us), dtype=torch.float64)
-    acc = torch.zeros_like(loss)
-    for iv, v in enumerate(tqdm(vs, desc="loss plane", disable=not progress, leave=False)):
+
+    def row(v):
         base = dict(state_a)
         head = dict(state_a)
         for k in floats:
             a = state_a[k]
             base[k] = a + v * (state_c[k] - a)
             head[k] = base[k] + (state_b[k] - a)
-        res = evaluate_combinations(model, head, base, us, data, chunk=len(us), batch_size=batch_size)
-        loss[iv], acc[iv] = res.loss, res.accuracy
+        res = evaluate_combinations(model, head, base, us, data, chunk=len(us), batch_size=batch_size, group=False)
+        return res.loss, res.accuracy
+
+    rows = split_map(row, vs, group=group, desc="loss plane", progress=progress, agree=(us, vs))
+    loss = torch.stack([r[0] for r in rows])
+    acc = torch.stack([r[1] for r in rows])
     return LossPlane(us, vs, loss, acc, {"origin": "A", "u": "B - A", "v": "C - A"})

@@ -6,6 +6,8 @@ tensor axes with a union-find, and read the permutation groups off the state dic
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +19,8 @@ from .tracing.engine import Engine, Ref, UnsupportedOpError
 from .tracing.frontends import FxUnsupported, export_graph, fx_graph
 from .tracing.rules_nn import HEAD_HINT, OUT_HINT
 
-__all__ = ["trace_spec", "describe_spec", "spec_equivalent", "spec_difference", "UnsupportedOpError"]
+__all__ = ["trace_spec", "describe_spec", "spec_equivalent", "spec_difference", "UnsupportedOpError",
+           "model_inputs", "traceable_experts"]
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -30,6 +33,46 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         return tuple(example_inputs), {}
     raise TypeError(f"example_inputs must be a Tensor, a tuple of inputs or a dict of keyword inputs, "
                     f"got {type(example_inputs).__name__}")
+
+
+def model_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    """`split_inputs`, made ready for `model`'s forward: caches off (`use_cache=False`) when the
+    forward takes `use_cache` and the caller did not say (a Hugging Face causal LM returns its
+    DynamicCache otherwise), tensors moved to the meta device when the model lives there."""
+    args, kwargs = split_inputs(example_inputs)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
+        def meta(x):
+            return x.to("meta") if isinstance(x, torch.Tensor) else x
+        args, kwargs = tuple(meta(a) for a in args), {k: meta(v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def traceable_experts(model: nn.Module):
+    """Hugging Face mixture-of-experts blocks run their experts through `config._experts_implementation`;
+    the eager loop (data-dependent trip count) and grouped_mm (sort + offsets) cannot be traced, while
+    "batched_mm" (each token's experts gathered by index) can and computes the same function. The
+    configs are switched for the trace and restored after, whatever happens."""
+    configs = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if hasattr(m, "_is_expert_parallel") and cfg is not None and hasattr(cfg, "_experts_implementation"):
+            configs.setdefault(id(cfg), (cfg, cfg._experts_implementation))
+    try:
+        for cfg, impl in configs.values():
+            if impl != "batched_mm":
+                cfg._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for cfg, impl in configs.values():
+            if cfg._experts_implementation != impl:
+                cfg._experts_implementation = impl
 
 
 def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -52,7 +95,11 @@ def trace_spec(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
     the model or meets a leaf module it does not model), "fx" or "export".
     unknown: "error" raises UnsupportedOpError (naming op, node and module path) when an op without
     a rule receives permutable axes; "freeze" freezes every axis it touches instead (recorded).
-    The model is not modified (no mode change, no buffer update).
+    Hugging Face models: token ids (a LongTensor or a dict with `input_ids`) are passed as they are,
+    caches are turned off (`use_cache=False`) unless the inputs say otherwise, a model built on the
+    meta device traces without weights (inputs are moved to meta), and mixture-of-experts blocks
+    are traced through their "batched_mm" experts implementation (`traceable_experts`).
+    The model is not modified (no mode change, no buffer update; an experts switch is undone).
     """
     if frontend not in ("auto", "fx", "export"):
         raise ValueError(f"frontend={frontend!r}; expected 'auto', 'fx' or 'export'")
@@ -60,8 +107,13 @@ def trace_spec(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
         raise ValueError(f"unknown={unknown!r}; expected 'error' or 'freeze'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_spec needs an nn.Module, got {type(model).__name__}")
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = model_inputs(model, example_inputs)
     state = model.state_dict(keep_vars=True)
+    with traceable_experts(model):
+        return _trace(model, args, kwargs, state, frontend, unknown)
+
+
+def _trace(model, args, kwargs, state, frontend, unknown) -> PermutationSpec:
     alias = _aliases(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     fx_error = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +20,7 @@ from .fileio import atomic_save_safetensors
 from . import zoo
 from .module_state import mode_view
 
-__all__ = ["TrainConfig", "train_", "train_zoo", "evaluate"]
+__all__ = ["TrainConfig", "train_", "train_zoo", "evaluate", "LMConfig", "train_lm_", "train_lm", "lm_loss"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,77 @@ def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: Tra
     try:
         with torch.random.fork_rng():
             train_(model, x, y, config, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if cache:
+        atomic_save_safetensors(state, path, metadata={"config": key})
+    return model, state
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Next-token training of a causal LM on random windows of a token stream (AdamW, one-cycle LR)."""
+    steps: int = 600
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def lm_loss(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits [B, T, V] against windows [B, T + 1] (targets w[:, 1:])."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+
+
+def train_lm_(model: nn.Module, stream: torch.Tensor, config: LMConfig = LMConfig(), *,
+              progress: bool = True) -> nn.Module:
+    """Train a causal LM in place on `config.steps` batches of seeded random windows of `stream`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    windows = data_mod.lm_windows(stream, config.seq_len, config.steps * config.batch_size, seed=config.seed)
+    model.train()
+    for s in tqdm(range(config.steps), desc=f"train LM seed={config.seed}", disable=not progress, leave=False):
+        w = windows[s * config.batch_size:(s + 1) * config.batch_size]
+        opt.zero_grad(set_to_none=True)
+        lm_loss(model(w[:, :-1]), w).backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return model
+
+
+def train_lm(*, seed: int = 0, config: LMConfig | None = None, cache: bool = True, progress: bool = True,
+             **arch_kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The zoo GPT (`arch_kwargs`; seq_len from the config) built with `torch.manual_seed(seed)` and
+    trained on the standard-library corpus (`data.pystdlib`), cached on disk per configuration, torch
+    and Python version. Same arguments -> identical weights on one CPU instruction set (one intra-op
+    thread, whatever the caller's setting)."""
+    config = LMConfig(**{**asdict(config or LMConfig()), "seed": seed})
+    if arch_kwargs.get("seq_len", config.seq_len) != config.seq_len:
+        raise ValueError(f"train_lm: seq_len={arch_kwargs['seq_len']} differs from config.seq_len={config.seq_len}")
+    arch_kwargs = {**arch_kwargs, "seq_len": config.seq_len}
+    key = json.dumps({"arch": "gpt", "dataset": "pystdlib", "kw": arch_kwargs, "cfg": asdict(config),
+                      "torch": torch.__version__.split("+")[0], "python": platform.python_version(), "v": 1},
+                     sort_keys=True)
+    path = data_mod.cache_dir() / "models" / f"gpt-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = zoo.build("gpt", **arch_kwargs)
+    if cache and path.exists():
+        try:
+            model.load_state_dict(load_file(path))
+            model.eval()
+            return model, {k: v.clone() for k, v in model.state_dict().items()}
+        except Exception:
+            path.unlink(missing_ok=True)
+    stream, _ = data_mod.pystdlib()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            train_lm_(model, stream, config, progress=progress)
     finally:
         torch.set_num_threads(threads)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

@@ -241,3 +241,224 @@ def test_hf_more_architectures(arch):
     else:
         assert spec.axes_to_perm["model.layers.0.self_attn.k_proj.bias"][0].shape == (2, 8)
     prb.check_spec(model, spec, inputs)
+
+
+# --- causal LMs as users call them: token ids only, meta device, MoE, planted permutations, bf16 ---
+def _llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**(dict(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, max_position_embeddings=16) | kw)))
+
+
+def _moe(arch):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=16)
+    if arch == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=24, num_local_experts=4, **common))
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                              shared_expert_intermediate_size=24, decoder_sparse_step=1,
+                                              mlp_only_layers=[], **common))
+
+
+def _planted(spec, state, seed=3):
+    """B = A permuted at random: weight matching must find the inverse, exactly."""
+    perms = prb.random_permutation(spec, state, generator=seed)
+    state_b = prb.apply_permutation(spec, perms, state)
+    result = prb.weight_matching(spec, state, state_b)
+    aligned = prb.apply_permutation(spec, result.perms, state_b)
+    return perms, result, aligned
+
+
+def test_hf_token_ids_without_use_cache_and_meta_device(hf):
+    model, ids = hf["llama"], torch.randint(0, 50, (2, 7))
+    spec = prb.trace_spec(model, ids)  # no use_cache=False: trace_spec turns the cache off itself
+    assert spec.axes_to_perm == prb.trace_spec(model, {"input_ids": ids, "use_cache": False}).axes_to_perm
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    assert next(meta.parameters()).is_meta
+    assert prb.trace_spec(meta, ids).axes_to_perm == spec.axes_to_perm  # no weights needed
+    with pytest.raises(ValueError, match="meta device"):
+        prb.check_spec(meta, spec, ids)
+    prb.check_spec(model, spec, ids)
+
+
+def test_hf_llama_gqa_groups_and_planted_permutation(hf):
+    model = hf["llama"]
+    spec = prb.trace_spec(model, torch.randint(0, 50, (2, 7)))
+    per_layer = {"self_attn.heads", "self_attn.group_heads", "self_attn.vo", "mlp.gate_proj.out"}
+    assert set(spec.perm_names) == {"P_residual_0"} | {f"P_model.layers.{i}.{g}"
+                                                       for i in (0, 1) for g in per_layer}
+    sizes = spec.perm_sizes(model.state_dict())  # 2 KV heads x 2 query heads each, head dim 8
+    assert [sizes[f"P_model.layers.0.self_attn.{g}"] for g in ("heads", "group_heads", "vo")] == [2, 2, 8]
+    state = model.state_dict()
+    perms, result, aligned = _planted(spec, state)
+    inverse = prb.invert_permutation(perms)
+    assert all(torch.equal(result.perms[p], inverse[p]) for p in perms)
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_hf_moe_experts_with_router_rows(arch):
+    pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _moe(arch)
+    impl = model.config._experts_implementation
+    ids = torch.randint(0, 50, (2, 7))
+    spec = prb.trace_spec(model, ids)
+    assert model.config._experts_implementation == impl  # traced through batched_mm, then restored
+    ax, mlp = spec.axes_to_perm, "model.layers.1.mlp"
+    experts, hidden = f"P_{mlp}.experts", f"P_{mlp}.experts.hidden"
+    assert ax[f"{mlp}.gate.weight"][0] == ax[f"{mlp}.experts.gate_up_proj"][0] == \
+        ax[f"{mlp}.experts.down_proj"][0] == experts  # router rows move with their experts
+    assert ax[f"{mlp}.experts.gate_up_proj"][1] == prb.Blocked((2, 16 if arch == "qwen2_moe" else 24),
+                                                                (None, hidden))
+    assert ax[f"{mlp}.experts.down_proj"][2] == hidden
+    assert ax[f"{mlp}.experts.down_proj"][1] == ax["model.norm.weight"][0]  # the residual stream
+    assert spec.perm_sizes(model.state_dict())[experts] == 4
+    prb.check_spec(model, spec, ids)  # run with the model's own experts implementation
+    state = model.state_dict()
+    _, result, aligned = _planted(spec, state)
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
+def _without(spec, key, axis, factor=None):
+    """`spec` with one slot's permutation removed: a wrong spec (that axis no longer follows its group)."""
+    ax = dict(spec.axes_to_perm)
+    entries = list(ax[key])
+    if factor is None:
+        entries[axis] = None
+    else:
+        b = entries[axis]
+        entries[axis] = prb.Blocked(b.shape, tuple(None if f == factor else p for f, p in enumerate(b.perms)))
+    ax[key] = tuple(entries)
+    return prb.PermutationSpec(ax, spec.fixed_reasons)
+
+
+def test_check_spec_tolerance_follows_dtype():
+    pytest.importorskip("transformers")
+    model, ids = _llama(hidden_size=64, intermediate_size=128, num_hidden_layers=4, vocab_size=500,
+                        max_position_embeddings=64), torch.randint(0, 500, (2, 7))
+    spec = prb.trace_spec(model, ids)
+    fp32 = prb.check_spec(model, spec, ids, modes=("eval",))
+    assert fp32.max_abs_diff["eval"] < 1e-5
+    bf16 = model.to(torch.bfloat16)
+    # the fixed fp32 tolerance (atol 1e-5) fails this correct spec in bf16 (seed 5: max Δ 2.0e-3 =
+    # 0.0031 x max |output|; seeds 0-4: 0); the bf16 default bound is 4 eps = 0.031 x max |output|
+    assert not prb.check_spec(bf16, spec, ids, modes=("eval",), seed=5, atol=1e-5, rtol=1e-4,
+                              raise_on_failure=False).ok
+    for seed in (0, 5):
+        assert prb.check_spec(bf16, spec, ids, modes=("eval",), seed=seed).ok
+    # wrong specs fail in bf16: max Δ / max |output| measured 0.76-1.07 (o_proj's v dims not
+    # permuted) and 0.15-0.23 (down_proj's inputs not permuted) over seeds 0-7, 5-7x the bound
+    for key, axis, factor in (("model.layers.1.self_attn.o_proj.weight", 1, 2),
+                              ("model.layers.0.mlp.down_proj.weight", 1, None)):
+        with pytest.raises(prb.SpecCheckError, match="bfloat16"):
+            prb.check_spec(bf16, _without(spec, key, axis, factor), ids, modes=("eval",))
+    from pyrebasin.check import needs_jitter, tolerance
+    bound = {d: tolerance(d, 2.0)[0] for d in (torch.bfloat16, torch.float16, torch.float32)}
+    assert bound[torch.bfloat16] > bound[torch.float16] > bound[torch.float32]
+    assert needs_jitter(torch.ones(4)) and needs_jitter(torch.zeros(300, 300))
+    assert not needs_jitter(torch.randn(300, 300))  # generic already: used uncopied
+
+
+class Router(nn.Module):
+    """A top-2 router over 4 experts stacked in one tensor; `use` says how else the indices are read."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.gate = nn.Linear(6, 4, bias=False)
+        self.w = nn.Parameter(torch.randn(4, 5, 6))
+        self.v = nn.Parameter(torch.randn(3, 4))
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        _, ids = torch.topk(self.gate(x).softmax(-1), 2, dim=-1)
+        y = self.out(torch.einsum("bkoi,bi->bo", self.w[ids], x))
+        if self.use == "second_axis":  # v[:, ids] indexes an axis the rules do not tie
+            y = y + self.v[:, ids].sum()
+        elif self.use == "arithmetic":  # the index values themselves reach the output
+            y = y + ids.float().sum()
+        return y
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("use", ["gather_only", "second_axis", "arithmetic"])
+def test_router_indices_gather_experts(use, frontend):
+    torch.manual_seed(0)
+    model, x = Router(use), torch.randn(3, 6)
+    spec = prb.trace_spec(model, x, frontend=frontend)
+    experts = spec.axes_to_perm["w"][0]
+    if use == "gather_only":  # experts permuted with the router rows that pick them
+        assert experts == "P_experts" and spec.axes_to_perm["gate.weight"] == (experts, None)
+    else:  # any other use of the indices would see them change: the expert axis is frozen
+        assert experts is None and spec.axes_to_perm["gate.weight"] == (None, None)
+    assert spec.axes_to_perm["w"][1] is not None  # each expert's units stay permutable
+    prb.check_spec(model, spec, x)
+
+
+def test_meta_device_traces_like_real_weights():
+    from pyrebasin.zoo import MLP, ResNet20
+    for make, x in ((lambda: MLP(in_features=12, width=24, depth=2, classes=5, norm="bn"), torch.randn(4, 12)),
+                    (lambda: ResNet20(norm="bn", blocks_per_stage=1), torch.randn(3, 16))):  # fx, export
+        torch.manual_seed(0)
+        real = make()
+        with torch.device("meta"):
+            meta = make()
+        assert prb.trace_spec(meta, x).axes_to_perm == prb.trace_spec(real, x).axes_to_perm
+
+
+class FusedQKV(nn.Module):
+    """One Linear for q, k and v, sliced apart (Phi-3 style); `offset` shifts the slices off alignment."""
+
+    def __init__(self, offset=0, d=16, heads=4):
+        super().__init__()
+        self.d, self.h, self.offset = d, heads, offset
+        self.qkv = nn.Linear(d, 3 * d + offset)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        y, d = self.qkv(x), self.d  # python-int bounds: fx sees them too
+        q, k, v = (y[..., self.offset + i * d: self.offset + (i + 1) * d].view(b, t, self.h, -1).transpose(1, 2)
+                   for i in range(3))
+        att = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(att.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_fused_qkv_sliced_into_aligned_pieces(offset):
+    torch.manual_seed(0)
+    model, x = FusedQKV(offset), torch.randn(2, 5, 16)
+    for frontend in ("fx", "export"):
+        spec = prb.trace_spec(model, x, frontend=frontend)
+        rows = spec.axes_to_perm["qkv.weight"][0]
+        if offset == 0:  # (q|k|v, heads, head dim): heads and one within-head perm (q, k, v share it)
+            assert rows.shape == (3, 4, 4) and rows.perms[0] is None and None not in rows.perms[1:]
+            assert spec.axes_to_perm["o.weight"][1] == prb.Blocked((4, 4), rows.perms[1:])
+        else:  # slices that are not equal pieces of the axis: frozen
+            assert rows is None and spec.axes_to_perm["o.weight"][1] is None
+        prb.check_spec(model, spec, x)
+
+
+def test_hf_phi3_fused_qkv():
+    pytest.importorskip("transformers")
+    from transformers import Phi3Config, Phi3ForCausalLM
+    ids = torch.randint(0, 50, (2, 7))
+    for kv in (4, 2):  # MHA: q, k, v slices are equal pieces; GQA: unequal, so frozen
+        torch.manual_seed(0)
+        model = Phi3ForCausalLM(Phi3Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=kv, pad_token_id=0,
+                                           max_position_embeddings=16))
+        spec = prb.trace_spec(model, ids)
+        rows = spec.axes_to_perm["model.layers.0.self_attn.qkv_proj.weight"][0]
+        if kv == 4:
+            assert rows == prb.Blocked((3, 4, 8), (None, "P_model.layers.0.self_attn.heads", None))
+        else:
+            assert rows is None
+        prb.check_spec(model, spec, ids)

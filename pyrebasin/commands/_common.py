@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..batches import batches, check_labels
+from ..distributed import shard_range
 from ..fileio import check_target, same_file
 from ..io import first_line, load_state, parse_kwargs
 from ..module_state import check_state, mode_view
@@ -182,5 +183,6 @@ def align(model, spec, state_a, state_b, method: str, x: torch.Tensor | None, *,
         return matching.weight_matching(spec, state_a, state_b, seed=seed, max_iter=max_iter, progress=progress)
     if x is None:
         raise ValueError("activation matching needs --data")
-    return matching.activation_matching(model, model, spec, x, state_a=state_a, state_b=state_b,
-                                        max_iter=max_iter, progress=progress)
+    rows = shard_range(len(x))   # under torchrun each rank reads its share; the statistics are summed
+    return matching.activation_matching(model, model, spec, x[rows.start:rows.stop], state_a=state_a,
+                                        state_b=state_b, max_iter=max_iter, progress=progress)

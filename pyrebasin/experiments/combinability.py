@@ -48,10 +48,11 @@ def align(spec: PermutationSpec, state_a, state_b, *, seed: int = 0) -> dict[str
     return weight_matching(spec, state_a, state_b, seed=seed).perms
 
 
-def linear_curve(model, state_a, state_b, data, ts: int | Sequence[float] = 11, *, chunk: int = 16) -> dict:
+def linear_curve(model, state_a, state_b, data, ts: int | Sequence[float] = 11, *, chunk: int = 16,
+                 group=None) -> dict:
     """Loss and accuracy along θ(t) = (1−t)·θ_A + t·θ_B (t=0: A, t=1: B): `prb.interpolate` on one data set."""
     from ..lmc import interpolate
-    c = interpolate(model, state_a, state_b, data, ts, chunk=chunk)
+    c = interpolate(model, state_a, state_b, data, ts, chunk=chunk, group=group)
     return {"t": list(c.ts), "loss": c.values("loss"), "accuracy": c.values("accuracy")}
 
 

@@ -70,7 +70,8 @@ def connectivity_map(model, states: Sequence[Mapping[str, torch.Tensor]], data, 
                      align: str | None = None, kinds: Sequence[str] = BARRIER_KINDS, metric: str = "loss",
                      cluster_kind: str | None = None, n_clusters: int | None = None, delta: float | None = None,
                      spec=None, match_options: Mapping | None = None, names: Sequence[str] | None = None,
-                     seed: int = 0, batch_size: int | None = 1000, progress: bool = False) -> ConnectivityMap:
+                     seed: int = 0, batch_size: int | None = 1000, progress: bool = False,
+                     group=None) -> ConnectivityMap:
     """The connectivity map of N models sharing one architecture (`model` is the template that runs them).
 
     align: None (naive), "weight", "activation" (each pair j matched to i) or "merge" (one MergeMany
@@ -78,6 +79,7 @@ def connectivity_map(model, states: Sequence[Mapping[str, torch.Tensor]], data, 
     the chord of any sub-segment). The clusters come from `cluster_kind` (default: "any_chord" when
     computed, else the first kind) by spectral clustering on exp(−D²/2δ²) (δ: median off-diagonal
     barrier by default; `n_clusters` given or chosen by eigengap). See `prb.maps.pairwise_barriers`.
+    Under torch.distributed (`group`) the pairs are split among the ranks; every rank gets the map.
     """
     kinds = list(kinds)
     cluster_kind = cluster_kind or ("any_chord" if "any_chord" in kinds else (kinds[0] if kinds else None))
@@ -87,7 +89,7 @@ def connectivity_map(model, states: Sequence[Mapping[str, torch.Tensor]], data, 
         raise ValueError(f"names has {len(names)} entries for {len(states)} states")
     barriers, curves = pairwise_barriers(model, states, data, ts=ts, kinds=kinds, metric=metric, align=align,
                                          spec=spec, match_options=match_options, batch_size=batch_size,
-                                         progress=progress)
+                                         progress=progress, group=group)
     cl = spectral_clusters(barriers[cluster_kind].clamp_min(0), n_clusters=n_clusters, delta=delta, seed=seed)
     first = next(iter(curves.values()))
     return ConnectivityMap(barriers, cl["labels"], cluster_kind, cl["n_clusters"], cl["delta"], metric, align,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import combine as cmb
+from ..distributed import split_map
 from ..matching.perturb import hamming_fraction, noisy_matching, perturb_permutation
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align, barrier_of, linear_curve
@@ -38,8 +39,8 @@ class RobustnessStudy:
 
 def _evaluate(model, spec, state_a, state_b, perms, found, data, coef, ts, kind):
     b = apply_permutation(spec, perms, state_b)
-    curve = linear_curve(model, state_a, b, data, ts)
-    r = cmb.evaluate_combinations(model, state_a, b, coef, data)
+    curve = linear_curve(model, state_a, b, data, ts, group=False)   # one row per rank: see robustness
+    r = cmb.evaluate_combinations(model, state_a, b, coef, data, group=False)
     return {"hamming": hamming_fraction(perms, found), "barrier": barrier_of(curve, "loss", kind),
             "midpoint_accuracy": curve["accuracy"][len(curve["t"]) // 2],
             "combination_accuracy_median": float(r.accuracy.median()),
@@ -51,18 +52,20 @@ def robustness(model, spec: PermutationSpec, state_a, state_b, data, *, perms=No
                granularity: str = "element", ts: int = 5, seed: int = 0, kind: str = "endpoint_mean") -> RobustnessStudy:
     """Barrier (`prb.barrier` of `kind` on a `prb.interpolate` curve) and combination accuracy against
     the perturbation level and the Hamming distance to the found matching (`perms`, weight matching
-    when None). All perturbations are seeded."""
+    when None). All perturbations are seeded. Under torch.distributed the rows (levels) are split
+    among the ranks and gathered; every rank returns the single-process study."""
     found = align(spec, state_a, state_b, seed=seed) if perms is None else perms
     coef = cmb.sample_coefficients(spec, n, distribution, granularity, seed=seed, state=state_a)
     study = RobustnessStudy(distribution=str(coef.distribution), granularity=granularity)
-    for q in qs:
-        p = perturb_permutation(found, q, seed)
-        study.rows.append({"kind": "shuffle", "level": q, **_evaluate(model, spec, state_a, state_b, p, found, data,
-                                                                       coef, ts, kind)})
-    for s in noise:
-        p = noisy_matching(spec, state_a, state_b, found, s, seed)
-        study.rows.append({"kind": "noise", "level": s, **_evaluate(model, spec, state_a, state_b, p, found, data,
-                                                                     coef, ts, kind)})
+
+    def row(job):
+        what, level = job
+        p = perturb_permutation(found, level, seed) if what == "shuffle" else \
+            noisy_matching(spec, state_a, state_b, found, level, seed)
+        return {"kind": what, "level": level, **_evaluate(model, spec, state_a, state_b, p, found, data, coef, ts, kind)}
+
+    jobs = [("shuffle", q) for q in qs] + [("noise", s) for s in noise]
+    study.rows.extend(split_map(row, jobs, desc="robustness", agree=(jobs, n, ts, seed)))
     return study
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..distributed import split_map
 from ..spec import PermutationSpec, apply_permutation
 from .combinability import align, barrier_of, linear_curve
 from .plots import save_figure
@@ -30,13 +31,15 @@ class TransitivityStudy:
 def transitivity(model, spec: PermutationSpec, state_a, state_b, state_c, data, *, ts: int = 11,
                  seed: int = 0, kind: str = "endpoint_mean") -> TransitivityStudy:
     """Barriers (`prb.barrier` of `kind` on `prb.interpolate` curves) of A–B naive, A–π(B) with π from
-    weight matching B onto A, and π_A(A)–π_B(B) with both matched onto C."""
+    weight matching B onto A, and π_A(A)–π_B(B) with both matched onto C. Under torch.distributed the
+    matchings split their groups and the three curves are split among the ranks."""
     direct_b = apply_permutation(spec, align(spec, state_a, state_b, seed=seed), state_b)
     a_to_c = apply_permutation(spec, align(spec, state_c, state_a, seed=seed), state_a)
     b_to_c = apply_permutation(spec, align(spec, state_c, state_b, seed=seed), state_b)
-    curves = {"naive": linear_curve(model, state_a, state_b, data, ts),
-              "direct": linear_curve(model, state_a, direct_b, data, ts),
-              "transitive": linear_curve(model, a_to_c, b_to_c, data, ts)}
+    ends = {"naive": (state_a, state_b), "direct": (state_a, direct_b), "transitive": (a_to_c, b_to_c)}
+    done = split_map(lambda k: linear_curve(model, *ends[k], data, ts, group=False), list(ends), desc="transitivity",
+                     agree=ts)
+    curves = dict(zip(ends, done))
     return TransitivityStudy({k: barrier_of(c, "loss", kind) for k, c in curves.items()},
                              {k: barrier_of(c, "accuracy", kind) for k, c in curves.items()}, curves)
 

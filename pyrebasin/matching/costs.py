@@ -9,9 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..distributed import all_reduce_sum_, is_distributed, owners, rank_and_world
 from ..spec import Blocked, PermutationSpec, apply_permutation, axis_index
 
-__all__ = ["WeightCosts"]
+__all__ = ["WeightCosts", "SPLIT_MIN_BYTES"]
+
+# Under a process group, a problem whose float64 cost matrices (8·Σ n_p² bytes) stay below this runs
+# whole on every rank: the same result, no message per LAP (whose latency would dominate small groups).
+SPLIT_MIN_BYTES = 64 << 20
 
 
 @dataclass
@@ -83,7 +88,7 @@ class WeightCosts:
     is larger or the updates add up to two full axes (bounding the rounding drift)."""
 
     def __init__(self, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
-                 state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30):
+                 state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30, group=None):
         for name, state in (("state_a", state_a), ("state_b", state_b)):
             missing = [k for k in spec.axes_to_perm if k not in state]
             if missing:
@@ -102,16 +107,36 @@ class WeightCosts:
                     raise TypeError(f"weight_matching: {name}[{k!r}] is {t.dtype}; permuted tensors must be floating")
         # bf16/fp16 weights are matched in float32 (converted once); float32/64 are used as they are.
         dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
-        self.spec, self.sizes = spec, sizes
-        self.a = {k: state_a[k].detach().to(dtype) for k in permuted}
-        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in permuted}
-        self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
+        self.spec, self.sizes, self.keys = spec, sizes, permuted
+        # Under a process group each rank builds, caches and solves the groups it owns (whole groups:
+        # every cost is summed as in one process) and computes the objective's dots of the tensors
+        # it owns; it converts and holds only the tensors those read.
+        big = 8 * sum(n * n for n in sizes.values()) >= SPLIT_MIN_BYTES
+        self.group = group if big and is_distributed(group) else False
+        self.rank, world = rank_and_world(self.group)
+        pairs_of = spec.perm_to_axes
+        self.owner = owners({p: sum(n * state_b[k].numel() for k, _ in pairs_of.get(p, ())) for p, n in sizes.items()},
+                            world)
+        first = {}  # a tensor's objective dot goes to the owner of the first group reading it: no extra copy
+        for p, pairs in pairs_of.items():
+            for k, _ in pairs:
+                first.setdefault(k, p)
+        self.own_keys = [k for k in permuted if (self.owner[first[k]] if k in first else 0) == self.rank]
+        needed = set(self.own_keys) | {k for p, pairs in pairs_of.items() if self.owns(p) for k, _ in pairs}
+        self.a = {k: state_a[k].detach().to(dtype) for k in permuted if k in needed}
+        self.b = {k: state_b[k].detach().to(device=self.a[k].device, dtype=dtype) for k in self.a}
+        self.device = state_a[permuted[0]].device if permuted else torch.device("cpu")
         self.terms: dict[str, list[_Term]] = {p: [] for p in sizes}
-        for perm, pairs in spec.perm_to_axes.items():
+        deps: dict[str, set] = {p: set() for p in sizes}
+        for perm, pairs in pairs_of.items():
             for key, axis in pairs:
-                view, dims = _expanded_view(self.b[key], spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
-                a_units = spec.unit_matrix(self.a[key], key, axis, perm)
-                self.terms[perm].append(_Term(key, a_units, view, dims, _term_deps(dims)))
+                mine = self.owns(perm)
+                b_key = self.b[key] if mine else torch.empty(state_b[key].shape, device="meta")  # its dims only
+                view, dims = _expanded_view(b_key, spec.axes_to_perm[key], axis, spec.factor(key, axis, perm))
+                deps[perm].update(_term_deps(dims))
+                if mine:
+                    a_units = spec.unit_matrix(self.a[key], key, axis, perm)
+                    self.terms[perm].append(_Term(key, a_units, view, dims, _term_deps(dims)))
         self.perms = {p: torch.arange(n, device=self.device) for p, n in sizes.items()}
         self.coupled = {p: [t for t in ts if t.deps] for p, ts in self.terms.items()}
         self.constant: dict[str, torch.Tensor | None] = {}
@@ -123,8 +148,14 @@ class WeightCosts:
                 prod = t.a_units @ t.b_view.reshape(t.b_view.shape[0], -1).T
                 c = prod if c is None else c.add_(prod)
             self.constant[p] = c.to(torch.float64) if c is not None else None
+        self._buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
         self.version = dict.fromkeys(sizes, 0)
-        self._deps = {p: sorted(frozenset().union(*(t.deps for t in self.terms[p]))) for p in sizes}
+        self._deps = {p: sorted(deps[p]) for p in sizes}
+        self._own_spec, self._own_groups = None, []
+
+    def owns(self, p: str) -> bool:
+        """Whether this rank builds and solves group `p` (always True outside a process group)."""
+        return self.owner[p] == self.rank
 
     def set_perm(self, p: str, perm: torch.Tensor) -> None:
         """Group `p` now takes `perm`: the costs of the groups that read it change."""
@@ -136,10 +167,38 @@ class WeightCosts:
         return tuple(self.version[d] for d in self._deps[p])
 
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones)."""
-        pb = apply_permutation(self.spec.restrict(self.a), perms if perms is not None else self.perms, self.b)
-        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
-        return sum(_dot64(self.a[k], pb[k], buffers) for k in self.a)
+        """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, checked, default the held
+        ones, which `set_perm` keeps valid: then B is gathered in one `permute_multi` call). Under a
+        process group each rank adds its own tensors' dots and one exact all-reduce shares them."""
+        keys = self.own_keys
+        dots = {}
+        if keys and perms is not None:
+            if self._own_spec is None:   # built once: the spec of this rank's objective tensors and its groups
+                self._own_spec = self.spec.restrict(keys)
+                self._own_groups = list(self._own_spec.perm_sizes({k: self.b[k] for k in keys}))
+            pb = apply_permutation(self._own_spec, {p: perms[p] for p in self._own_groups},
+                                   {k: self.b[k] for k in keys})
+            dots = {k: _dot64(self.a[k], pb[k], self._buffers) for k in keys}
+        elif keys:
+            tensors, indices, owners, axes, index_of = [], [], [], [], {}
+            for j, k in enumerate(keys):
+                tensors.append(self.b[k].resolve_conj().resolve_neg())
+                for axis, entry in enumerate(self.spec.axes_to_perm[k]):
+                    if entry is None:
+                        continue
+                    size = self.b[k].shape[axis]
+                    if (entry, size) not in index_of:
+                        index_of[entry, size] = axis_index(entry, self.perms, size, self.device)
+                    if index_of[entry, size] is not None:
+                        indices.append(index_of[entry, size])
+                        owners.append(j)
+                        axes.append(axis)
+            pb = ops.permute_multi(tensors, indices, owners, axes)
+            dots = {k: _dot64(self.a[k], g, self._buffers) for k, g in zip(keys, pb)}
+        if self.group is not False:  # every rank's dots (each tensor's on one rank, zeros elsewhere: exact)
+            vec = torch.tensor([dots.get(k, 0.0) for k in self.keys], dtype=torch.float64)
+            dots = dict(zip(self.keys, all_reduce_sum_([vec], self.group)[0].tolist()))
+        return sum(dots[k] for k in self.keys)
 
     def _indices(self, t: _Term) -> list:
         """(dim of b_view, gather index) for each dim that a perm touches."""
@@ -194,7 +253,9 @@ class WeightCosts:
     def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
         """Group `p`'s cost matrix, float64, on the tensors' device: constant terms + `coupling` x the
         terms that read other perms (1.0: the true objective's cost). May be the cached tensor
-        itself: read it, never modify it."""
+        itself: read it, never modify it. Under a process group, only for a group this rank owns."""
+        if not self.owns(p):
+            raise ValueError(f"WeightCosts.cost: group {p!r} is built on rank {self.owner[p]}, not on rank {self.rank}")
         n = self.sizes[p]
         base = self.constant[p]
         var = self.coupled[p]

@@ -22,6 +22,14 @@ class Multi(list):
     """The per-output `Axes` of an op returning several tensors (split, max.dim, ...)."""
 
 
+# Ops that keep an index tensor's values (reshapes, copies, dtype casts): the result still holds
+# indices into the same axis. Any other use of an index tensor (see `Engine.pointers`) freezes that axis.
+POINTER_PASS = frozenset({"view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "clone",
+                          "contiguous", "to", "_to_copy", "detach", "alias", "expand", "transpose",
+                          "permute", "t", "getitem", "_assert_tensor_metadata"})
+POINTER_USE = frozenset({"index", "getitem"})  # rules that read index tensors themselves
+
+
 class UnsupportedOpError(ValueError):
     """trace_spec met an op it cannot model on permutable axes (message names op, node, module)."""
 
@@ -79,6 +87,9 @@ class Engine:
         self.used: dict[str, str] = {}  # state key -> first op that used it
         self.state_shapes = state_shapes
         self.counters: dict[str, int] = {}  # per-module op counts (naming hand-written attention)
+        # index tensors whose *values* point into a permutable axis (topk over router logits): value
+        # -> that axis's atoms; a Multi output's element is keyed (value, i)
+        self.pointers: dict[Any, list[int]] = {}
 
     # --- values ---
     def param(self, key: str) -> Axes:
@@ -181,6 +192,32 @@ class Engine:
         walk(c.kwargs)
         return found
 
+    def _pointer_uses(self, c: Call) -> None:
+        """Index tensors met by `c`: passed on by reshapes and copies, read by index rules; any
+        other op sees index values that a permutation of their axis would change, so it freezes."""
+        found = []
+
+        def walk(x):
+            if isinstance(x, (list, tuple)):
+                for y in x:
+                    walk(y)
+            elif _hashable(x) and x in self.pointers:
+                found.append(x)
+        walk(c.args)
+        walk(tuple(c.kwargs.values()))
+        key = tuple(c.args[:2])
+        if c.name == "getitem" and len(key) == 2 and _hashable(key) and key in self.pointers:
+            self.pointers[c.out] = self.pointers[key]  # the indices output of a top-k
+        if not found:
+            return
+        if c.name == "getitem" and found[0] is not c.arg(0, "self"):
+            return  # x[ids]: the getitem rule reads the index tensor
+        if c.name in POINTER_PASS and found[0] is c.arg(0, "self"):
+            self.pointers[c.out] = self.pointers[found[0]]
+        elif c.name not in POINTER_USE:
+            for v in found:
+                self.freeze([self.pointers[v]], f"indices into the axis are used by {c.where()}")
+
     def mark_used(self, c: Call) -> None:
         def walk(x):
             if isinstance(x, (list, tuple)):
@@ -210,6 +247,7 @@ class Engine:
                 self.vals[v] = self.fresh(shape, "constant tensor (not in the state dict)")
         for c in self.g.calls:
             self.mark_used(c)
+            self._pointer_uses(c)
             rule = rule_for(c.name)
             if rule is None:
                 self.unmodelled(c)
@@ -224,6 +262,8 @@ class Engine:
                 self.params[key] = self.fresh(self.state_shapes[key], f"passed to {where}, "
                                               f"which does not permute it")
         for v in self.g.outputs:
+            if _hashable(v) and v in self.pointers:
+                self.freeze([self.pointers[v]], "indices into the axis reach the model output")
             out = self.vals.get(v) if not isinstance(v, Ref) else self.param(str(v))
             if out is None and v in self.g.refs:
                 out = self.param(self.g.refs[v])

@@ -102,7 +102,24 @@ ORDERED = ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "sort", 
            "max", "min", "median", "mode", "kthvalue", "logcumsumexp", "diff")
 
 
-@rule(*REDUCE, *ORDERED)
+@rule("topk")
+def topk(E: Engine, c: Call) -> None:
+    """Top-k along an axis (a mixture-of-experts router): the k values do not depend on the order of
+    the axis, and the indices name its units, so a permutation of that axis maps them along; they
+    become an index tensor (`Engine.pointers`) that gathers weights by unit (the experts' weights).
+    Generic values assumed: among exactly tied values the lowest index wins, which a permutation
+    changes. Unsorted top-k (order unspecified) is an ordered reduction: the axis is frozen."""
+    x = E.ax(c.arg(0, "self"))
+    if x is None or not c.arg(4, "sorted", True):
+        return reduce(E, c)
+    dim = c.arg(2, "dim", -1) % len(x)
+    ranks = [E.A.new(E.out_shape(c)[0][dim], f"ranks of {c.where()}")]
+    out = x[:dim] + [ranks] + x[dim + 1:]
+    E.set_out(c, Multi([out, out]))
+    E.pointers[(c.out, 1)] = x[dim]
+
+
+@rule(*REDUCE, *(n for n in ORDERED if n != "topk"))
 def reduce(E: Engine, c: Call) -> None:
     """Reducing over an axis is invariant to its permutation; order-dependent ops (argmax, cumsum,
     sort, diff) freeze the axes they run along."""

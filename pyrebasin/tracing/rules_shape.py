@@ -163,13 +163,37 @@ def select(E: Engine, c: Call) -> None:
     E.set_out(c, x[:dim] + x[dim + 1:])
 
 
+def _aligned_piece(E: Engine, atoms: list[int], start, stop, step, why: str) -> list[int] | None:
+    """atoms[start:stop] when it is one of k equal pieces of the axis (its start a multiple of its
+    size; a fused q|k|v projection sliced apart): the axis is viewed as (k, size) with the piece
+    index frozen and one atom shared by all pieces, as split/chunk do. None otherwise."""
+    if step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (start, stop)):
+        return None
+    n = E.size(atoms)
+    start, stop, _ = slice(start, stop).indices(n)
+    m = stop - start
+    if m <= 0 or n % m or start % m:
+        return None
+    return _split_axis(E, atoms, n // m, why)
+
+
 @rule("slice", "narrow", "slice_copy")
 def slice_(E: Engine, c: Call) -> None:
+    """A full slice is the identity; an aligned equal piece shares one atom with the other pieces
+    (`_aligned_piece`); any other sub-range freezes the axis."""
     x = E.ax(c.arg(0, "self"))
     shape = E.out_shape(c)
     dim = c.arg(1, "dim", 0) % len(x)
     if shape[dim] == E.size(x[dim]) and (c.name != "slice" or c.arg(4, "step", 1) in (None, 1)):
         return E.set_out(c, list(x))  # full slice: the identity
+    if c.name == "narrow":
+        start, length = c.arg(2, "start"), c.arg(3, "length")
+        bounds = (start, start + length if isinstance(start, int) and isinstance(length, int) else None, 1)
+    else:
+        bounds = (c.arg(2, "start"), c.arg(3, "end"), c.arg(4, "step", 1))
+    piece = _aligned_piece(E, x[dim], *bounds, f"pieces of {c.where()} play different roles")
+    if piece is not None and E.size(piece) == shape[dim]:
+        return E.set_out(c, x[:dim] + [piece] + x[dim + 1:])
     why = f"{c.where()} keeps a sub-range of the axis"
     E.freeze(x[dim], why)
     E.set_out(c, x[:dim] + [[E.A.new(shape[dim], why)]] + x[dim + 1:])
@@ -196,10 +220,46 @@ def pad(E: Engine, c: Call) -> None:
 @rule("index", "index_select", "gather", "take", "take_along_dim", "masked_select", "nonzero",
       "index_put", "index_put_", "scatter", "scatter_", "scatter_add", "index_add", "index_copy")
 def indexing(E: Engine, c: Call) -> None:
-    """Data-dependent indexing: the indexed tensor and the result are frozen (conservative)."""
+    """Data-dependent indexing: the indexed tensor and the result are frozen (conservative), except
+    `w[ids]` with `ids` an index tensor into a permutable axis (`Engine.pointers`, e.g. the experts a
+    router picked): w's first axis is that axis, the rest passes (permuting both keeps w[ids])."""
+    if c.name == "index" and _pointer_index(E, c):
+        return None
+    for p in _flat(c.arg(1, "indices")):  # index tensors read some other way: their axis is frozen
+        if isinstance(p, Hashable) and p in E.pointers:
+            E.freeze([E.pointers[p]], f"indices into the axis are used by {c.where()}")
     for axes in E.tensor_args(c):
         E.freeze(axes, f"indexed by {c.where()}")
     E.fresh_out(c, f"indexed by {c.where()}")
+
+
+def _flat(x) -> list:
+    return [z for y in x for z in _flat(y)] if isinstance(x, (list, tuple)) else [x]
+
+
+def _pointer_index(E: Engine, c: Call) -> bool:
+    """`w[ids]` (aten.index(w, [ids]), or fx getitem(w, ids)) with `ids` an index tensor."""
+    x, idx = E.ax(c.arg(0, "self")), c.arg(1, "indices")
+    if isinstance(idx, (list, tuple)) and len(idx) == 1:
+        idx = idx[0]
+    if x is None or isinstance(idx, (list, tuple)):
+        return False
+    p = idx
+    target = E.pointers.get(p) if isinstance(p, Hashable) else None
+    shape = E.out_shape(c)
+    if target is None or E.size(target) != E.size(x[0]) or not isinstance(shape, tuple):
+        return False
+    ids = E.ax(p)
+    if shape != tuple(E.size(a) for a in list(ids) + x[1:]):
+        return False
+    E.tie(x[0], target, f"units picked by index in {c.where()}")
+    for a in x[0]:  # names: the experts, and (weakly: a residual axis keeps its own) their units
+        E.A.hint(a, c.path if c.path.rpartition(".")[2] == "experts" else f"{c.path}.experts", 3)
+    for atoms in x[1:]:
+        for a in atoms:
+            E.A.hint(a, f"{c.path}.hidden", 0.75)
+    E.set_out(c, list(ids) + x[1:])
+    return True
 
 
 @rule("getitem")
@@ -213,6 +273,8 @@ def getitem(E: Engine, c: Call) -> None:
     x = E.ax(src)
     if x is None:
         return None if not E.tensor_args(c) else E.unmodelled(c)
+    if _pointer_index(E, c):
+        return None
     _tensor_getitem(E, c, x, idx)
 
 
@@ -237,8 +299,16 @@ def _tensor_getitem(E: Engine, c: Call, x: Axes, idx) -> None:
             p += 1
         else:
             n = E.size(x[p])
-            if slice(*i.indices(n)) == slice(0, n, 1) or i == slice(None):
+            static = all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+            full = i == slice(None) or (static and slice(*i.indices(n)) == slice(0, n, 1))
+            piece = None  # bounds computed in the graph (fx proxies) are unknown here: frozen
+            if static and not full:
+                piece = _aligned_piece(E, x[p], i.start, i.stop, i.step,
+                                       f"pieces of {c.where()} play different roles")
+            if full:
                 out.append(x[p])
+            elif piece is not None:
+                out.append(piece)
             else:
                 E.freeze(x[p], why)
                 out.append(None)

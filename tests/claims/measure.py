@@ -11,6 +11,7 @@ import torch
 
 from tests.claims import _pairs, test_combinability, test_lmc, test_matching, test_repair, test_similarity
 from tests.claims import test_stitching_study as test_stitching
+from tests.claims import test_transformer_lm
 
 MEASURES = {
     "planted": (test_lmc.measure_planted, lambda: [0, 2, 4, 6]),
@@ -27,6 +28,7 @@ MEASURES = {
     "robustness": (test_combinability.measure_robustness, _pairs.seed_pairs),
     "combination_similarity": (test_combinability.measure_similarity, _pairs.seed_pairs),
     "stitching": (lambda p: test_stitching.measure_study(test_stitching.study(p)), _pairs.seed_pairs),
+    "transformer_lm": (test_transformer_lm.measure_lm, lambda: list(test_transformer_lm.PAIRS)),
 }
 
 

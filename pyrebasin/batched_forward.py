@@ -276,7 +276,12 @@ class BatchedForward:
                 self.route = "chain"
                 return self.chain.forward(params, x)
             self.chain = None
-        if self.engine and params and trace_graph(self.model, self.view, params, self.fixed, x, self.extra) is not None:
+        # On CPU a loop of single forwards already runs near the GEMM rate (1.0-1.2x K forwards) and the
+        # engine measured 0.6-1.2x the loop's speed (docs/perf-combine.md): a caller that asked for no
+        # vmap (interpolate) keeps the loop there; the engine replaces vmap, which it beats 2-3.7x.
+        wants = self.use_vmap or any(v.device.type != "cpu" for v in params.values())
+        if self.engine and wants and params and \
+                trace_graph(self.model, self.view, params, self.fixed, x, self.extra) is not None:
             if self._probe("engine", self._engine, params, x):
                 self.route = "engine"
                 return self._engine(params, x)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import pyrebasin as prb
+from pyrebasin.io import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIT_REBASIN_SRC = os.environ.get("GIT_REBASIN_SRC")
@@ -123,7 +124,10 @@ def main():
     ap.add_argument("--skip-textbook", action="store_true")
     ap.add_argument("--only", default=None, help="substring of a config name")
     ap.add_argument("--seeds", type=int, default=1, help="group-order seeds whose best objective is shown")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "weight_matching_ratios.json"))
     args = ap.parse_args()
+    results = dict(threads=args.threads, torch=torch.__version__, default=prb.matching.METHODS["default"],
+                   load_before=os.getloadavg(), configs={})
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}  native={prb.native_available()}  LAP default={prb.matching.default_solver()}")
     for name, cfg in CONFIGS.items():
@@ -134,6 +138,9 @@ def main():
         t_tb, r_tb = timed(lambda: prb.weight_matching(spec, a, b, method="textbook"), repeat=2)
         with prb.use_backend("reference"):
             t_ref, r_ref = timed(lambda: prb.weight_matching(spec, a, b))
+        rec = results["configs"][name] = dict(
+            default=dict(wall_s=t_nat, cpu_s=CPU[id(r_nat)], sweeps=r_nat.iterations, objective=r_nat.objective[-1]),
+            textbook=dict(wall_s=t_tb, cpu_s=CPU[id(r_tb)], sweeps=r_tb.iterations, objective=r_tb.objective[-1]))
         print(f"\n== {name}: {sum(len(v) for v in prb.identity_permutation(spec, a).values())} units in "
               f"{len(r_nat.perms)} perm groups; default = {prb.matching.METHODS['default']}")
         print(f"  pyrebasin default   {t_nat:8.3f} s  ({r_nat.iterations} sweeps)  objective {r_nat.objective[-1]:.6f}")
@@ -161,6 +168,8 @@ def main():
             t_o, sw_o, p_o, c_o = orig
             obj_o = objective(spec, a, prb.apply_permutation(spec, p_o, b))
             c_nat, c_tb = CPU[id(r_nat)], CPU[id(r_tb)]
+            rec["original"] = dict(wall_s=t_o, cpu_s=c_o, sweeps=sw_o, objective=obj_o, cpu_ratio_default=c_o / c_nat,
+                                   wall_ratio_default=t_o / t_nat, cpu_ratio_textbook=c_o / c_tb)
             print(f"  Git Re-Basin (JAX)  {t_o:8.3f} s  ({sw_o} sweeps, {t_o / sw_o:.4f} s/sweep)  objective {obj_o:.6f}; "
                   f"ratio {t_o / t_nat:.2f}x default, {t_o / t_tb:.2f}x textbook "
                   f"(per sweep {(t_o / sw_o) / (t_tb / r_tb.iterations):.2f}x textbook); CPU time {c_o:.3f} s: "
@@ -170,6 +179,10 @@ def main():
             print(f"  rebasin 0.0.47      {why}")
         else:
             obj = objective(spec, a, peer["state"])
+            rec["rebasin_0.0.47"] = dict(wall_s=peer["match_s"], cpu_s=peer["match_cpu_s"], sweeps=peer["sweeps"],
+                                         objective=obj, cpu_ratio_default=peer["match_cpu_s"] / CPU[id(r_nat)],
+                                         wall_ratio_default=peer["match_s"] / t_nat,
+                                         cpu_ratio_textbook=peer["match_cpu_s"] / CPU[id(r_tb)])
 
             def versus(ours):
                 return f"{'same or better' if obj >= ours - 1e-6 * abs(obj) else 'LOWER'} than ours: {obj - ours:+.4g}"
@@ -179,6 +192,11 @@ def main():
                   f"s/sweep; +{peer['init_s']:.2f} s graph tracing) objective {obj:.6f} (default: {versus(r_nat.objective[-1])}; "
                   f"textbook: {versus(r_tb.objective[-1])}); CPU time {peer['match_cpu_s'] / CPU[id(r_nat)]:.2f}x "
                   f"default, {peer['match_cpu_s'] / CPU[id(r_tb)]:.2f}x textbook")
+
+    results["load_after"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(results, indent=1))
+    print(f"\nwrote {args.out} (load {results['load_before'][0]:.1f} -> {results['load_after'][0]:.1f})")
 
 
 if __name__ == "__main__":

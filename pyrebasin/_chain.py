@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from .module_state import mode_view
 
-__all__ = ["LinearChain", "linear_chain", "forget"]
+__all__ = ["LinearChain", "linear_chain", "forget", "fingerprint"]
 
 # Activations applied in place on the chain's own activation buffers (never on the caller's input).
 _ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_}
@@ -138,7 +138,7 @@ def _freeze(value, depth: int = 0):
     return ("id", type(value), id(value))
 
 
-def _fingerprint(model: nn.Module) -> tuple:
+def fingerprint(model: nn.Module) -> tuple:
     """What the trace depends on: the module tree (names, objects, types), the forward functions
     (class or instance), every other attribute of every module (e.g. `self.act = "relu"`), the Linear
     biases present and the state's float keys. Training flags are not in it: traces are always of the
@@ -163,7 +163,7 @@ def linear_chain(model: nn.Module) -> LinearChain | None:
     """
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return None   # fx does not see hooks; functional_call runs them
-    key = _fingerprint(model)
+    key = fingerprint(model)
     hit = _TRACES.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -159,7 +159,7 @@ def evaluate_combinations(model: torch.nn.Module, state_a: State, state_b: State
     `data`: an (x, y) pair (sliced into `batch_size` rows), an iterable of (x, y) batches or a
     DataLoader. Each chunk's K parameter sets come from one fused `combine_batched` call and run
     through `evaluation.evaluate` (a Linear/activation chain as addmm/baddbmm on the stacked
-    parameters, any other model as one vmap of functional_call), so per-model Python overhead
+    parameters, any other model by the traced-graph engine of `batched_forward`), so per-model Python overhead
     disappears and peak memory is bounded by `chunk` (reported; a chunk that cannot fit is refused
     with the bytes it needs). The model runs on a private eval-mode view; neither it nor the state
     dicts are modified. `coefficients`: see `combine_states`. `correction(state, t)`: applied to each

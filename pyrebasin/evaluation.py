@@ -10,12 +10,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch.func import functional_call, vmap
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ._chain import forget as forget_chain
-from ._chain import linear_chain
+from .batched_forward import BatchedForward
 from .batches import (
     batches,
     check_batch_size,
@@ -174,53 +172,6 @@ def _reader(data, name: str, batch_size: int | None, labels: str):
     return lambda: batches(data, batch_size=batch_size, labels=labels, name=name)
 
 
-class _Forward:
-    """out [K, B, ...] of K stacked parameter sets: the Linear-chain fast path where it is recognised
-    (and agrees with the model on a probe), else vmap(functional_call) or a loop over the K sets."""
-
-    def __init__(self, model, view, fixed, use_vmap: bool, fast_path: bool):
-        self.model, self.view, self.fixed, self.use_vmap = model, view, fixed, use_vmap
-        self.chain = linear_chain(model) if fast_path and not fixed else None
-        self.checked = False
-        self.extra = model_kwargs(model)   # use_cache=False for HF models
-        self.run = vmap(self.one, in_dims=(0, None))
-        self.vmap_failed = False
-
-    def one(self, p: Params, x) -> torch.Tensor:
-        """The logits of one parameter set; a mapping of inputs is passed as keyword arguments."""
-        if isinstance(x, Mapping):
-            out = functional_call(self.view, (p, self.fixed), (), {**self.extra, **x}, strict=False,
-                                  tie_weights=False)
-        else:
-            out = functional_call(self.view, (p, self.fixed), (x,), self.extra or None, strict=False,
-                                  tie_weights=False)
-        return logits_of(out)
-
-    def general(self, params: Params, x) -> torch.Tensor:
-        k = next(iter(params.values())).shape[0]
-        if self.use_vmap and k > 1 and not self.vmap_failed:
-            try:
-                return self.run(params, x)
-            except (RuntimeError, NotImplementedError) as err:   # an op vmap cannot batch: loop instead
-                if "vmap" not in str(err).lower() and "batch" not in str(err).lower():
-                    raise
-                self.vmap_failed = True
-        return torch.stack([self.one({n: v[i] for n, v in params.items()}, x) for i in range(k)])
-
-    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        if self.chain is not None and isinstance(x, torch.Tensor) and self.chain.accepts(x):
-            if not self.checked:   # cheap re-validation: a forward the trace does not see may have changed
-                one = {n: v[:1] for n, v in params.items()}
-                want, got = self.general(one, x[:2]), self.chain.forward(one, x[:2])
-                self.checked = True
-                if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
-                    forget_chain(self.model)
-                    self.chain = None
-                    return self.general(params, x)
-            return self.chain.forward(params, x)
-        return self.general(params, x)
-
-
 def _loss_parts(per, k: int, b: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     """(summed loss [K], number of targets, correct [K] | None) of one batch from a Loss's return value."""
     if isinstance(per, LossParts):
@@ -255,8 +206,9 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
     `data` (an (x, y) pair, an iterable of batches, a DataLoader, or a dict of named ones).
 
     `chunk` states are stacked at a time (stacks over 64 MiB are checked against the free memory) and
-    run through the model's Linear-chain fast path when it is one, else `vmap(functional_call)`
-    (`use_vmap`) or one `functional_call` per state, always on a private eval-mode view of `model`
+    run through `batched_forward.BatchedForward` (the Linear-chain fast path, else the traced-graph
+    engine, else `vmap(functional_call)` (`use_vmap`) or one `functional_call` per state; `fast_path=False`
+    keeps the last two), always on a private eval-mode view of `model`
     (`mode_view`): the caller's module, its flags and the states are never modified. `correction(state,
     t)` changes each state before it is evaluated (REPAIR/RESET, see `repair.RepairCorrection`).
     `loss(out, y) -> [K, B]` replaces cross-entropy (accuracy is then None). A causal LM (logits
@@ -282,7 +234,7 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     view = mode_view(model)
-    forward = _Forward(model, view, source.fixed, use_vmap, fast_path)
+    forward = BatchedForward(model, view, source.fixed, use_vmap, fast_path)
     f64 = {"dtype": torch.float64, "device": device}
     losses = {s: [] for s in named}
     accs = {s: [] for s in named}

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pyrebasin as prb
-from pyrebasin import _chain, evaluation
+from pyrebasin import _chain, batched_forward, evaluation
 from pyrebasin._chain import linear_chain
 
 
@@ -97,7 +97,8 @@ def test_evaluate_combinations_chain_equals_general_path(gran, monkeypatch):
     x, y = torch.randn(37, 40), torch.randint(0, 10, (37,))
     c = prb.sample_coefficients(m.permutation_spec(), 6, "uniform(-0.3, 1.3)", gran, seed=5, state=a)
     fast = prb.evaluate_combinations(m, a, b, c, (x, y), chunk=4, batch_size=16, return_logits=True)
-    monkeypatch.setattr(evaluation, "linear_chain", lambda model: None)
+    monkeypatch.setattr(batched_forward, "linear_chain", lambda model: None)
+    monkeypatch.setattr(batched_forward, "trace_graph", lambda *a: None)   # the vmap path
     slow = prb.evaluate_combinations(m, a, b, c, (x, y), chunk=4, batch_size=16, return_logits=True)
     torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-6, atol=1e-6)

@@ -185,3 +185,23 @@ def prb_backend(name):
     import pyrebasin as prb
 
     return prb.use_backend(name)
+
+
+def test_lap_policy_never_retries_cold_against_a_cheap_warm_start(monkeypatch):
+    # The same cost solved again: a warm start needs no augmenting path, so after trying each start
+    # once the policy must never pay for a cold solve again (a cold one counts COLD_OVERHEAD paths more).
+    from pyrebasin.matching import lap
+
+    starts = []
+    real = lap.solve_lap
+
+    def recording(cost, **kw):
+        starts.append(kw.get("warm_start") is not None)
+        return real(cost, **kw)
+
+    monkeypatch.setattr(lap, "solve_lap", recording)
+    cost = torch.randn(48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    policy = lap.LapPolicy(["p"], solver="jv")
+    perms = {tuple(policy.solve("p", cost).tolist()) for _ in range(40)}
+    assert len(perms) == 1
+    assert starts[:2] == [False, True] and all(starts[2:]), starts

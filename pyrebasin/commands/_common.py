@@ -13,6 +13,8 @@ from ..batches import batches, check_labels
 from ..distributed import shard_range
 from ..fileio import check_target, same_file
 from ..io import first_line, load_state, parse_kwargs
+from ..lm import check_token_ids, is_token_batch, logits_of, model_kwargs, vocabulary_size
+from ..matching.activation_stats import model_forward
 from ..module_state import check_state, mode_view
 from ..zoo import resolve_arch
 
@@ -78,13 +80,51 @@ def build_model(arch: str, arch_kwargs: str | None) -> torch.nn.Module:
     return resolve_arch(arch, parse_kwargs(arch_kwargs))
 
 
+def hf_from_config(path: str | os.PathLike) -> torch.nn.Module:
+    """A Hugging Face causal LM with random weights from a local config (a config.json, or a directory
+    holding one); the hub is never contacted. Load its weights with --a/--b checkpoints."""
+    import json
+
+    from ..io import call_factory
+
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(f"--hf-config {path}: no config file at {file}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--hf-config {file}: not a JSON config ({first_line(exc)})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"--hf-config {file}: a Hugging Face config needs a 'model_type' entry")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def factory():
+        kind = config["model_type"]
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{k: v for k, v in config.items()
+                                                                              if k != "model_type"}))
+    return call_factory(f"--hf-config {file}", factory, {})
+
+
+def model_of(args) -> torch.nn.Module:
+    """The model of a pair command: --hf-config when given, else --arch (zoo name or module:factory)."""
+    if getattr(args, "hf_config", None):
+        return hf_from_config(args.hf_config)
+    if not args.arch:
+        raise ValueError("give --arch (zoo name or module:factory) or --hf-config (a Hugging Face config)")
+    return build_model(args.arch, args.arch_kwargs)
+
+
 def add_pair_args(p: argparse.ArgumentParser, *, directories: bool = False) -> None:
-    """--arch/--arch-kwargs/--a/--b; with `directories`, --a/--b may be Hugging Face model directories
-    (then --arch is not needed: the model comes from their config.json)."""
-    p.add_argument("--arch", required=not directories,
-                   help="zoo name (mlp, vgg, resnet20, transformer) or module:factory"
+    """--arch/--arch-kwargs/--hf-config/--a/--b (`model_of` needs --arch or --hf-config); with
+    `directories`, --a/--b may be Hugging Face model directories (then the model comes from their config)."""
+    p.add_argument("--arch", default=None,
+                   help="zoo name (mlp, vgg, resnet20, transformer) or module:factory (or give --hf-config)"
                    + ("; not used with model directories" if directories else ""))
     p.add_argument("--arch-kwargs", default=None, help="JSON object of arguments for the architecture")
+    p.add_argument("--hf-config", default=None,
+                   help="a Hugging Face causal LM config (config.json or its directory, read locally) "
+                        "instead of --arch")
     what = "checkpoint (.safetensors or .pt)" + (" or Hugging Face model directory" if directories else "")
     p.add_argument("--a", required=True, help=f"model A: {what}")
     p.add_argument("--b", required=True, help=f"model B: {what}")
@@ -92,12 +132,18 @@ def add_pair_args(p: argparse.ArgumentParser, *, directories: bool = False) -> N
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "mnist1d") -> None:
     p.add_argument("--data", default=default,
-                   help="mnist1d, digits, or a .pt/.safetensors file with x_train, y_train[, x_test, y_test]")
-    p.add_argument("--samples", type=int_at_least(1), default=2000, help="train rows used for statistics and curves")
+                   help="mnist1d, digits, a .pt/.safetensors file with x_train, y_train[, x_test, y_test], or "
+                        "language-model tokens: a .pt/.safetensors file of ids ([N, T], or a 1-D stream) or a "
+                        "UTF-8 text file (byte-level ids 0..255 unless --tokenizer)")
+    p.add_argument("--samples", type=int_at_least(1), default=2000,
+                   help="train rows (token sequences) used for statistics and curves")
+    p.add_argument("--seq-len", type=int_at_least(2), default=128,
+                   help="tokens per sequence when --data is a text file or a 1-D stream of ids")
+    p.add_argument("--tokenizer", default=None, help="a local Hugging Face tokenizer directory for a text --data")
 
 
 def load_pair(args) -> tuple[torch.nn.Module, dict, dict]:
-    model = build_model(args.arch, args.arch_kwargs)
+    model = model_of(args)
     states = []
     for flag, path in (("--a", args.a), ("--b", args.b)):
         state = load_state(path)
@@ -113,10 +159,13 @@ def data_file(name: str | None) -> str | None:
     return None if name is None or name in data.DATASETS else name
 
 
-def load_splits(name: str, samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_splits(name: str, samples: int, *, seq_len: int = 128, tokenizer: str | None = None) -> dict:
     """{"train": first `samples` rows, "test": all} of a named dataset or a .pt/.safetensors file;
-    labels as stored (`check_data` refuses float or one-hot labels instead of casting them)."""
+    labels as stored (`check_data` refuses float or one-hot labels instead of casting them). A token
+    file (`tokens.is_token_file`) gives {"train": ids [N, T] (or a dict with attention_mask)}: its first
+    `samples` sequences, their next tokens the targets."""
     from .. import data
+    from ..tokens import is_token_file, load_tokens
 
     if samples < 1:
         raise ValueError(f"--samples={samples} must be >= 1")
@@ -124,8 +173,15 @@ def load_splits(name: str, samples: int) -> dict[str, tuple[torch.Tensor, torch.
         x, y, xt, yt = data.load(name)
         return {"train": (x[:samples], y[:samples]), "test": (xt, yt)}
     path = Path(name)
-    if path.suffix not in (".pt", ".pth", ".safetensors"):
-        raise ValueError(f"--data {name!r}: expected {sorted(data.DATASETS)} or a .pt/.safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {name!r}: no such file (or dataset: {sorted(data.DATASETS)})")
+    if is_token_file(path):
+        tok = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        ids = load_tokens(path, seq_len=seq_len, tokenizer=tok)
+        return {"train": {k: v[:samples] for k, v in ids.items()} if isinstance(ids, dict) else ids[:samples]}
     t = load_state(path)
     missing = [k for k in ("x_train", "y_train") if k not in t]
     if missing:
@@ -153,10 +209,46 @@ def probe(model: torch.nn.Module, state: dict, x: torch.Tensor, what: str) -> in
     return out.shape[1]
 
 
+def is_token_split(data) -> bool:
+    """A split of language-model tokens (ids [N, T] or a dict with input_ids), not an (x, y) pair."""
+    return not isinstance(data, tuple) and is_token_batch(data)
+
+
+def inputs_of(data):
+    """The inputs of a split: x of an (x, y) pair, the token ids (or their dict) of a token split."""
+    return data if is_token_split(data) else data[0]
+
+
+def _first_rows(x, n: int = 2):
+    return {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
+
+
+def check_tokens(model: torch.nn.Module, state: dict, splits: dict, what: str) -> dict:
+    """Token splits for a causal LM: ids inside the model's vocabulary, and one forward on two
+    sequences giving [batch, tokens, vocab] logits (a one-line error otherwise)."""
+    vocab = vocabulary_size(model)
+    for split, data in splits.items():
+        check_token_ids(data, vocab, f"{what} {split}")
+    x = _first_rows(splits["train"])
+    try:
+        with torch.no_grad():
+            out = model_forward(mode_view(model), state, x, model_kwargs(model))
+        logits = logits_of(out)
+    except (RuntimeError, TypeError, IndexError) as exc:
+        raise ValueError(f"the model cannot run on {what} token ids: {first_line(exc)}") from None
+    if logits.dim() != 3:
+        raise ValueError(f"the model's output on {what} tokens has shape {list(logits.shape)}; a language model "
+                         "returns [batch, tokens, vocab] logits")
+    return splits
+
+
 def check_data(model: torch.nn.Module, state: dict, splits: dict, what: str) -> dict:
     """The API's data checks on every split (empty, non-finite inputs, labels of another length:
     the errors `prb.interpolate` gives), then class-index labels for the model's outputs (float
-    labels refused, not truncated; one-hot labels get a hint). Integer labels come back as int64."""
+    labels refused, not truncated; one-hot labels get a hint). Integer labels come back as int64.
+    Token splits (`load_splits` of a token file) are checked by `check_tokens` instead."""
+    if all(is_token_split(d) for d in splits.values()):
+        return check_tokens(model, state, splits, what)
     for split, data in splits.items():
         for _ in batches(data, labels="required", name=f"{what} {split}"):
             pass
@@ -168,26 +260,37 @@ def check_data(model: torch.nn.Module, state: dict, splits: dict, what: str) -> 
     return out
 
 
-def spec_of(model: torch.nn.Module, example: torch.Tensor | None):
-    """The model's own `permutation_spec()`, else a traced one (`prb.trace_spec`, when available)."""
+def spec_of(model: torch.nn.Module, example):
+    """The model's own `permutation_spec()`, else a traced one (`prb.trace_spec`; token ids are traced
+    as keyword inputs with the model's `lm.model_kwargs`, e.g. use_cache=False)."""
     if hasattr(model, "permutation_spec"):
         return model.permutation_spec()
     import pyrebasin as prb
 
     if hasattr(prb, "trace_spec") and example is not None:
+        if is_token_split(example):
+            rows = _first_rows(example)
+            return prb.trace_spec(model, {**(rows if isinstance(rows, dict) else {"input_ids": rows}),
+                                          **model_kwargs(model)})
         return prb.trace_spec(model, (example[:2],))
     raise ValueError(f"{type(model).__name__} has no permutation_spec() (and no traced spec is available)")
 
 
-def align(model, spec, state_a, state_b, method: str, x: torch.Tensor | None, *, seed: int = 0,
+def align(model, spec, state_a, state_b, method: str, x, *, seed: int = 0,
           max_iter: int = 100, progress: bool = False):
-    """MatchResult aligning B to A by "weight" or "activation" matching."""
+    """MatchResult aligning B to A by "weight" or "activation" matching (token ids: batches of about
+    8192 tokens, so a language model's activations per batch stay bounded)."""
     from .. import matching
 
     if method == "weight":
         return matching.weight_matching(spec, state_a, state_b, seed=seed, max_iter=max_iter, progress=progress)
     if x is None:
         raise ValueError("activation matching needs --data")
-    rows = shard_range(len(x))   # under torchrun each rank reads its share; the statistics are summed
-    return matching.activation_matching(model, model, spec, x[rows.start:rows.stop], state_a=state_a,
-                                        state_b=state_b, max_iter=max_iter, progress=progress)
+    batch_size = 512
+    ids = x["input_ids"] if isinstance(x, dict) else x
+    if is_token_split(x):
+        batch_size = max(1, 8192 // ids.shape[1])
+    rows = shard_range(len(ids))   # under torchrun each rank reads its share; the statistics are summed
+    share = {k: v[rows.start:rows.stop] for k, v in x.items()} if isinstance(x, dict) else x[rows.start:rows.stop]
+    return matching.activation_matching(model, model, spec, share, state_a=state_a, state_b=state_b,
+                                        batch_size=batch_size, max_iter=max_iter, progress=progress)

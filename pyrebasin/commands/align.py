@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.a).is_dir() or Path(args.b).is_dir():
         return run_directories(args)
-    if args.arch is None:
-        raise ValueError("--arch is required for checkpoint files (model directories need none)")
+    if args.arch is None and not getattr(args, "hf_config", None):
+        raise ValueError("--arch (or --hf-config) is required for checkpoint files (model directories need none)")
     # a bad output name, a directory in its place or an input as output fail before any work
     state_suffix(Path(args.out))
     _common.check_outputs({"--out": args.out, "--perms": args.perms},

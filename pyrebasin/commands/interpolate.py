@@ -1,5 +1,6 @@
 """`pyrebasin interpolate`: loss/accuracy along θ(t) = (1−t)·θ_A + t·θ_B for two checkpoints
-(optionally aligned first, with RESET or REPAIR); writes curve.json (curve + barriers) and curve.png."""
+(optionally aligned first, with RESET or REPAIR); writes curve.json (curve + barriers) and curve.png.
+A causal LM on token data is scored by next-token loss, accuracy and perplexity."""
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,11 @@ def run(args: argparse.Namespace) -> int:
     _common.check_outputs({"--out": out / "curve.json", "--out (png)": out / "curve.png"},
                           {"--a": args.a, "--b": args.b, "--data": _common.data_file(args.data)})
     model, state_a, state_b = _common.load_pair(args)
-    splits = _common.check_data(model, state_a, _common.load_splits(args.data, args.samples), f"--data {args.data}")
-    x = splits["train"][0]
-    info = {"align": args.align}
+    splits = _common.check_data(model, state_a, _common.load_splits(args.data, args.samples, seq_len=args.seq_len,
+                                                                    tokenizer=args.tokenizer), f"--data {args.data}")
+    lm = _common.is_token_split(splits["train"])
+    x = _common.inputs_of(splits["train"])
+    info = {"align": args.align, "objective": "next-token" if lm else "classification"}
     if args.align != "none":
         spec = _common.spec_of(model, x)
         t0 = time.perf_counter()
@@ -34,24 +37,34 @@ def run(args: argparse.Namespace) -> int:
     c = interpolate(model, state_a, state_b, splits, args.ts, buffers=args.buffers, repair=args.repair,
                     stat_data=x, progress=not args.no_progress)
     info["seconds"] = time.perf_counter() - t0
-    c.meta.update(info, a=str(args.a), b=str(args.b), arch=args.arch)
-    barriers = {f"{m}/{k}/{s}": barrier(c, m, k, split=s)
-                for m in ("loss", "accuracy") for k in BARRIER_KINDS for s in c.splits}
-    atomic_write_text(out / "curve.json", json.dumps({"curve": c.to_dict(), "barriers": barriers}, indent=1))
+    c.meta.update(info, a=str(args.a), b=str(args.b), arch=args.arch or args.hf_config)
+    metrics = ("loss", "accuracy", "perplexity") if lm else ("loss", "accuracy")
+    barriers = {f"{m}/{k}/{s}": barrier(c, m, k, split=s) for m in metrics for k in BARRIER_KINDS for s in c.splits}
+    report = {"curve": c.to_dict(), "barriers": barriers}
+    if lm:
+        report["perplexity"] = {s: c.perplexity(s) for s in c.splits}
+    atomic_write_text(out / "curve.json", json.dumps(report, indent=1))
     label = "aligned" if args.align != "none" else "naive"
     if args.repair:
         label += " + REPAIR"
     elif args.buffers == "reset":
         label += " + RESET"
-    plot_curves({label: c}, out / "curve.png", title=f"{args.arch}: {Path(args.a).name} → {Path(args.b).name}")
+    name = args.arch or Path(args.hf_config).name
+    plot_curves({label: c}, out / "curve.png", title=f"{name}: {Path(args.a).name} → {Path(args.b).name}")
     split = "test" if "test" in c.splits else "train"
+    ppl = ""
+    if lm:
+        p = c.perplexity(split)
+        ppl = (f", perplexity A {p[0]:.3f} → B {p[-1]:.3f} (max {max(p):.3f}, barrier "
+               f"{barriers[f'perplexity/endpoint_mean/{split}']:.3f})")
     print(f"loss barrier ({split}) {barriers[f'loss/endpoint_mean/{split}']:.4f}, accuracy barrier "
-          f"{barriers[f'accuracy/endpoint_mean/{split}']:.4f}; wrote {out / 'curve.json'} and {out / 'curve.png'}")
+          f"{barriers[f'accuracy/endpoint_mean/{split}']:.4f}{ppl}; wrote {out / 'curve.json'} and {out / 'curve.png'}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("interpolate", help="loss/accuracy curve between two checkpoints (JSON + PNG)")
+    p = sub.add_parser("interpolate",
+                       help="loss/accuracy (and LM perplexity) curve between two checkpoints (JSON + PNG)")
     _common.add_pair_args(p)
     p.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
     _common.add_data_args(p)

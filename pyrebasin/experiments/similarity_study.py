@@ -35,6 +35,8 @@ class SimilarityStudy:
 
 
 def _pair_metrics(la, lb, sa, sb) -> dict[str, float]:
+    # a language model's logits [N, T, V]: every token position is an example
+    la, lb = la.reshape(-1, la.shape[-1]), lb.reshape(-1, lb.shape[-1])
     out = {name: float(f(la, lb)) for name, f in FUNCTIONAL.items()}
     out["weight_l2"] = sim.weight_l2(sa, sb)
     out["weight_cosine"] = sim.weight_cosine(sa, sb)

@@ -12,98 +12,26 @@ seen starting from a per-pair best match of the other. A perm with no Linear/Con
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batches import batches, check_batch_size
 from ..distributed import all_reduce_moments_, broadcast_object, gather_objects, is_distributed
 from ..module_state import check_finite_state, mode_view, model_state
-from ..moments import CrossMoments
-from ..spec import Blocked, PermutationSpec
+from ..moments import ACCUMULATOR_DTYPES, CrossMoments
+from ..spec import PermutationSpec
+from ..lm import model_kwargs
+from .activation_stats import Site, find_sites, gather_moments, plan_passes, probe_sites
 from .lap import solve_lap
 from .weight import MatchResult
 
 __all__ = ["activation_matching", "find_sites", "Site"]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a perm's units are read: the input ("in") or output ("out") of `module`, along `dim`
-    (-1 for Linear, 1 for Conv), that dim being `entry` (a perm name or a Blocked factorisation)."""
-
-    module: str
-    where: str
-    dim: int
-    entry: str | Blocked
-
-    @property
-    def perms(self) -> tuple[str, ...]:
-        if isinstance(self.entry, str):
-            return (self.entry,)
-        return tuple(p for p in self.entry.perms if p is not None)
-
-
-def find_sites(model: nn.Module, spec: PermutationSpec) -> list[Site]:
-    """The activation sites of every perm group (see the module docstring); raises ValueError
-    naming a perm that has none."""
-    consumers: dict[str, list[Site]] = {}
-    producers: dict[str, list[Site]] = {}
-    for key, entries in spec.axes_to_perm.items():
-        mod_name, _, leaf = key.rpartition(".")
-        if leaf != "weight":
-            continue
-        try:
-            module = model.get_submodule(mod_name)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.Linear):
-            dim = -1
-        elif isinstance(module, _CONV):
-            dim = 1
-        else:
-            continue
-        for axis, table in ((1, consumers), (0, producers)):
-            entry = entries[axis] if axis < len(entries) else None
-            if entry is None or (isinstance(entry, Blocked) and all(p is None for p in entry.perms)):
-                continue
-            site = Site(mod_name, "in" if axis == 1 else "out", dim, entry)
-            for p in site.perms:
-                table.setdefault(p, []).append(site)
-    sites: list[Site] = []
-    for p in spec.perm_names:
-        chosen = consumers.get(p) or producers.get(p)
-        if not chosen:
-            raise ValueError(f"activation_matching: perm {p!r} permutes no Linear/Conv weight of the model, "
-                             "so no activation site was found for it; use weight_matching for this model")
-        sites.extend(s for s in chosen if s not in sites)
-    return sites
-
-
-def _site_view(t: torch.Tensor, site: Site, sizes: Mapping[str, int]) -> tuple[torch.Tensor, int]:
-    """The site's activation as a tensor whose `channel_dim` holds its permuted units (jointly, for
-    several permuted factors); every other position is a sample."""
-    d = site.dim % t.dim()
-    if isinstance(site.entry, str):
-        return t, d
-    shape = site.entry.shape
-    t = t.reshape(t.shape[:d] + shape + t.shape[d + 1:])
-    factors = [d + f for f, p in enumerate(site.entry.perms) if p is not None]
-    if len(factors) == 1:
-        return t, factors[0]
-    t = t.movedim(factors, list(range(d, d + len(factors))))
-    return t.reshape(t.shape[:d] + (-1,) + t.shape[d + len(factors):]), d
-
-
-def _to(x, device):
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, Mapping) else x.to(device)
 
 
 def _states(model: nn.Module, state, name: str, spec: PermutationSpec):
@@ -128,79 +56,44 @@ def _states(model: nn.Module, state, name: str, spec: PermutationSpec):
     return full, spec_view
 
 
-@torch.no_grad()
-def _collect(model_a, model_b, state_a, state_b, sites, sizes, data, batch_size, max_batches, progress):
-    moments: dict[Site, CrossMoments] = {}
-    captured: dict[Site, torch.Tensor] = {}
-    seen: set = set()
-    shared: set[Site] = set()  # sites whose tensor another site already counted
-
-    def make_hook(site: Site):
-        def hook(module, args, output=None):
-            t = args[0] if site.where == "in" else output
-            # q/k/v (or a block's conv1 and shortcut) read one input: count it once
-            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), site.entry)
-            if key in seen:
-                shared.add(site)
-                return
-            seen.add(key)
-            captured[site] = t.detach()
-        return hook
-
-    def run(model, state):
-        captured.clear()
-        seen.clear()
-        handles = []
-        try:
-            for s in sites:
-                m = model.get_submodule(s.module)
-                handles.append(m.register_forward_pre_hook(make_hook(s)) if s.where == "in"
-                               else m.register_forward_hook(make_hook(s)))
-            torch.func.functional_call(model, state, (batch,))
-        finally:
-            for h in handles:
-                h.remove()
-        return dict(captured)
-
-    device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
-    n = 0
-    stream = batches(data, batch_size=batch_size, labels="ignored", name="activation_matching: data")
-    for x, _ in tqdm(stream, desc="activation statistics", disable=not progress, leave=False):
-        if max_batches is not None and n >= max_batches:
-            break
-        batch = _to(x, device)
-        acts_a, acts_b = run(model_a, state_a), run(model_b, state_b)
-        for s in sites:
-            if s not in acts_a or s not in acts_b:
-                continue  # this site's tensor was already counted under another module (shared input)
-            xa, cd = _site_view(acts_a[s], s, sizes)
-            xb, _ = _site_view(acts_b[s], s, sizes)
-            if s not in moments:
-                moments[s] = CrossMoments(xa.shape[cd], xb.shape[cd], device=xa.device)
-            moments[s].update(xa, xb, channel_dim=cd)
-        n += 1
-    return moments, shared, n
-
-
-def _reduce(moments, shared, sites, n, group, failure: str | None = None) -> None:
-    """Sum every rank's statistics in place (one all-reduce); all ranks first agree that each has data
-    and reached the same sites, so a bad shard is a ValueError on every rank, never a hang."""
-    mine = (n, [(i, tuple(moments[s].sum_xy.shape)) for i, s in enumerate(sites) if s in moments],
-            [i for i, s in enumerate(sites) if s in shared], failure)
-    everyone = gather_objects(mine, group) if is_distributed(group) else [mine]
-    failed = [(r, e[3]) for r, e in enumerate(everyone) if e[3] is not None]
+def _agree(what, group, failure: str | None) -> None:
+    """All ranks compare `what` (and their failures) before a collective: a bad shard or another
+    structure on one rank is a ValueError on every rank, never a hang."""
+    everyone = gather_objects((what, failure), group) if is_distributed(group) else [(what, failure)]
+    failed = [(r, e[1]) for r, e in enumerate(everyone) if e[1] is not None]
     if failed:
         raise ValueError("; ".join(f"rank {r}: {msg}" for r, msg in failed))
-    everyone = [e[:3] for e in everyone]
+    odd = [r for r, e in enumerate(everyone) if e[0] != everyone[0][0]]
+    if odd:
+        raise ValueError(f"activation_matching: rank(s) {odd} reached other activation sites (or widths) than "
+                         "rank 0; every rank must run the same models on data of the same form")
+
+
+def _reduce(moments, group_sites, n, group, failure: str | None = None) -> None:
+    """Sum every rank's statistics of one pass in place (one all-reduce per site, so the flattened
+    buffer is one site's size); float32 shifted sums are first moved to the ranks' mean shift."""
+    everyone = gather_objects((n, failure), group) if is_distributed(group) else [(n, failure)]
+    failed = [(r, e[1]) for r, e in enumerate(everyone) if e[1] is not None]
+    if failed:
+        raise ValueError("; ".join(f"rank {r}: {msg}" for r, msg in failed))
     empty = [r for r, e in enumerate(everyone) if e[0] == 0]
     if empty:
         where = f" on rank(s) {empty}" if len(everyone) > 1 else ""
         raise ValueError(f"activation_matching: `data` yielded no batches{where}")
-    odd = [r for r, e in enumerate(everyone) if e[1:] != everyone[0][1:]]
-    if odd:
-        raise ValueError(f"activation_matching: rank(s) {odd} reached other activation sites (or widths) than "
-                         "rank 0; every rank must run the same models on data of the same form")
-    all_reduce_moments_([moments[s] for s in sites if s in moments], group)
+    _agree([(i, tuple(moments[s].sum_xy.shape)) for i, s in enumerate(group_sites) if s in moments], group, None)
+    if not is_distributed(group):
+        return
+    world = dist.get_world_size(group)
+    for s in group_sites:
+        if s not in moments:
+            continue
+        m = moments[s]
+        if m.shifted:
+            shifts = torch.cat([m.shift_x, m.shift_y])
+            dist.all_reduce(shifts, op=dist.ReduceOp.SUM, group=group)
+            shifts /= world
+            m.reshift_(shifts[:m.sum_x.numel()], shifts[m.sum_x.numel():])
+        all_reduce_moments_(m, group)
 
 
 def _factor_cost(corr: torch.Tensor, site: Site, p: str, sizes, perms, solved) -> torch.Tensor:
@@ -239,17 +132,45 @@ _IDENTITY_TIE = 1e-9
 
 
 def _corr(m: CrossMoments, site: Site) -> tuple[torch.Tensor, int, int]:
-    """The site's correlation with rows/columns of constant units zeroed, and the number of constant
-    units of A and of B; an activation that overflowed is an error naming the module."""
-    n = m.count.clamp_min(1)
-    const_a = m.var_x <= _CONSTANT_RTOL**2 * (m.sum_xx / n)
-    const_b = m.var_y <= _CONSTANT_RTOL**2 * (m.sum_yy / n)
-    c = m.corr()
-    if not bool(torch.isfinite(c).all()) or not bool(torch.isfinite(m.sum_xx).all() & torch.isfinite(m.sum_yy).all()):
+    """The site's correlation, computed in place in its Σxyᵀ, with rows/columns of constant units
+    zeroed, and the number of constant units of A and of B; an activation that overflowed is an
+    error naming the module."""
+    const_a = m.var_x <= _CONSTANT_RTOL**2 * m.mean_sq_x
+    const_b = m.var_y <= _CONSTANT_RTOL**2 * m.mean_sq_y
+    finite = bool(torch.isfinite(m.sum_xx).all() & torch.isfinite(m.sum_yy).all())
+    c = m.corr_()
+    if not finite or not math.isfinite(float(c.sum())):   # |corr| <= 1: only NaN/Inf make the sum non-finite
         raise ValueError(f"activation_matching: the activations at the {site.where}put of {site.module!r} are "
                          "not finite (an overflow or an invalid operation); check the data's scale and the weights")
-    c = c.masked_fill(const_a[:, None] | const_b[None, :], 0.0)
+    c[const_a] = 0.0
+    c[:, const_b] = 0.0
     return c.cpu(), int(const_a.sum()), int(const_b.sum())
+
+
+def _first_batch(data, batch_size):
+    """(the first batch's inputs, data to read from the start): a one-shot iterator's first item is
+    put back in front of it."""
+    stream = data
+    if isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, Mapping, tuple, list)) \
+            and iter(data) is data:
+        try:
+            head = next(data)
+        except StopIteration:
+            raise ValueError("activation_matching: data yielded no batches") from None
+        stream, data = itertools.chain([head], data), [head]
+    x, _ = next(iter(batches(data, batch_size=batch_size, labels="ignored", name="activation_matching: data")))
+    return x, stream
+
+
+def _solve_alone(cost: torch.Tensor, solver) -> tuple[torch.Tensor, float, float]:
+    """A perm of no coupled site: one LAP on its summed correlations (the identity tie added in
+    place), with the objective at the identity and at the solution."""
+    r = torch.arange(cost.shape[0])
+    before = float(cost.diagonal().sum())
+    cost.diagonal().add_(_IDENTITY_TIE)
+    perm = solve_lap(cost, solver=solver)
+    after = float(cost[r, perm].sum()) - _IDENTITY_TIE * int((perm == r).sum())
+    return perm, before, after
 
 
 @torch.no_grad()
@@ -257,29 +178,43 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
                         *, state_a: Mapping[str, torch.Tensor] | None = None,
                         state_b: Mapping[str, torch.Tensor] | None = None, batch_size: int = 512,
                         max_batches: int | None = None, max_iter: int = 100, solver: str | None = None,
+                        dtype: torch.dtype = torch.float64, max_memory: int | None = None,
                         progress: bool = False, group=None) -> MatchResult:
     """Permutations of B's units maximising the summed correlation of A's and B's activations.
 
     `data`: any form `pyrebasin.batches.batches` reads — a tensor of inputs or an `(x, y)` pair (split
-    into `batch_size` rows; labels unused), an iterable of batches or a DataLoader. Non-finite inputs
-    or weights are refused (ValueError naming them). Both models run in eval mode on private views
-    (`mode_view`) through `torch.func.functional_call` on `state_a` / `state_b` (default: each model's
-    own tensors, non-persistent buffers included), so neither model, its flags nor a state is modified.
-    Units whose activation is constant over the data (dead units, a single sample, constant inputs)
-    correlate with nothing; ties go to the identity, so a model matched with itself gets the identity;
-    a group with no varying unit at all keeps the identity, with a warning. Returns `MatchResult`:
-    `objective` holds Σ of matched correlations (identity first, then after each sweep); `iterations`
-    the sweeps (1 unless factors couple).
+    into `batch_size` rows; labels unused), an iterable of batches or a DataLoader. Token batches: a
+    LongTensor [B, T] of ids, or a dict with `input_ids` (and `attention_mask`, whose zeros — padding —
+    are left out of the statistics), passed to the model as keyword arguments; a model whose forward
+    takes `use_cache` (HF) gets `use_cache=False`. Non-finite inputs or weights are refused (ValueError
+    naming them). Both models run in eval mode on private views (`mode_view`) through
+    `torch.func.functional_call` on `state_a` / `state_b` (default: each model's own tensors,
+    non-persistent buffers such as rotary `inv_freq` included), so neither model, its flags nor a state
+    is modified. Units whose activation is constant over the data (dead units, a single sample,
+    constant inputs) correlate with nothing; ties go to the identity, so a model matched with itself
+    gets the identity; a group with no varying unit at all keeps the identity, with a warning.
+
+    Memory: `dtype` is the moments' accumulator, float64 (default) or float32 (shifted sums, half the
+    memory; docs/lm.md gives its measured accuracy). `max_memory` (bytes, None = unbounded) bounds the
+    moments alive at once: the sites are split into passes over the data (the data must then be
+    re-iterable), each perm solved as soon as its last site is read; the result is identical to one
+    pass. Correlations are formed in place; a pass stops each forward once it has read its sites.
+
+    Returns `MatchResult`: `objective` holds Σ of matched correlations (identity first, then after
+    each sweep); `iterations` the sweeps (1 unless factors couple).
 
     Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
     this process alone) each rank passes its own shard of the data (`max_batches` counts per rank): the
-    statistics are summed over the ranks in one all-reduce, and every rank returns rank 0's result,
-    that of one process reading all shards (to float64 rounding). Identical data on every rank gives
-    the single-process result too (the correlations of repeated data are those of the data).
+    statistics are summed over the ranks, and every rank returns rank 0's result, that of one process
+    reading all shards (to accumulator rounding). Identical data on every rank gives the
+    single-process result too (the correlations of repeated data are those of the data).
     """
     check_batch_size(batch_size)
     check_batch_size(max_batches, "max_batches", allow_none=True)
     check_batch_size(max_iter, "max_iter")
+    check_batch_size(max_memory, "max_memory", allow_none=True)
+    if dtype not in ACCUMULATOR_DTYPES:
+        raise ValueError(f"activation_matching: dtype must be torch.float64 or torch.float32, got {dtype!r}")
     for name, m in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"activation_matching: {name} must be an nn.Module, got {type(m).__name__}")
@@ -293,40 +228,89 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     # eval-mode views: BatchNorm must not update (or use batch) statistics, and the caller's flags stay
     view_a = mode_view(model_a)
     view_b = view_a if model_b is model_a else mode_view(model_b)
-    failure = None
-    try:
-        moments, shared, n_batches = _collect(view_a, view_b, state_a, state_b, sites, sizes, data, batch_size,
-                                              max_batches, progress)
+    run_a = (view_a, state_a, model_kwargs(model_a))
+    run_b = (view_b, state_b, model_kwargs(model_b))
+    device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
+    failure, stream = None, data
+    try:   # the sites in forward order, and those that read another's tensor (q/k/v: counted once)
+        first, stream = _first_batch(data, batch_size)
+        first = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in first.items()} \
+            if isinstance(first, Mapping) else first.to(device)
+        order, shared, calls = probe_sites([run_a, run_b], sites, first)
     except ValueError as e:   # bad data on this rank: every rank must hear of it before the collective
         if not is_distributed(group):
             raise
-        moments, shared, n_batches, failure = {}, set(), 0, str(e)
-    _reduce(moments, shared, sites, n_batches, group, failure)
-    missing = [s for s in sites if s not in moments and s not in shared]
+        order, shared, calls, failure = list(sites), set(), {}, str(e)
+    _agree(([sites.index(s) for s in order], sorted(sites.index(s) for s in shared)), group, failure)
+    coupled = {p for p in sizes if any(len(s.perms) > 1 for s in order if p in s.perms)}
+    kept = {s for s in order if coupled.intersection(s.perms)}
+    passes = plan_passes(order, sizes, kept, max_memory, dtype)
+    if len(passes) > 1 and stream is not data:
+        raise TypeError(f"activation_matching: max_memory={max_memory} needs {len(passes)} passes over the data, "
+                        f"but data is a one-shot iterator ({type(data).__name__}); pass a re-iterable (a list "
+                        "of batches, a DataLoader) or tensors")
+    left = {p: sum(p in s.perms for s in order) for p in sizes}   # sites still to read, per perm
+    perms = {p: torch.arange(n) for p, n in sizes.items()}
+    corr, cost, varying, reached = {}, {}, {p: [0, 0] for p in sizes}, set()
+    alone = {"before": 0.0, "after": 0.0}   # objective of the perms solved on their own
+    samples = 0
+    for k, group_sites in enumerate(passes):
+        failure = None
+        try:
+            moments, n_batches = gather_moments(
+                run_a, run_b, group_sites, calls, stream, batch_size=batch_size, max_batches=max_batches,
+                dtype=dtype, device=device, progress=progress,
+                desc=f"activation statistics{f' (pass {k + 1}/{len(passes)})' if len(passes) > 1 else ''}")
+        except ValueError as e:
+            if not is_distributed(group):
+                raise
+            moments, n_batches, failure = {}, 0, str(e)
+        _reduce(moments, group_sites, n_batches, group, failure)
+        for s in group_sites:   # in forward order: the sums below do not depend on the passes
+            m = moments.pop(s, None)
+            if m is not None:
+                reached.add(s)
+                samples = max(samples, int(float(m.count)))
+                c, const_a, const_b = _corr(m, s)
+                del m
+                for p in s.perms:
+                    varying[p][0] += c.shape[0] - const_a
+                    varying[p][1] += c.shape[1] - const_b
+                if s in kept:
+                    corr[s] = c
+                else:
+                    p = s.perms[0]
+                    cost[p] = cost[p].add_(c) if p in cost else c
+                del c
+            for p in s.perms:
+                left[p] -= 1
+                if left[p] == 0 and p in cost:
+                    perms[p], before, after = _solve_alone(cost.pop(p), solver)
+                    alone["before"] += before
+                    alone["after"] += after
+    missing = [s for s in sites if s not in reached and s not in shared]
     if missing:
         warnings.warn(f"activation_matching: sites never reached by the forward pass: {missing}", stacklevel=2)
-    corr, varying = {}, {p: [0, 0] for p in sizes}
-    for s, m in moments.items():
-        corr[s], const_a, const_b = _corr(m, s)
-        for p in s.perms:
-            varying[p][0] += corr[s].shape[0] - const_a
-            varying[p][1] += corr[s].shape[1] - const_b
-    by_perm = {p: [s for s in corr if p in s.perms] for p in sizes}
-    empty = [p for p, s in by_perm.items() if not s]
+    empty = [p for p in sizes if not any(p in s.perms for s in reached)]
     if empty:
         raise ValueError(f"activation_matching: no activations were captured for perms {empty}")
     flat = sorted(p for p, (va, vb) in varying.items() if va == 0 or vb == 0)
     if flat:
-        samples = int(max(float(m.count) for m in moments.values()))
         warnings.warn(f"activation_matching: no unit of perm group(s) {flat[:6]}{' ...' if len(flat) > 6 else ''} "
                       f"varies over the data ({samples} samples per site) in model A or B: "
                       "their correlations are undefined and they keep the identity; pass more, or more varied, data",
                       stacklevel=2)
-    perms = {p: torch.arange(n) for p, n in sizes.items()}
-    coupled = {p for p in sizes if any(len(s.perms) > 1 for s in by_perm[p])}
+    history, sweeps = _coordinate_descent(corr, sizes, coupled, perms, alone, max_iter, solver)
+    # every rank solved the same reduced statistics; rank 0's answer is the one all return, so hosts
+    # whose LAP rounding differs cannot disagree
+    return broadcast_object(MatchResult(perms=perms, objective=history, iterations=sweeps), 0, group)
 
+
+def _coordinate_descent(corr, sizes, coupled, perms, alone, max_iter, solver) -> tuple[list[float], int]:
+    """Solve the coupled perms (factors of joint sites) by coordinate descent over their kept
+    correlations, in place in `perms`; the objective history adds the perms solved alone."""
     def objective() -> float:
-        total = 0.0
+        total = alone["after"]
         for s, c in corr.items():
             names = list(s.perms)
             idx = torch.arange(c.shape[0]).reshape([sizes[q] for q in names])
@@ -335,16 +319,16 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
             total += float(c[torch.arange(c.shape[0]), idx.reshape(-1)].sum())
         return total
 
-    history = [objective()]
+    history = [objective() - alone["after"] + alone["before"]]
+    if not coupled:
+        return history + [alone["after"]], 1
     solved: set[str] = set()
-    order = sorted(sizes, key=lambda p: (sizes[p], p))  # coarse factors (heads) before fine ones
+    order = sorted(coupled, key=lambda p: (sizes[p], p))  # coarse factors (heads) before fine ones
     sweeps = 0
     for _ in range(max(1, max_iter)):
         sweeps += 1
         changed = False
         for p in order:
-            if p in solved and p not in coupled:
-                continue
             cost = sum(_factor_cost(c, s, p, sizes, perms, solved) for s, c in corr.items() if p in s.perms)
             new = solve_lap(cost + _IDENTITY_TIE * torch.eye(sizes[p], dtype=cost.dtype), solver=solver)
             r = torch.arange(sizes[p])
@@ -352,11 +336,9 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
             solved.add(p)
             if first or float(cost[r, new].sum() - cost[r, perms[p]].sum()) > 1e-12:
                 # a coupled factor's first solve used a provisional cost: always re-check it
-                changed = changed or not torch.equal(new, perms[p]) or (first and p in coupled)
+                changed = changed or not torch.equal(new, perms[p]) or first
                 perms[p] = new
         history.append(objective())
-        if not changed or not coupled:
+        if not changed:
             break
-    # every rank solved the same reduced statistics; rank 0's answer is the one all return, so hosts
-    # whose LAP rounding differs cannot disagree
-    return broadcast_object(MatchResult(perms=perms, objective=history, iterations=sweeps), 0, group)
+    return history, sweeps

@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..distributed import all_reduce_sum_, is_distributed, owners, rank_and_world
-from ..spec import Blocked, PermutationSpec, axis_index
+from ..spec import Blocked, PermutationSpec, axis_index, check_permutations
 
 __all__ = ["WeightCosts", "SPLIT_MIN_BYTES", "dot64"]
 
@@ -196,6 +196,8 @@ class WeightCosts:
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
         """Σ over permuted tensors of <W_A, π(W_B)>, in float64 (π: `perms`, default the held ones),
         one tensor permuted at a time (never a permuted copy of the model)."""
+        if perms is not None:
+            check_permutations(self.spec, perms, self.sizes)
         perms = perms if perms is not None else self.perms
         dots = self.dots(perms) if self.own_keys else {}
         if self.group is not False:  # every rank's dots (each tensor's on one rank, zeros elsewhere: exact)

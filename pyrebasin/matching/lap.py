@@ -52,6 +52,30 @@ def _as_float64(cost) -> np.ndarray:
     return cost
 
 
+def _solve_jv(negated: torch.Tensor, warm_start) -> tuple[torch.Tensor, LapState | None]:
+    """`ops.lap_solve` on the negated cost (it minimises; negation is exact in float64), started from
+    `warm_start` (a `LapState`, or a bare assignment with zero duals); the kernel checks finiteness in
+    its own pass, and its refusal becomes solve_lap's ValueError."""
+    n = negated.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long), None
+    v = col = None
+    if warm_start is not None:
+        if not isinstance(warm_start, LapState):
+            warm_start = LapState(torch.as_tensor(warm_start, dtype=torch.long), torch.zeros(n, dtype=torch.float64))
+        if warm_start.perm.shape != (n,):
+            raise ValueError(f"solve_lap: warm_start has shape {list(warm_start.perm.shape)}, expected [{n}]")
+        v, col = warm_start.duals.to(torch.float64), warm_start.perm.to(torch.long)
+    try:
+        perm, duals, aug = ops.lap_solve(negated, v, col)
+    except (RuntimeError, ValueError) as e:
+        if "NaN or infinite" not in str(e):
+            raise
+        raise ValueError("solve_lap: the cost matrix has NaN or infinite entries "
+                         "(check the weights/activations for NaN)") from None
+    return perm, LapState(perm, duals, int(aug))
+
+
 def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.Tensor | None = None,
               return_state: bool = False):
     """The permutation maximising Σ_i cost[i, perm[i]] (int64 tensor on the CPU).
@@ -63,25 +87,19 @@ def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.T
     diagonal first (they keep no duals, so this only reorders the problem). With `return_state`,
     returns (perm, LapState) — the state is None for solvers other than "jv".
     """
-    c = _as_float64(cost)
-    n = c.shape[0]
     solver = solver or default_solver()
     if solver not in available_solvers():
         raise ValueError(f"solve_lap: unknown solver {solver!r}; expected one of {available_solvers()}")
+    if solver == "jv" and isinstance(cost, torch.Tensor) and cost.dim() == 2 and cost.shape[0] == cost.shape[1]:
+        perm, state = _solve_jv(cost.detach().to("cpu", torch.float64).neg(), warm_start)
+        return (perm, state) if return_state else perm
+    c = _as_float64(cost)
+    n = c.shape[0]
     state = None
     if n == 0:
         perm = torch.zeros(0, dtype=torch.long)
     elif solver == "jv":
-        v = col = None
-        if warm_start is not None:  # a bare assignment starts from zero duals
-            if not isinstance(warm_start, LapState):
-                warm_start = LapState(torch.as_tensor(warm_start, dtype=torch.long), torch.zeros(n, dtype=torch.float64))
-            if warm_start.perm.shape != (n,):
-                raise ValueError(f"solve_lap: warm_start has shape {list(warm_start.perm.shape)}, expected [{n}]")
-            v, col = warm_start.duals.to(torch.float64), warm_start.perm.to(torch.long)
-        # lap_solve minimises: negate (exact in float64) and keep the duals of the negated problem.
-        perm, duals, aug = ops.lap_solve(torch.from_numpy(-c), v, col)
-        state = LapState(perm, duals, int(aug))
+        perm, state = _solve_jv(torch.from_numpy(-c), warm_start)
     else:
         order = None
         if warm_start is not None:
@@ -104,13 +122,21 @@ def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.T
     return (perm, state) if return_state else perm
 
 
+# A cold solve's row reduction costs about as much as this many augmenting paths (measured on n = 512
+# weight-matching costs: cold ≈ 1.6 ms + 0.12 ms/path, warm ≈ 0.6 ms + 0.15 ms/path).
+COLD_OVERHEAD = 8
+
+
 class LapPolicy:
     """Solves the LAPs of a sequence of sweeps, one state per perm group: with the "jv" solver and
     `warm_start`, a group's LAP restarts from its previous duals or cold, whichever needed fewer
     augmenting paths (Dijkstra searches after the row reduction, a deterministic count) the last
-    time each ran; the other start is re-tried every `explore`-th solve. Trained weights tend to
-    favour warm starts, random wide layers cold ones (the row reduction settles them), so the
-    choice is measured per group instead of fixed."""
+    time each ran, a cold start counted `COLD_OVERHEAD` paths more for its row reduction. The other
+    start is re-tried after `explore` solves, after twice as many each time that re-try lost again
+    (up to `8 * explore`; a win resets the wait), and a cold start never while the warm one needs
+    at most `COLD_OVERHEAD` paths (it cannot win). Trained weights tend to favour warm starts,
+    random wide layers cold ones (the row reduction settles them), so the choice is measured per
+    group instead of fixed; a losing cold re-try on trained weights costs ~10 warm solves."""
 
     def __init__(self, names, *, solver: str | None = None, warm_start: bool = True, explore: int = 8):
         self.solver = solver or default_solver()
@@ -120,22 +146,32 @@ class LapPolicy:
         self.states: dict = dict.fromkeys(names)
         self.paths = {p: {True: None, False: None} for p in names}
         self.count = dict.fromkeys(names, 0)
+        self.wait = dict.fromkeys(names, explore)
         self.solves = 0
 
-    def _warm(self, p: str) -> bool:
-        self.count[p] += 1
+    def _warm(self, p: str) -> tuple[bool, bool]:
+        """(start warm?, is this a re-try of the start that lost last time?)"""
         w, c = self.paths[p][True], self.paths[p][False]
         if w is None or c is None:
-            return w is None   # try each once (the very first solve has no state: it runs cold)
-        better = w <= c
-        return (not better) if self.count[p] % self.explore == 0 else better
+            return w is None, False  # try each once (the very first solve has no state: it runs cold)
+        self.count[p] += 1
+        better = w <= c + COLD_OVERHEAD
+        # A cold start counts at least COLD_OVERHEAD: no re-try can beat a warm start that needed fewer paths.
+        if self.count[p] >= self.wait[p] and not (better and w <= COLD_OVERHEAD):
+            self.count[p] = 0
+            return not better, True
+        return better, False
 
     def solve(self, p: str, cost: torch.Tensor) -> torch.Tensor:
         """The permutation maximising Σ_i cost[i, perm[i]] for group `p` (int64, CPU)."""
         self.solves += 1
-        warm = self.warm_start and self.states[p] is not None and self._warm(p)
+        warm, retry = (self._warm(p) if self.warm_start and self.states[p] is not None else (False, False))
         perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True,
                                          warm_start=self.states[p] if warm else None)
         if self.states[p] is not None:
-            self.paths[p][warm] = self.states[p].augmentations
+            paths = self.paths[p]
+            paths[warm] = self.states[p].augmentations
+            if retry:
+                lost = (paths[True] <= paths[False] + COLD_OVERHEAD) != warm
+                self.wait[p] = min(2 * self.wait[p], 8 * self.explore) if lost else self.explore
         return perm

@@ -22,16 +22,19 @@ __all__ = ["MatchResult", "weight_matching", "METHODS", "COUPLING_SCHEDULE"]
 
 COUPLING_SCHEDULE = (0.2, 1.0)
 
-# Named matchers: the coupling weight of each phase, the refinement passes after them, and how many
-# group orders (seeds) are tried, the best final objective kept. "textbook" is Git Re-Basin's loop;
-# "default" was chosen by the matcher study (docs/alignment.md, benchmarks/matchers.py).
+# Named matchers: the coupling weight of each phase, the refinement passes after them, how many group
+# orders (seeds) are tried, the best final objective kept, and `settle`: a phase before the last stops
+# once a sweep changed the true objective by at most that share of it (0: only when no LAP gains).
+# "textbook" is Git Re-Basin's loop; "default" was chosen by the matcher study (docs/alignment.md,
+# benchmarks/matchers.py); "thorough" buys a higher objective with 4 restarts (about 4x the default's time).
 METHODS = {
-    "textbook": dict(schedule=(1.0,), restarts=1, refine=0),
-    "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0),
-    "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=1),
+    "textbook": dict(schedule=(1.0,), restarts=1, refine=0, settle=0.0),
+    "schedule": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=0, settle=0.0),
+    "default": dict(schedule=COUPLING_SCHEDULE, restarts=1, refine=2, settle=1e-3),
+    "thorough": dict(schedule=COUPLING_SCHEDULE, restarts=4, refine=2, settle=1e-3),
 }
 KICK = 0.1  # share of a group's units that a refinement visit shuffles
-REFINE_BUDGET = 0.25  # refinement stops once it has solved this share of the LAPs that the schedule solved
+REFINE_BUDGET = 0.5  # refinement stops once it has solved this share of the LAPs that the schedule solved
 
 
 @dataclass
@@ -65,10 +68,12 @@ def _step(costs: WeightCosts, lap: LapPolicy, p: str, coupling: float, tol: floa
 
 
 def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling: float, max_iter: int,
-             tol: float, history: list[float], bar, capped: list, *, every_sweep: bool = True) -> int:
+             tol: float, history: list[float], bar, capped: list, *, every_sweep: bool = True,
+             settle: float = 0.0) -> int:
     """Algorithm 1 on `costs.cost(p, coupling)`: sweeps over the groups in a random order, each group
     takes the LAP optimum of its cost when it gains more than `tol`; stops after a sweep without a
-    gain. Appends the true objective after each sweep (or, without `every_sweep`, only after the
+    gain (or, with `settle` > 0, after a sweep that changed the true objective by at most `settle` x
+    its size). Appends the true objective after each sweep (or, without `every_sweep`, only after the
     last) to `history`, and (coupling, last change of the objective) to `capped` when it stopped at
     `max_iter` still improving; returns the sweeps run."""
     names = list(costs.sizes)
@@ -90,6 +95,8 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
             bar.set_postfix(coupling=coupling, objective=f"{history[-1]:.6g}")
         if not improved:
             return sweep
+        if settle and every_sweep and abs(history[-1] - history[-2]) <= settle * abs(history[-1]):
+            return sweep  # a phase that leads into another has settled: its tail barely moves the true objective
     if not every_sweep:
         history.append(costs.objective())
     if max_iter:  # every sweep improved, the last one too
@@ -157,19 +164,21 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
-    docs/alignment.md); `schedule` and `restarts` override its parts. `schedule`: the weight of the
-    coupling terms (those that read another perm, e.g. the next layer's columns) in each phase,
-    ending with 1.0, each phase starting from the previous one's perms: early on B's other axes are
-    unaligned and those terms are mostly noise. `refine`: passes of iterated local search after
-    the schedule (each visit shuffles a share `KICK` of one group's units, re-descends, and keeps
-    the result only if the objective rose). `restarts`: group-order seeds seed, seed+1, ... tried;
-    the run with the best final objective is kept (the first on ties).
+    docs/alignment.md, "thorough" the default with 4 restarts); `schedule`, `restarts` and `refine`
+    override its parts. `schedule`: the weight of the coupling terms (those that read another perm,
+    e.g. the next layer's columns) in each phase, ending with 1.0, each phase starting from the
+    previous one's perms: early on B's other axes are unaligned and those terms are mostly noise.
+    `refine`: passes of iterated local search after the schedule (each visit shuffles a share `KICK`
+    of one group's units, re-descends, and keeps the result only if the objective rose).
+    `restarts`: group-order seeds seed, seed+1, ... tried; the run with the best final objective is
+    kept (the first on ties).
 
     Each sweep visits the groups in a seeded random order and solves one LAP per group (cost on the
     tensors' device, LAP on the CPU, `solver` and `warm_start` as in `LapPolicy`); a group whose
     cost's inputs did not change since its last solve is skipped. A phase stops after a sweep
     without an improvement > `tol`, or after `max_iter` sweeps (with a RuntimeWarning when the
-    last sweep still improved). Inputs are never modified.
+    last sweep still improved); a phase before the last also once it settled (the method's
+    `settle`, see `METHODS`). Inputs are never modified.
 
     Under torch.distributed (`group`: None = the default group when initialised, a group, or False for
     this process alone) every rank passes the same arguments; each rank builds, caches and solves
@@ -197,9 +206,10 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
             costs.set_perm(p, v)
         lap, gen = LapPolicy(list(costs.sizes), solver=solver, warm_start=warm_start), torch.Generator().manual_seed(s)
         history, phase_starts, sweeps = [costs.objective()], [], 0
-        for coupling in schedule:
+        for k, coupling in enumerate(schedule):
             phase_starts.append(sweeps)
-            sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar, capped)
+            sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar, capped,
+                               settle=METHODS[method]["settle"] if k < len(schedule) - 1 else 0.0)
         sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped)
         if best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}

@@ -72,15 +72,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss / len(y), correct / len(y)
 
 
-def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: TrainConfig | None = None,
-              cache: bool = True, progress: bool = True, **arch_kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Build zoo model `arch` with `torch.manual_seed(seed)`, train it on `dataset` (cached on disk),
-    and return (model in eval mode, its state dict). Same arguments -> identical weights on one CPU
-    instruction set (training runs at one intra-op thread whatever the caller's setting)."""
-    config = config or TrainConfig(seed=seed)
-    config = TrainConfig(**{**asdict(config), "seed": seed})
-    key = json.dumps({"arch": arch, "dataset": dataset, "kw": arch_kwargs, "cfg": asdict(config),
-                      "torch": torch.__version__.split("+")[0], "v": 2}, sort_keys=True)
+def _cached_training(arch: str, key: str, seed: int, arch_kwargs: dict, fit, cache: bool):
+    """Build zoo `arch` under `torch.manual_seed(seed)`; load its weights from the cache entry of `key`,
+    else `fit(model)` at one intra-op thread (reductions split across threads round differently, so
+    weights trained at 1 and 2 threads differ: a cached model must not depend on who trained it
+    first) and cache them. Returns (model in eval mode, a copy of its state dict)."""
     path = data_mod.cache_dir() / "models" / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
     with torch.random.fork_rng():  # seed the initialisation without changing the caller's global RNG
         torch.manual_seed(seed)
@@ -92,20 +88,33 @@ def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: Tra
             return model, {k: v.clone() for k, v in model.state_dict().items()}
         except Exception:
             path.unlink(missing_ok=True)
-    x, y, _, _ = data_mod.load(dataset)
-    # One intra-op thread: reductions split across threads round differently, so weights trained at
-    # 1 and 2 threads differ; the cached model must not depend on who trained it first.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            train_(model, x, y, config, progress=progress)
+            fit(model)
     finally:
         torch.set_num_threads(threads)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if cache:
         atomic_save_safetensors(state, path, metadata={"config": key})
     return model, state
+
+
+def train_zoo(arch: str, *, dataset: str = "mnist1d", seed: int = 0, config: TrainConfig | None = None,
+              cache: bool = True, progress: bool = True, **arch_kwargs) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Build zoo model `arch` with `torch.manual_seed(seed)`, train it on `dataset` (cached on disk),
+    and return (model in eval mode, its state dict). Same arguments -> identical weights on one CPU
+    instruction set (training runs at one intra-op thread whatever the caller's setting)."""
+    config = config or TrainConfig(seed=seed)
+    config = TrainConfig(**{**asdict(config), "seed": seed})
+    key = json.dumps({"arch": arch, "dataset": dataset, "kw": arch_kwargs, "cfg": asdict(config),
+                      "torch": torch.__version__.split("+")[0], "v": 2}, sort_keys=True)
+    def fit(model):
+        x, y, _, _ = data_mod.load(dataset)
+        train_(model, x, y, config, progress=progress)
+
+    return _cached_training(arch, key, seed, arch_kwargs, fit, cache)
 
 
 @dataclass(frozen=True)
@@ -154,26 +163,8 @@ def train_lm(*, seed: int = 0, config: LMConfig | None = None, cache: bool = Tru
     key = json.dumps({"arch": "gpt", "dataset": "pystdlib", "kw": arch_kwargs, "cfg": asdict(config),
                       "torch": torch.__version__.split("+")[0], "python": platform.python_version(), "v": 1},
                      sort_keys=True)
-    path = data_mod.cache_dir() / "models" / f"gpt-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = zoo.build("gpt", **arch_kwargs)
-    if cache and path.exists():
-        try:
-            model.load_state_dict(load_file(path))
-            model.eval()
-            return model, {k: v.clone() for k, v in model.state_dict().items()}
-        except Exception:
-            path.unlink(missing_ok=True)
-    stream, _ = data_mod.pystdlib()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            train_lm_(model, stream, config, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if cache:
-        atomic_save_safetensors(state, path, metadata={"config": key})
-    return model, state
+    def fit(model):
+        stream, _ = data_mod.pystdlib()
+        train_lm_(model, stream, config, progress=progress)
+
+    return _cached_training("gpt", key, seed, arch_kwargs, fit, cache)

@@ -16,6 +16,7 @@ from torch import nn
 from ..matching.heads import HeadLayout
 from ..spec import Blocked, PermutationSpec
 from ._spec_helpers import dense
+from .transformer import Attention
 
 NORMS = ("ln", "rms")
 POSITIONS = ("rope", "learned")
@@ -35,25 +36,19 @@ def _norm(kind: str, d: int) -> nn.Module:
     return nn.LayerNorm(d) if kind == "ln" else nn.RMSNorm(d, eps=1e-5)
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(Attention):
+    """The zoo transformer's attention, causal, with RoPE on q and k when `rotary`."""
+
+    causal = True
+
     def __init__(self, d_model: int, heads: int, rotary: bool):
-        super().__init__()
         if d_model % heads or (rotary and (d_model // heads) % 2):
             raise ValueError(f"d_model={d_model} must split into heads={heads} heads of even size under RoPE")
-        self.heads, self.head_dim, self.rotary = heads, d_model // heads, rotary
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.o_proj = nn.Linear(d_model, d_model)
+        super().__init__(d_model, heads)
+        self.rotary = rotary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        split = lambda y: y.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if self.rotary:
-            q, k = rope(q), rope(k)
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+    def positions(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (rope(q), rope(k)) if self.rotary else (q, k)
 
 
 class GPTBlock(nn.Module):

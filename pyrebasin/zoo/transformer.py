@@ -14,6 +14,8 @@ from ._spec_helpers import dense, norm
 
 
 class Attention(nn.Module):
+    causal = False   # a causal LM's attention sets it (zoo.gpt)
+
     def __init__(self, d_model: int, heads: int):
         super().__init__()
         if d_model % heads:
@@ -28,8 +30,13 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         split = lambda y: y.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        q, k = self.positions(q, k)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def positions(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position information for q and k [B, heads, T, head_dim] (none here: learned embeddings)."""
+        return q, k
 
 
 class Block(nn.Module):

@@ -183,9 +183,11 @@ def interpolate(model: nn.Module, state_a: State, state_b: State, data, ts: int 
     statistics collected once), and `correction(state, t)` is any other (applied after those).
     stat_data (inputs, (x, y) or batches) defaults to the "train" split (else the first split). The
     model runs on a private eval-mode view (the caller's module and flags are never touched, from any
-    thread); a Linear/activation chain runs `chunk` points at once, other models one point after
-    another, or stacked under vmap with `vmap_ts=True` (slower on CPU as measured). NaN/Inf in the
-    states or inputs are refused. `loss(out, y) -> [K, B]` replaces cross-entropy (no accuracy then).
+    thread); a Linear/activation chain runs `chunk` points at once; other models run one point after
+    another on CPU (measured fastest there) and `chunk` at a time through the batched engine on a GPU
+    or with `vmap_ts=True` (`batched_forward`). NaN/Inf in the states or inputs are refused.
+    `loss(out, y) -> [K, B]` replaces cross-entropy (no accuracy then); a causal LM on token batches
+    is scored by its next-token loss (`lm.NextTokenLoss`; `Curve.perplexity()`).
     Under torch.distributed every rank passes the same arguments and the points are split among the
     ranks (`group`: see `evaluation.evaluate`); every rank gets the single-process curve.
     """

@@ -144,3 +144,25 @@ def test_cli_combine_on_two_lm_checkpoints(pair, tmp_path, capsys):
     assert "perplexity A" in capsys.readouterr().out
     assert main(common + ["--studies", "transitivity", "--out", str(tmp_path / "o2")]) != 0
     assert "transitivity study needs three models" in capsys.readouterr().err
+
+
+def test_cli_align_by_activations_on_a_text_file_recovers_a_planted_permutation(pair, tmp_path):
+    model, config, sa, _ = pair
+    config.save_pretrained(tmp_path / "cfg")
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(3))
+    spec = prb.trace_spec(model, ids)
+    perms = prb.random_permutation(spec, sa, generator=torch.Generator().manual_seed(4))
+    planted = prb.apply_permutation(spec, perms, sa)
+    save_state(sa, tmp_path / "a.safetensors")
+    save_state(planted, tmp_path / "b.safetensors")
+    (tmp_path / "text.txt").write_text("def f(x):\n    return x * 2  # the stdlib-like text\n" * 20, encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["align", "--hf-config", str(tmp_path / "cfg"), "--a", str(tmp_path / "a.safetensors"),
+                   "--b", str(tmp_path / "b.safetensors"), "--method", "activation", "--data",
+                   str(tmp_path / "text.txt"), "--seq-len", "16", "--out", str(tmp_path / "aligned.safetensors"),
+                   "--no-progress"])
+    assert rc == 0
+    from pyrebasin.io import load_state
+    aligned = load_state(tmp_path / "aligned.safetensors")
+    assert all(torch.equal(aligned[k], sa[k]) for k in sa if k in aligned)

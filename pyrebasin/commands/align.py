@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     x = None
     if args.method == "activation" or args.data is not None:
         name = args.data or "mnist1d"
-        splits = _common.check_data(model, state_a, _common.load_splits(name, args.samples), f"--data {name}")
-        x = splits["train"][0]
+        splits = _common.check_data(model, state_a, _common.load_splits(name, args.samples, seq_len=args.seq_len,
+                                                                        tokenizer=args.tokenizer), f"--data {name}")
+        x = _common.inputs_of(splits["train"])   # token ids (or their dict) of an LM, x of an (x, y) pair
     spec = _common.spec_of(model, x)
     spec.perm_sizes(state_a)  # names any key the spec and checkpoint disagree on
     t0 = time.perf_counter()

@@ -166,3 +166,30 @@ def test_cli_align_by_activations_on_a_text_file_recovers_a_planted_permutation(
     from pyrebasin.io import load_state
     aligned = load_state(tmp_path / "aligned.safetensors")
     assert all(torch.equal(aligned[k], sa[k]) for k in sa if k in aligned)
+
+
+def test_cli_interpolate_and_combine_take_two_model_directories(pair, tmp_path, capsys):
+    model, config, sa, sb = pair
+    from transformers import LlamaForCausalLM
+    for name, state in (("A", sa), ("B", sb)):
+        m = LlamaForCausalLM(config)
+        m.load_state_dict(state)
+        m.save_pretrained(tmp_path / name)
+    ids = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, tmp_path / "ids.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["interpolate", "--a", str(tmp_path / "A"), "--b", str(tmp_path / "B"), "--data",
+                   str(tmp_path / "ids.pt"), "--ts", "2", "--out", str(tmp_path / "out"), "--no-progress"])
+        assert rc == 0
+        rc = main(["combine", "--a", str(tmp_path / "A"), "--b", str(tmp_path / "B"), "--data",
+                   str(tmp_path / "ids.pt"), "--quick", "--studies", "combinability", "--out",
+                   str(tmp_path / "comb"), "--no-progress"])
+        assert rc == 0
+    report = json.loads((tmp_path / "out" / "curve.json").read_text())
+    want = prb.interpolate(model, sa, sb, {"train": ids}, ts=[0.0, 1.0]).loss["train"]
+    assert report["curve"]["loss"]["train"] == pytest.approx(want, rel=1e-5)
+    capsys.readouterr()
+    rc = main(["interpolate", "--a", str(tmp_path / "A"), "--b", str(tmp_path / "a.safetensors"), "--data",
+               str(tmp_path / "ids.pt"), "--out", str(tmp_path / "o3"), "--no-progress"])
+    assert rc != 0 and "not one of each" in capsys.readouterr().err

@@ -142,7 +142,27 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = "mnist1d") -
     p.add_argument("--tokenizer", default=None, help="a local Hugging Face tokenizer directory for a text --data")
 
 
+def directory_pair(a, b) -> tuple[torch.nn.Module, dict, dict] | None:
+    """(model with A's weights, state A, state B) when --a and --b are Hugging Face model directories (the
+    model class and config from A's directory, read locally); None for checkpoint files."""
+    from .. import hf
+
+    dirs = [hf.is_hf_directory(a), hf.is_hf_directory(b)]
+    if not any(dirs):
+        return None
+    if not all(dirs):
+        raise ValueError(f"--a {a} and --b {b}: give two model directories or two checkpoint files, not one of each")
+    model = hf.load_hf_model(a)
+    state_a = {k: v.detach() for k, v in model.state_dict().items()}
+    state_b = {k: v.detach() for k, v in hf.load_hf_model(b).state_dict().items()}
+    check_state(model, state_b, f"--b {b}")
+    return model, state_a, state_b
+
+
 def load_pair(args) -> tuple[torch.nn.Module, dict, dict]:
+    pair = directory_pair(args.a, args.b)
+    if pair is not None:
+        return pair
     model = model_of(args)
     states = []
     for flag, path in (("--a", args.a), ("--b", args.b)):

@@ -92,16 +92,20 @@ def _checkpoint_pair(args, studies):
                          "combinability, robustness, similarity (--studies)")
     if not args.data:
         raise ValueError("--a/--b need --data (a token file for a language model, or a .pt with x_train/y_train)")
-    if bool(args.hf_config) == bool(args.factory):
-        raise ValueError("with --a/--b give exactly one of --hf-config (a Hugging Face config) or --factory "
-                         "(module:factory)")
-    model = _common.hf_from_config(args.hf_config) if args.hf_config else \
-        model_from_factory(args.factory, parse_kwargs(args.arch_kwargs))
-    states = []
-    for flag, path in (("--a", args.a), ("--b", args.b)):
-        state = load_state(path)
-        check_state(model, state, f"{flag} {path}")
-        states.append(state)
+    pair = _common.directory_pair(args.a, args.b)
+    if pair is not None:   # Hugging Face model directories: the model comes from A's config
+        model, states = pair[0], [pair[1], pair[2]]
+    else:
+        if bool(args.hf_config) == bool(args.factory):
+            raise ValueError("with --a/--b give exactly one of --hf-config (a Hugging Face config) or --factory "
+                             "(module:factory), or two model directories")
+        model = _common.hf_from_config(args.hf_config) if args.hf_config else \
+            model_from_factory(args.factory, parse_kwargs(args.arch_kwargs))
+        states = []
+        for flag, path in (("--a", args.a), ("--b", args.b)):
+            state = load_state(path)
+            check_state(model, state, f"{flag} {path}")
+            states.append(state)
     splits = _common.check_data(model, states[0], _common.load_splits(args.data, args.samples, seq_len=args.seq_len),
                                 f"--data {args.data}")
     data = splits.get("test", splits["train"])
@@ -113,8 +117,9 @@ def register(sub) -> None:
                        description="Train zoo models (cached), align them by weight matching, and run the "
                                    "combinability, transitivity, robustness and similarity studies.")
     p.add_argument("--studies", nargs="+", choices=STUDIES, help="default: all four (three with --a/--b)")
-    p.add_argument("--a", default=None, help="checkpoint of model A (with --b: study these instead of zoo models)")
-    p.add_argument("--b", default=None, help="checkpoint of model B")
+    p.add_argument("--a", default=None, help="checkpoint or Hugging Face model directory of model A (with --b: "
+                   "study these instead of zoo models)")
+    p.add_argument("--b", default=None, help="checkpoint or model directory of model B")
     p.add_argument("--hf-config", default=None, help="with --a/--b: a Hugging Face causal LM config (read locally)")
     p.add_argument("--factory", default=None, help="with --a/--b: module:factory building the model")
     p.add_argument("--data", default=None,

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     c = interpolate(model, state_a, state_b, splits, args.ts, buffers=args.buffers, repair=args.repair,
                     stat_data=x, progress=not args.no_progress)
     info["seconds"] = time.perf_counter() - t0
-    c.meta.update(info, a=str(args.a), b=str(args.b), arch=args.arch or args.hf_config)
+    arch = args.arch or args.hf_config or getattr(model.config, "model_type", type(model).__name__)
+    c.meta.update(info, a=str(args.a), b=str(args.b), arch=arch)
     metrics = ("loss", "accuracy", "perplexity") if lm else ("loss", "accuracy")
     barriers = {f"{m}/{k}/{s}": barrier(c, m, k, split=s) for m in metrics for k in BARRIER_KINDS for s in c.splits}
     report = {"curve": c.to_dict(), "barriers": barriers}
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         label += " + REPAIR"
     elif args.buffers == "reset":
         label += " + RESET"
-    name = args.arch or Path(args.hf_config).name
+    name = args.arch or (Path(args.hf_config).name if args.hf_config else arch)
     plot_curves({label: c}, out / "curve.png", title=f"{name}: {Path(args.a).name} → {Path(args.b).name}")
     split = "test" if "test" in c.splits else "train"
     ppl = ""
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("interpolate",
                        help="loss/accuracy (and LM perplexity) curve between two checkpoints (JSON + PNG)")
-    _common.add_pair_args(p)
+    _common.add_pair_args(p, directories=True)
     p.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
     _common.add_data_args(p)
     p.add_argument("--ts", type=_common.int_at_least(2), default=25, help="number of evenly spaced t in [0, 1]")

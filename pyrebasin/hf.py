@@ -6,7 +6,6 @@ the meta device from the local config, its traced spec, streamed alignment and a
 """
 from __future__ import annotations
 
-import inspect
 import os
 import secrets
 import shutil
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .fileio import atomic_write
+from .lm import model_kwargs
 from .shards import ShardedState, index_file, permute_safetensors
 from .spec import PermutationSpec
 
@@ -68,11 +68,8 @@ def hf_model_on_meta(directory: str | os.PathLike) -> nn.Module:
 
 
 def _token_inputs(model: nn.Module, seq_len: int) -> dict:
-    inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
-    params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
-        inputs["use_cache"] = False  # a cache object in the outputs cannot be traced (and is not needed)
-    return inputs
+    # use_cache=False: a cache object in the outputs cannot be traced (and is not needed)
+    return {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta"), **model_kwargs(model)}
 
 
 def load_hf_spec(directory: str | os.PathLike, *, seq_len: int = 8) -> tuple[PermutationSpec, ShardedState]:

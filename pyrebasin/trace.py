@@ -7,13 +7,13 @@ tensor axes with a union-find, and read the permutation groups off the state dic
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .lm import model_kwargs
 from .spec import Blocked, PermutationSpec
 from .tracing.engine import Engine, Ref, UnsupportedOpError
 from .tracing.frontends import FxUnsupported, export_graph, fx_graph
@@ -40,12 +40,7 @@ def model_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
     forward takes `use_cache` and the caller did not say (a Hugging Face causal LM returns its
     DynamicCache otherwise), tensors moved to the meta device when the model lives there."""
     args, kwargs = split_inputs(example_inputs)
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
+    kwargs = {**model_kwargs(model), **kwargs}   # the caller's own use_cache wins
     if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
         def meta(x):
             return x.to("meta") if isinstance(x, torch.Tensor) else x

@@ -99,11 +99,16 @@ def test_a_regression_loss_end_to_end():
     assert prb.barrier(curve, "loss", split="test") >= 0.0
 
 
-def test_cli_interpolate_on_a_text_file(pair, tmp_path, capsys):
-    model, config, sa, sb = pair
+def _write_pair(config, sa, sb, tmp_path):
+    """config under cfg/, the two states as a.safetensors / b.safetensors (the CLI's inputs)."""
     config.save_pretrained(tmp_path / "cfg")
     save_state(sa, tmp_path / "a.safetensors")
     save_state(sb, tmp_path / "b.safetensors")
+
+
+def test_cli_interpolate_on_a_text_file(pair, tmp_path, capsys):
+    model, config, sa, sb = pair
+    _write_pair(config, sa, sb, tmp_path)
     (tmp_path / "text.txt").write_text("pack my box with five dozen liquor jugs; ünïcödé. " * 12, encoding="utf-8")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -128,9 +133,7 @@ def test_cli_interpolate_on_a_text_file(pair, tmp_path, capsys):
 
 def test_cli_combine_on_two_lm_checkpoints(pair, tmp_path, capsys):
     model, config, sa, sb = pair
-    config.save_pretrained(tmp_path / "cfg")
-    save_state(sa, tmp_path / "a.safetensors")
-    save_state(sb, tmp_path / "b.safetensors")
+    _write_pair(config, sa, sb, tmp_path)
     torch.save(torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(2)), tmp_path / "ids.pt")
     common = ["combine", "--a", str(tmp_path / "a.safetensors"), "--b", str(tmp_path / "b.safetensors"),
               "--hf-config", str(tmp_path / "cfg"), "--data", str(tmp_path / "ids.pt"), "--no-progress"]
@@ -148,13 +151,11 @@ def test_cli_combine_on_two_lm_checkpoints(pair, tmp_path, capsys):
 
 def test_cli_align_by_activations_on_a_text_file_recovers_a_planted_permutation(pair, tmp_path):
     model, config, sa, _ = pair
-    config.save_pretrained(tmp_path / "cfg")
     ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(3))
     spec = prb.trace_spec(model, ids)
     perms = prb.random_permutation(spec, sa, generator=torch.Generator().manual_seed(4))
     planted = prb.apply_permutation(spec, perms, sa)
-    save_state(sa, tmp_path / "a.safetensors")
-    save_state(planted, tmp_path / "b.safetensors")
+    _write_pair(config, sa, planted, tmp_path)
     (tmp_path / "text.txt").write_text("def f(x):\n    return x * 2  # the stdlib-like text\n" * 20, encoding="utf-8")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,7 +16,7 @@ from torch import nn
 from ..matching.heads import HeadLayout
 from ..spec import Blocked, PermutationSpec
 from ._spec_helpers import dense
-from .transformer import Attention
+from .transformer import Attention, Block
 
 NORMS = ("ln", "rms")
 POSITIONS = ("rope", "learned")
@@ -51,18 +51,12 @@ class CausalSelfAttention(Attention):
         return (rope(q), rope(k)) if self.rotary else (q, k)
 
 
-class GPTBlock(nn.Module):
-    def __init__(self, d_model: int, heads: int, mlp_ratio: int, norm: str, rotary: bool):
-        super().__init__()
-        self.ln1 = _norm(norm, d_model)
-        self.attn = CausalSelfAttention(d_model, heads, rotary)
-        self.ln2 = _norm(norm, d_model)
-        self.fc1 = nn.Linear(d_model, mlp_ratio * d_model)
-        self.fc2 = nn.Linear(mlp_ratio * d_model, d_model)
+class GPTBlock(Block):
+    """The zoo transformer's pre-norm block with LayerNorm or RMSNorm and causal (RoPE) attention."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int, norm: str, rotary: bool):
+        super().__init__(d_model, heads, mlp_ratio, norm=lambda d: _norm(norm, d),
+                         attention=lambda d, h: CausalSelfAttention(d, h, rotary))
 
 
 class GPT(nn.Module):

@@ -40,11 +40,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, heads: int, mlp_ratio: int):
+    """Pre-norm block; `norm(d)` and `attention(d, heads)` build its norms and attention (zoo.gpt's
+    causal variant passes its own), in the order ln1, attn, ln2, fc1, fc2."""
+
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int, *, norm=nn.LayerNorm, attention=None):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, heads)
-        self.ln2 = nn.LayerNorm(d_model)
+        self.ln1 = norm(d_model)
+        self.attn = (attention or Attention)(d_model, heads)
+        self.ln2 = norm(d_model)
         self.fc1 = nn.Linear(d_model, mlp_ratio * d_model)
         self.fc2 = nn.Linear(mlp_ratio * d_model, d_model)
 

@@ -18,6 +18,7 @@ from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._batched_rules import KV, Context, apply
+from ._batched_stats import BN_OPS, batch_norm_statistics, running_stat_keys
 from ._chain import fingerprint, linear_chain
 from ._chain import forget as forget_chain
 from .lm import logits_of, model_kwargs
@@ -70,8 +71,33 @@ class TracedGraph:
         return tree_unflatten([torch.cat(vs) if isinstance(vs[0], torch.Tensor) else vs[0]
                                for vs in zip(*[f[0] for f in flat])], flat[0][1])
 
-    def _run(self, params, fixed, inputs, conv, k):
+    def statistics(self, params: Params, fixed: Mapping[str, torch.Tensor], inputs: list[torch.Tensor],
+                   acc: dict, conv: str = "auto") -> bool:
+        """RESET's pass of one batch: every BatchNorm normalises with each model's batch statistics; their
+        count-weighted sums are added to `acc[stat key] = [n, Σ n·value [K, C]]`. False when the graph's
+        statistics are not plain state keys (the caller then resets state by state)."""
+        keys = running_stat_keys(self.nodes, self.pkeys + self.fkeys)
+        if not keys:
+            return False
+        k = next(iter(params.values())).shape[0]
+        on_cpu = not inputs or inputs[0].device.type == "cpu"
+        group = max(1, min(k, GROUP_BYTES // max(1, self.activation_bytes))) if on_cpu else k
+        parts = []
+        for i in range(0, k, group):
+            stats: dict = {}
+            self._run({n: v[i:i + group] for n, v in params.items()}, fixed, inputs, conv, min(group, k - i), stats)
+            parts.append(stats)
+        for name, (mean_key, var_key) in keys.items():
+            n = parts[0][name][0]
+            for j, key in ((1, mean_key), (2, var_key)):
+                slot = acc.setdefault(key, [0, 0.0])
+                slot[0] += n
+                slot[1] = slot[1] + torch.cat([p[name][j] for p in parts])
+        return True
+
+    def _run(self, params, fixed, inputs, conv, k, stats=None):
         ctx = Context(k, inputs[0].device.type if inputs else "cpu", conv)
+        ctx.stats = stats
         feed = [KV(params[n]) for n in self.pkeys] + [fixed[n] for n in self.fkeys] + list(inputs)
         env: dict = {}
         it = iter(feed)
@@ -88,7 +114,8 @@ class TracedGraph:
                     env[node] = args[0][args[1]]
                 else:
                     ctx.node = node
-                    env[node] = apply(ctx, node.target, args, kwargs)
+                    env[node] = batch_norm_statistics(ctx, node, args) if stats is not None and \
+                        node.target in BN_OPS else apply(ctx, node.target, args, kwargs)
             elif node.op == "output":
                 out = torch.fx.node.map_arg(node.args[0], env.__getitem__)
             else:
@@ -287,6 +314,21 @@ class BatchedForward:
                 return self._engine(params, x)
             self.engine = False
         return self.general(params, x)
+
+    def reset_statistics(self, params: Params, inputs) -> dict[str, torch.Tensor] | None:
+        """The recomputed BatchNorm running statistics (key -> [K, C], count-weighted averages of the
+        batch statistics, as `repair.reset_bn`) of the K stacked sets over the batches `inputs`, in one
+        engine pass per batch; None where the engine cannot run this model (the caller loops)."""
+        if not self.engine or not params:
+            return None
+        acc: dict = {}
+        for x in inputs:
+            graph = trace_graph(self.model, self.view, params, self.fixed, x, self.extra)
+            if graph is None or not graph.statistics(params, self.fixed, tree_flatten(x)[0], acc, self.conv):
+                return None
+        if not acc or any(key not in params for key in acc):
+            return None
+        return {key: (total / n).to(params[key].dtype) for key, (n, total) in acc.items()}
 
     def _engine(self, params: Params, x) -> object:
         graph = trace_graph(self.model, self.view, params, self.fixed, x, self.extra)

@@ -188,8 +188,14 @@ def _loss_parts(per, k: int, b: int) -> tuple[torch.Tensor, float, torch.Tensor 
     return per.sum(1), b, None
 
 
-def _corrected(source: StateSource, stacked: Params, begin: int, correction: Correction) -> tuple[Params, dict]:
-    """Apply `correction` to every state of a chunk and restack (float keys; non-float from the first)."""
+def _corrected(source: StateSource, stacked: Params, begin: int, correction: Correction,
+               forward: BatchedForward) -> tuple[Params, dict]:
+    """Apply `correction` to every state of a chunk and restack (float keys; non-float from the first);
+    a correction with a `batched(forward, stacked, fixed)` method (RESET) may do the whole chunk at once."""
+    fast = getattr(correction, "batched", None)
+    new = fast(forward, stacked, source.fixed) if fast is not None else None
+    if new is not None:
+        return new, forward.fixed
     k = next(iter(stacked.values())).shape[0] if stacked else 0
     states = [correction({**{n: v[i] for n, v in stacked.items()}, **source.fixed}, source.position(begin + i))
               for i in range(k)]
@@ -251,7 +257,7 @@ def evaluate(model: torch.nn.Module, source: StateSource, data, *, chunk: int = 
             end = min(n, begin + chunk)
             stacked = source.stack(begin, end)
             if correction is not None:
-                stacked, forward.fixed = _corrected(source, stacked, begin, correction)
+                stacked, forward.fixed = _corrected(source, stacked, begin, correction, forward)
             for split, read in named.items():
                 tot, hits, rows, outs = torch.zeros(end - begin, **f64), torch.zeros(end - begin, **f64), 0, []
                 for i, (x, y) in enumerate(read()):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ._batched_stats import reset_chunk
 from .batches import batches, check_batch_size, finite_float, require_reiterable
 from .distributed import all_reduce_moments_, all_reduce_sum_, check_same, is_distributed, raise_together
 from .module_state import check_pair, check_state, lerp_state, mode_view
@@ -367,13 +368,26 @@ class RepairCorrection:
 
 
 class ResetCorrection:
-    """RESET as a correction for the evaluator: `fix(state, t)` recomputes BatchNorm statistics on `data`."""
+    """RESET as a correction for the evaluator: `fix(state, t)` recomputes BatchNorm statistics on `data`.
+    `batched`: whole chunks in one engine pass per batch (None: on GPUs only; on CPUs it measured
+    0.9-1.2x the state-by-state loop, docs/perf-combine.md)."""
 
-    def __init__(self, model: nn.Module, data, *, batch_size: int = 1000):
+    def __init__(self, model: nn.Module, data, *, batch_size: int = 1000, batched: bool | None = None):
         require_reiterable(data, "statistics data")
         if not any(isinstance(m, _BN) for m in model.modules()):
             raise ValueError(f"reset_bn: {type(model).__name__} has no BatchNorm layers to reset")
-        self.model, self.data, self.batch_size = model, data, batch_size
+        if batched not in (None, True, False):
+            raise ValueError(f"batched={batched!r}; expected None, True or False")
+        self.model, self.data, self.batch_size, self.mode, self.checked = model, data, batch_size, batched, None
+        self.n_bn = sum(isinstance(m, _BN) for m in model.modules())
+
+    def inputs(self):
+        return _inputs(self.data, self.batch_size)
 
     def __call__(self, state: State, t: float | None = None) -> dict[str, torch.Tensor]:
         return reset_bn(self.model, state, self.data, batch_size=self.batch_size, group=False)
+
+    def batched(self, forward, stacked: State, fixed: State) -> dict[str, torch.Tensor] | None:
+        """The chunk's K stacked states with their statistics recomputed in one engine pass per batch,
+        checked once against `reset_bn` on the first two (`_batched_stats.reset_chunk`); None: loop."""
+        return reset_chunk(self, forward, stacked, fixed)

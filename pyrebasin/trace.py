@@ -7,6 +7,7 @@ tensor axes with a union-find, and read the permutation groups off the state dic
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from .tracing.nesting import nested_groups
 from .tracing.rules_nn import HEAD_HINT, OUT_HINT
 
 __all__ = ["trace_spec", "describe_spec", "spec_equivalent", "spec_difference", "UnsupportedOpError",
-           "model_inputs", "traceable_experts"]
+           "model_inputs", "traceable_experts", "symmetry_bits"]
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -240,6 +241,18 @@ def describe_spec(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor] 
     for key in spec.fixed:
         lines.append(f"fixed {key}: {spec.fixed_reasons.get(key, '(no reason given)')}")
     return "\n".join(lines)
+
+
+def symmetry_bits(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> float:
+    """log2 of the size of the permutation group a spec states: Σ log2 n! over plain groups, and
+    |Q| · log2 m! for a perm nested under Q with blocks of m (its blocks move with Q)."""
+    sizes = spec.perm_sizes(state_dict)
+    bits = 0.0
+    for p, n in sizes.items():
+        q = spec.nested.get(p)
+        k, m = (sizes[q], n // sizes[q]) if q is not None else (1, n)
+        bits += k * math.lgamma(m + 1) / math.log(2)
+    return bits
 
 
 # --- comparing specs (up to naming) --------------------------------------------------------------

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["check_permutations", "check_one_permutation", "all_permutations", "Slot", "tensor_slots", "check_nested_map", "check_block_following", "random_nested",
+__all__ = ["check_permutations", "check_one_permutation", "all_permutations", "invert_permutation",
+           "compose_permutations", "lift_shared", "Slot", "tensor_slots", "check_nested_map", "check_block_following", "random_nested",
            "joint_index", "gather_slots"]
 
 
@@ -91,7 +92,7 @@ def check_block_following(perms: Mapping[str, torch.Tensor], nested: Mapping[str
             raise ValueError(f"nested perm {p!r} has {n} units, not a multiple of its outer {q!r}'s {k}")
         m = n // k
         P, Q = perms[p].long(), perms[q].long().to(perms[p].device)
-        bad = P.view(k, m).div(m, rounding_mode="floor").ne(Q.view(k, 1)).any(1)
+        bad = P.reshape(k, m).div(m, rounding_mode="floor").ne(Q.reshape(k, 1)).any(1)
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
             raise ValueError(
@@ -106,7 +107,7 @@ def random_nested(outer: torch.Tensor, m: int, generator: torch.Generator | None
     k = outer.numel()
     inner = torch.stack([torch.randperm(m, generator=generator) for _ in range(k)]) if k else \
         torch.empty(0, m, dtype=torch.long)
-    return (outer.long().view(k, 1) * m + inner).reshape(-1)
+    return (outer.long().reshape(k, 1) * m + inner).reshape(-1)
 
 
 def joint_index(outer: torch.Tensor, inners: list[torch.Tensor], ms: list[int]) -> torch.Tensor:
@@ -117,13 +118,13 @@ def joint_index(outer: torch.Tensor, inners: list[torch.Tensor], ms: list[int]) 
     total = 1
     for m in ms:
         total *= m
-    idx = outer.long().view([k] + [1] * n) * total
+    idx = outer.long().reshape([k] + [1] * n) * total
     stride = total
     for i, (p, m) in enumerate(zip(inners, ms)):
         stride //= m
         shape = [k] + [1] * n
         shape[i + 1] = m
-        idx = idx + (p.long().to(outer.device).view(k, m) % m).view(shape) * stride
+        idx = idx + (p.long().to(outer.device).reshape(k, m) % m).reshape(shape) * stride
     return idx.reshape(-1)
 
 
@@ -213,3 +214,46 @@ def check_one_permutation(name: str, p: torch.Tensor, n: int) -> None:
     if not bool(seen.all()):
         dup = torch.bincount(p.long().cpu(), minlength=n).gt(1).nonzero().flatten()[:5].tolist()
         raise ValueError(f"perm {name!r} is not a permutation: duplicated indices {dup}")
+
+
+def _checked(perms: Mapping[str, torch.Tensor], what: str) -> None:
+    """Each value a true permutation of 0..n-1 (argsort of duplicates or of floats is no inverse)."""
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"{what} must be a dict perm name -> LongTensor, got {type(perms).__name__}")
+    for name, p in perms.items():
+        if not isinstance(p, torch.Tensor) or p.dim() != 1:
+            raise ValueError(f"{what}: perm {name!r} must be a 1-D integer tensor, got "
+                             f"{type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)}")
+        check_one_permutation(name, p, p.numel())
+
+
+def invert_permutation(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """π⁻¹ for every group: applying perms then their inverse is the identity. Each value must be a
+    permutation of 0..n-1 (TypeError / ValueError naming the group otherwise)."""
+    _checked(perms, "invert_permutation")
+    return {k: torch.argsort(p) for k, p in perms.items()}
+
+
+def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The single permutation equal to applying `first`, then `second` (= first[second]). Both must
+    hold permutations over the same groups, of equal sizes per group."""
+    _checked(first, "compose_permutations: first")
+    _checked(second, "compose_permutations: second")
+    if set(first) != set(second):
+        raise ValueError(f"cannot compose perms over different groups: {sorted(set(first) ^ set(second))}")
+    for k in first:  # first[second] with a shorter second would silently drop units
+        if first[k].numel() != second[k].numel():
+            raise ValueError(f"compose_permutations: perm {k!r} has {first[k].numel()} units in first but "
+                             f"{second[k].numel()} in second")
+    return {k: first[k][second[k].to(first[k].device)] for k in first}
+
+
+def lift_shared(nested: Mapping[str, str], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Perms of a spec's `without_nesting()` form as perms of the nested spec: a shared inner perm p of
+    m units becomes P[k'*m + g'] = Q[k']*m + p[g'] (every block reordered alike, following Q)."""
+    out = dict(perms)
+    for p, q in nested.items():
+        if p in perms and q in perms:
+            m, outer = perms[p].numel(), perms[q].long()
+            out[p] = (outer.reshape(-1, 1) * m + perms[p].long().to(outer.device).reshape(1, m)).reshape(-1)
+    return out

@@ -10,14 +10,15 @@ This module works on plain data (axis entries, names, tensors) so that
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["check_permutations", "check_one_permutation", "all_permutations", "invert_permutation",
-           "compose_permutations", "lift_shared", "Slot", "tensor_slots", "check_nested_map", "check_block_following", "random_nested",
-           "joint_index", "gather_slots"]
+           "compose_permutations", "lift_shared", "Slot", "tensor_slots", "check_nested_map",
+           "check_block_following", "random_nested", "joint_index", "gather_slots", "merge_joint_axes"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,35 @@ def gather_slots(x: torch.Tensor, entries, slots: list[Slot], perms: Mapping[str
     return y.reshape(x.shape).contiguous()
 
 
+def merge_joint_axes(entries, shape, slots: list[Slot], blocked):
+    """When every joint gather spans adjacent axes that all hold a slot of it, the entries and shape
+    with those axes merged into one `blocked` (the Blocked class) axis, so that the joint gather is one
+    flat index of that axis; else None."""
+    groups: dict[int, set[int]] = {}
+    for s in slots:
+        if s.outer is not None:
+            groups.setdefault(s.outer, {slots[s.outer].axis}).add(s.axis)
+    spans = sorted((min(a), max(a)) for a in groups.values())
+    if any(len(a) != max(a) - min(a) + 1 for a in groups.values()) or any(
+            lo <= hi0 for (_, hi0), (lo, _) in zip(spans, spans[1:])):
+        return None
+    new_entries, new_shape, axis = [], [], 0
+    for lo, hi in spans + [(len(entries), len(entries))]:
+        new_entries += entries[axis:lo]
+        new_shape += shape[axis:lo]
+        if lo < len(entries):
+            span = [(a, e, e is not None and not isinstance(e, str)) for a, e in enumerate(entries) if lo <= a <= hi]
+            part = [e.shape if factored else (shape[a],) for a, e, factored in span]
+            names = [e.perms if factored else (e,) for _, e, factored in span]
+            named = [p for ps in names for p in ps if p is not None]
+            if len(set(named)) != len(named):   # one perm on two merged axes: no single Blocked entry
+                return None
+            new_entries.append(blocked(tuple(n for p in part for n in p), tuple(p for ps in names for p in ps)))
+            new_shape.append(math.prod(shape[lo:hi + 1]))
+        axis = hi + 1
+    return tuple(new_entries), tuple(new_shape)
+
+
 def check_permutations(spec, perms: Mapping[str, torch.Tensor], sizes: Mapping[str, int]) -> None:
     """Every perm of the spec present, 1-D integer, of its group's size, and a true permutation; each
     nested perm follows its outer perm (`check_block_following`). `spec`: a `PermutationSpec`."""
@@ -234,7 +264,8 @@ def invert_permutation(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: torch.argsort(p) for k, p in perms.items()}
 
 
-def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def compose_permutations(first: Mapping[str, torch.Tensor],
+                         second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The single permutation equal to applying `first`, then `second` (= first[second]). Both must
     hold permutations over the same groups, of equal sizes per group."""
     _checked(first, "compose_permutations: first")

@@ -13,7 +13,7 @@ import torch
 
 from . import ops
 from .nested import (check_nested_map, check_permutations, compose_permutations, gather_slots,  # noqa: F401
-                     invert_permutation, random_nested, tensor_slots)
+                     invert_permutation, merge_joint_axes, random_nested, tensor_slots)
 
 __all__ = [
     "Blocked",
@@ -332,19 +332,24 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
         by_device.setdefault(state_dict[k].device, []).append(i)
     out: dict[str, torch.Tensor] = {}
     for device, members in by_device.items():
-        tensors, indices, owners, axes, fused = [], [], [], [], []
+        tensors, indices, owners, axes, fused, shapes = [], [], [], [], [], []
         # One index tensor per distinct axis entry (a perm permutes many tensors): built once per call.
         index_of: dict[tuple[AxisEntry, int], torch.Tensor | None] = {}
         for i in members:
             key = keys[i]
             t = state_dict[key].resolve_conj().resolve_neg()
-            slots = tensor_slots(key, spec.axes_to_perm[key], t.shape, spec.nested)
+            entries = spec.axes_to_perm[key]
+            slots = tensor_slots(key, entries, t.shape, spec.nested)
             if any(s.outer is not None and slots[s.outer].axis != s.axis for s in slots):
-                out[key] = gather_slots(t, spec.axes_to_perm[key], slots, perms)
-                continue
+                merged = merge_joint_axes(entries, t.shape, slots, Blocked)
+                if merged is None:  # a joint gather across non-adjacent axes (w2 [E, H, I]): torch
+                    out[key] = gather_slots(t, entries, slots, perms)
+                    continue
+                entries, t = merged[0], t.reshape(merged[1])  # adjacent (w1 [E, I, H]): one flat axis
+            shapes.append(state_dict[key].shape)
             fused.append(i)
             tensors.append(t)
-            for axis, entry in enumerate(spec.axes_to_perm[key]):
+            for axis, entry in enumerate(entries):
                 if entry is None:
                     continue
                 size = t.shape[axis]
@@ -356,8 +361,8 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                     owners.append(len(tensors) - 1)
                     axes.append(axis)
         results = ops.permute_multi(tensors, indices, owners, axes)
-        for i, r in zip(fused, results):
-            out[keys[i]] = r
+        for i, r, shape in zip(fused, results, shapes):
+            out[keys[i]] = r.reshape(shape)
     return {k: out[k] for k in keys}
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
+from .nested import (check_nested_map, check_permutations, compose_permutations, gather_slots,  # noqa: F401
+                     invert_permutation, merge_joint_axes, random_nested, tensor_slots)
 
 __all__ = [
     "Blocked",
@@ -90,11 +92,13 @@ class PermutationSpec:
     `axes_to_perm[param]` has one entry per axis of that parameter (or buffer): a perm name, a
     `Blocked` factorisation, or None. A key whose entries are all None is declared *fixed*; every
     key of the state dict must appear, so nothing is left out by accident. `fixed_reasons` may say
-    why a key is fixed (shown in reports).
+    why a key is fixed (shown in reports). `nested[P] = Q` declares P nested under Q (`pyrebasin.nested`):
+    P's units come in |Q| blocks of m that move as wholes following Q, each block permuted freely.
     """
 
     axes_to_perm: dict[str, tuple[AxisEntry, ...]]
     fixed_reasons: dict[str, str] = field(default_factory=dict)
+    nested: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.axes_to_perm, Mapping):
@@ -116,6 +120,7 @@ class PermutationSpec:
         self.axes_to_perm = {k: tuple(v) for k, v in self.axes_to_perm.items()}
         if not isinstance(self.fixed_reasons, Mapping):
             raise TypeError(f"fixed_reasons must be a dict key -> reason, got {type(self.fixed_reasons).__name__}")
+        self.nested = check_nested_map(self.nested, self.perm_to_axes)
 
     @property
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -145,13 +150,31 @@ class PermutationSpec:
 
     def unit_matrix(self, tensor: torch.Tensor, param: str, axis: int, perm: str) -> torch.Tensor:
         """View `tensor` (the value of `param`) as [units of `perm`, everything else] (a reshape +
-        movedim; copies only if needed). Row i holds every entry that unit i owns on that axis."""
+        movedim; copies only if needed). Row i holds every entry that unit i owns on that axis. An
+        inner slot of a nested perm gives rows (outer block k, offset g) -> unit k*m + g."""
         entry = self.axes_to_perm[param][axis]
+        slots = tensor_slots(param, self.axes_to_perm[param], tensor.shape, self.nested)
+        inner = [s for s in slots if s.perm == perm and s.axis == axis and s.outer is not None]
+        if inner:
+            o, s = slots[inner[0].outer], inner[0]
+            dims = [self._dim(param, o.axis, o.factor), self._dim(param, s.axis, s.factor)]
+            return self._factor_view(tensor, param).movedim(dims, [0, 1]).reshape(o.size * s.size, -1)
         if isinstance(entry, Blocked):
             f = self.factor(param, axis, perm)
             shape = tensor.shape[:axis] + entry.shape + tensor.shape[axis + 1:]
             return tensor.reshape(shape).movedim(axis + f, 0).reshape(entry.shape[f], -1)
         return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+
+    def _dim(self, param: str, axis: int, factor: int) -> int:
+        """The dim of (axis, factor) in `_factor_view`."""
+        entries = self.axes_to_perm[param]
+        return sum(len(e.shape) if isinstance(e, Blocked) else 1 for e in entries[:axis]) + factor
+
+    def _factor_view(self, tensor: torch.Tensor, param: str) -> torch.Tensor:
+        """`tensor` reshaped so that every Blocked axis is split into its factors."""
+        entries = self.axes_to_perm[param]
+        return tensor.reshape([n for a, e in enumerate(entries)
+                               for n in (e.shape if isinstance(e, Blocked) else (tensor.shape[a],))])
 
     def perm_sizes(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Validate the spec against a state dict and return each perm's number of units.
@@ -169,7 +192,7 @@ class PermutationSpec:
             raise ValueError(
                 f"state dict keys not declared in the spec (declare them, with None axes if fixed): "
                 f"{undeclared[:8]}{' ...' if len(undeclared) > 8 else ''}")
-        sizes: dict[str, tuple[int, str, int]] = {}
+        seen: dict[tuple[str, bool], tuple[int, str, int]] = {}  # (perm, inner slot) -> (units, key, axis)
         for key, entries in self.axes_to_perm.items():
             if not isinstance(state_dict[key], torch.Tensor):
                 raise TypeError(f"state dict value {key!r} is a {type(state_dict[key]).__name__}, not a Tensor")
@@ -180,14 +203,24 @@ class PermutationSpec:
                 if isinstance(entry, Blocked) and math.prod(entry.shape) != shape[axis]:
                     raise ValueError(f"{key!r} axis {axis} has size {shape[axis]} but its Blocked shape "
                                      f"{entry.shape} multiplies to {math.prod(entry.shape)}")
-                for perm, f in _entry_perms(entry):
-                    n = entry.shape[f] if isinstance(entry, Blocked) else shape[axis]
-                    if perm in sizes and sizes[perm][0] != n:
-                        n0, k0, a0 = sizes[perm]
-                        raise ValueError(f"perm {perm!r}: {key!r} axis {axis} has {n} units but "
-                                         f"{k0!r} axis {a0} has {n0}")
-                    sizes.setdefault(perm, (n, key, axis))
-        return {p: n for p, (n, _, _) in sizes.items()}
+            for s in tensor_slots(key, entries, shape, self.nested):
+                first = seen.setdefault((s.perm, s.outer is not None), (s.size, key, s.axis))
+                if first[0] != s.size:
+                    n0, k0, a0 = first
+                    what = " per block (an inner slot of a nested perm)" if s.outer is not None else ""
+                    raise ValueError(f"perm {s.perm!r}: {key!r} axis {s.axis} has {s.size} units{what} but "
+                                     f"{k0!r} axis {a0} has {n0}")
+        sizes = {p: n for (p, inner), (n, _, _) in seen.items() if not inner}
+        for (p, inner), (m, key, axis) in seen.items():  # nested perms: |P| = m * |Q|
+            if p in self.nested:
+                q = self.nested[p]
+                if inner and sizes.setdefault(p, m * sizes[q]) != m * sizes[q]:
+                    raise ValueError(f"nested perm {p!r}: {key!r} axis {axis} has blocks of {m} units, so "
+                                     f"|{p}| = {m} x |{q}| = {m * sizes[q]}, but a merged slot has {sizes[p]}")
+                if sizes.get(p, 0) % sizes[q]:
+                    raise ValueError(f"nested perm {p!r} has {sizes[p]} units, not a multiple of its outer "
+                                     f"{q!r}'s {sizes[q]}")
+        return {p: sizes[p] for p in dict.fromkeys(p for p, _ in seen)}
 
     def restrict(self, keys) -> "PermutationSpec":
         """The spec of a subset of keys (one safetensors shard, one pipeline stage)."""
@@ -195,22 +228,43 @@ class PermutationSpec:
         unknown = [k for k in keys if k not in self.axes_to_perm]
         if unknown:
             raise ValueError(f"keys not in the spec: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-        return PermutationSpec({k: self.axes_to_perm[k] for k in keys},
-                               {k: r for k, r in self.fixed_reasons.items() if k in set(keys)})
+        axes = {k: self.axes_to_perm[k] for k in keys}
+        used = {p for e in axes.values() for x in e for p, _ in _entry_perms(x)}
+        return PermutationSpec(axes, {k: r for k, r in self.fixed_reasons.items() if k in set(keys)},
+                               {p: q for p, q in self.nested.items() if p in used and q in used})
+
+    def without_nesting(self, state_dict: Mapping[str, torch.Tensor]) -> "PermutationSpec":
+        """The shared-perm subgroup as a plain spec: each nested P becomes one perm of m units shared
+        by all blocks of its outer Q (a merged slot is split into (|Q|, m) factors). Perms found for it
+        map back with `pyrebasin.nested.lift_shared(spec.nested, perms)`."""
+        sizes, axes = self.perm_sizes(state_dict), {}
+        for key, entries in self.axes_to_perm.items():
+            merged = {(s.axis, s.factor) for s in tensor_slots(key, entries, state_dict[key].shape, self.nested)
+                      if s.perm in self.nested and s.outer is None}
+            new = list(entries)
+            for axis, f in sorted(merged, reverse=True):
+                e = new[axis]
+                shape, perms = (list(e.shape), list(e.perms)) if isinstance(e, Blocked) else ([sizes[e]], [e])
+                p = perms[f]
+                shape[f:f + 1], perms[f:f + 1] = [sizes[self.nested[p]], sizes[p] // sizes[self.nested[p]]], \
+                    [self.nested[p], p]
+                new[axis] = Blocked(tuple(shape), tuple(perms))
+            axes[key] = tuple(new)
+        return PermutationSpec(axes, dict(self.fixed_reasons))
 
     # --- serialisation (plain JSON) ---
     def to_dict(self) -> dict:
         def enc(e):
             return {"shape": list(e.shape), "perms": list(e.perms)} if isinstance(e, Blocked) else e
         return {"axes_to_perm": {k: [enc(e) for e in v] for k, v in self.axes_to_perm.items()},
-                "fixed_reasons": dict(self.fixed_reasons)}
+                "fixed_reasons": dict(self.fixed_reasons)} | ({"nested": dict(self.nested)} if self.nested else {})
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PermutationSpec":
         def dec(e):
             return Blocked(tuple(e["shape"]), tuple(e["perms"])) if isinstance(e, dict) else e
         return cls({k: tuple(dec(e) for e in v) for k, v in d["axes_to_perm"].items()},
-                   dict(d.get("fixed_reasons", {})))
+                   dict(d.get("fixed_reasons", {})), dict(d.get("nested", {})))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -233,83 +287,42 @@ class PermutationSpec:
     def to_git_rebasin(self, **options) -> dict:
         """git-re-basin's format over flax keys and layout (`pyrebasin.interop.git_rebasin_from_axes`)."""
         from .interop import git_rebasin_from_axes
+        if self.nested:
+            raise ValueError(f"git-re-basin's format cannot state nested perms ({sorted(self.nested)} nested "
+                             f"under {sorted(set(self.nested.values()))}): each of its perms acts on whole axes")
         return git_rebasin_from_axes(self.axes_to_perm, **options) | {"fixed_reasons": dict(self.fixed_reasons)}
 
 
-def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
-                       sizes: Mapping[str, int]) -> None:
-    """Every perm of the spec present, 1-D integer, of its group's size, and a true permutation."""
-    missing = [p for p in sizes if p not in perms]
-    if missing:
-        raise ValueError(f"permutations missing for perm groups {missing}")
-    extra = [p for p in perms if p not in sizes]
-    if extra:
-        raise ValueError(f"permutations given for names the spec does not have: {extra}")
-    by_device: dict[torch.device, list[str]] = {}
-    for name, n in sizes.items():
-        p = perms[name]
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"perm {name!r} must be a 1-D int64 tensor, got "
-                             f"{getattr(p, 'dtype', type(p))} of shape {list(getattr(p, 'shape', []))}")
-        if p.numel() != n:
-            raise ValueError(f"perm {name!r} has {p.numel()} entries but its group has {n} units")
-        by_device.setdefault(p.device, []).append(name)
-    # All groups of a device in one batch (a dozen ops, however many groups): this runs on every
-    # apply_permutation. Only when the batch fails is each group checked alone, for the message.
-    for device, names in by_device.items():
-        if not _all_permutations(device, [perms[name] for name in names], [sizes[name] for name in names]):
-            for name in names:
-                _check_one_permutation(name, perms[name], sizes[name])
-
-
-def _all_permutations(device: torch.device, ps: list[torch.Tensor], ns: list[int]) -> bool:
-    total = sum(ns)
-    if total == 0:
-        return True
-    v = torch.cat([p.long() for p in ps])
-    counts = torch.tensor(ns, device=device)
-    starts = torch.tensor([0] + ns[:-1], device=device).cumsum(0)
-    size_of = counts.repeat_interleave(counts, output_size=total)
-    in_range = v.ge(0).logical_and_(v.lt(size_of))
-    if not bool(in_range.all()):
-        return False
-    return int(torch.bincount(v + starts.repeat_interleave(counts, output_size=total), minlength=total).max()) <= 1
-
-
-def _check_one_permutation(name: str, p: torch.Tensor, n: int) -> None:
-    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-        raise TypeError(f"perm {name!r} must be an integer tensor, got {p.dtype}")
-    seen = torch.zeros(n, dtype=torch.bool, device=p.device)
-    if n and (int(p.min()) < 0 or int(p.max()) >= n):
-        raise ValueError(f"perm {name!r} has values outside [0, {n})")
-    seen[p.long()] = True
-    if not bool(seen.all()):
-        dup = torch.bincount(p.long().cpu(), minlength=n).gt(1).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"perm {name!r} is not a permutation: duplicated indices {dup}")
-
-
 def axis_index(entry: AxisEntry, perms: Mapping[str, torch.Tensor], size: int,
-               device: torch.device | None = None) -> torch.Tensor | None:
-    """The flat gather index of one axis (None when nothing permutes it)."""
+               device: torch.device | None = None, nested: Mapping[str, str] | None = None) -> torch.Tensor | None:
+    """The flat gather index of one axis (None when nothing permutes it). With `nested` (the spec's),
+    a nested perm after its outer perm in the same Blocked entry is gathered jointly with it."""
     if entry is None:
         return None
     if isinstance(entry, str):
         return perms[entry].to(device=device, dtype=torch.long)
     if all(p is None for p in entry.perms):
         return None
-    idx = torch.arange(size, device=device).reshape(entry.shape)
-    for f, p in enumerate(entry.perms):
-        if p is not None:
-            idx = idx.index_select(f, perms[p].to(device=device, dtype=torch.long))
-    return idx.reshape(-1)
+    slots = tensor_slots("<axis>", (entry,), (size,), nested or {})
+    for s in slots:
+        if s.outer is None and perms[s.perm].numel() != s.size:
+            why = (f"an inner slot of a perm nested under {nested[s.perm]!r}, which is on another axis (use "
+                   f"apply_permutation)" if s.perm in (nested or {}) else "an inner slot of a nested perm? pass "
+                   "the spec's `nested`, or use apply_permutation")
+            raise ValueError(f"perm {s.perm!r} has {perms[s.perm].numel()} units but acts on a factor of "
+                             f"{s.size} ({why})")
+    idx = torch.arange(size, device=device)
+    return gather_slots(idx, (entry,), slots, perms).reshape(-1)
 
 
 def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                       state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new state dict with every permuted axis gathered: `new = old.index_select(axis, perm)`.
+    """A new state dict with every permuted axis gathered: `new = old.index_select(axis, perm)`;
+    a nested perm's inner slot is gathered jointly with its outer perm's slot (`pyrebasin.nested`).
 
-    The input is untouched; all tensors go through one fused `permute_multi` call per device.
-    Fixed tensors are copied so the result never aliases the input.
+    The input is untouched; all tensors whose gathers are per axis (a joint gather within one Blocked
+    axis is one flat index) go through one fused `permute_multi` call per device; a joint gather
+    across two axes (stacked MoE experts) runs in torch. Fixed tensors are copied (no aliasing).
     """
     sizes = spec.perm_sizes(state_dict)
     check_permutations(spec, perms, sizes)
@@ -319,27 +332,37 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
         by_device.setdefault(state_dict[k].device, []).append(i)
     out: dict[str, torch.Tensor] = {}
     for device, members in by_device.items():
-        tensors, indices, owners, axes = [], [], [], []
+        tensors, indices, owners, axes, fused, shapes = [], [], [], [], [], []
         # One index tensor per distinct axis entry (a perm permutes many tensors): built once per call.
         index_of: dict[tuple[AxisEntry, int], torch.Tensor | None] = {}
-        for j, i in enumerate(members):
+        for i in members:
             key = keys[i]
-            t = state_dict[key]
-            tensors.append(t.resolve_conj().resolve_neg())
-            for axis, entry in enumerate(spec.axes_to_perm[key]):
+            t = state_dict[key].resolve_conj().resolve_neg()
+            entries = spec.axes_to_perm[key]
+            slots = tensor_slots(key, entries, t.shape, spec.nested)
+            if any(s.outer is not None and slots[s.outer].axis != s.axis for s in slots):
+                merged = merge_joint_axes(entries, t.shape, slots, Blocked)
+                if merged is None:  # a joint gather across non-adjacent axes (w2 [E, H, I]): torch
+                    out[key] = gather_slots(t, entries, slots, perms)
+                    continue
+                entries, t = merged[0], t.reshape(merged[1])  # adjacent (w1 [E, I, H]): one flat axis
+            shapes.append(state_dict[key].shape)
+            fused.append(i)
+            tensors.append(t)
+            for axis, entry in enumerate(entries):
                 if entry is None:
                     continue
                 size = t.shape[axis]
                 idx = index_of.get((entry, size), False)
                 if idx is False:
-                    idx = index_of[entry, size] = axis_index(entry, perms, size, device)
+                    idx = index_of[entry, size] = axis_index(entry, perms, size, device, spec.nested)
                 if idx is not None:
                     indices.append(idx)
-                    owners.append(j)
+                    owners.append(len(tensors) - 1)
                     axes.append(axis)
         results = ops.permute_multi(tensors, indices, owners, axes)
-        for i, r in zip(members, results):
-            out[keys[i]] = r
+        for i, r, shape in zip(fused, results, shapes):
+            out[keys[i]] = r.reshape(shape)
     return {k: out[k] for k in keys}
 
 
@@ -349,41 +372,14 @@ def identity_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.T
 
 def random_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
                        generator: torch.Generator | int | None = None) -> Perms:
-    """A uniformly random permutation of every perm group (seeded by a Generator or an int)."""
+    """A uniformly random permutation of every perm group (seeded by a Generator or an int); a nested
+    perm is drawn uniformly among those following its outer perm (each block shuffled independently)."""
     if isinstance(generator, bool) or not (generator is None or isinstance(generator, (int, torch.Generator))):
         raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
-    return {p: torch.randperm(n, generator=generator) for p, n in spec.perm_sizes(state_dict).items()}
-
-
-def _checked(perms: Mapping[str, torch.Tensor], what: str) -> None:
-    """Each value a true permutation of 0..n-1 (argsort of duplicates or of floats is no inverse)."""
-    if not isinstance(perms, Mapping):
-        raise TypeError(f"{what} must be a dict perm name -> LongTensor, got {type(perms).__name__}")
-    for name, p in perms.items():
-        if not isinstance(p, torch.Tensor) or p.dim() != 1:
-            raise ValueError(f"{what}: perm {name!r} must be a 1-D integer tensor, got "
-                             f"{type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)}")
-        _check_one_permutation(name, p, p.numel())
-
-
-def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Perms:
-    """π⁻¹ for every group: applying perms then their inverse is the identity. Each value must be a
-    permutation of 0..n-1 (TypeError / ValueError naming the group otherwise)."""
-    _checked(perms, "invert_permutation")
-    return {k: torch.argsort(p) for k, p in perms.items()}
-
-
-def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> Perms:
-    """The single permutation equal to applying `first`, then `second` (= first[second]). Both must
-    hold permutations over the same groups, of equal sizes per group."""
-    _checked(first, "compose_permutations: first")
-    _checked(second, "compose_permutations: second")
-    if set(first) != set(second):
-        raise ValueError(f"cannot compose perms over different groups: {sorted(set(first) ^ set(second))}")
-    for k in first:  # first[second] with a shorter second would silently drop units
-        if first[k].numel() != second[k].numel():
-            raise ValueError(f"compose_permutations: perm {k!r} has {first[k].numel()} units in first but "
-                             f"{second[k].numel()} in second")
-    return {k: first[k][second[k].to(first[k].device)] for k in first}
+    sizes = spec.perm_sizes(state_dict)  # outer perms first, then each nested one block by block
+    perms = {p: torch.randperm(n, generator=generator) for p, n in sizes.items() if p not in spec.nested}
+    for p, q in spec.nested.items():
+        perms[p] = random_nested(perms[q], sizes[p] // sizes[q], generator)
+    return {p: perms[p] for p in sizes}

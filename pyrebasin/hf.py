@@ -21,7 +21,8 @@ from .spec import PermutationSpec
 from .streamed_forward import StreamedWeights, empty_parameters, stream_weights_
 
 __all__ = ["is_hf_directory", "hf_config", "hf_model_on_meta", "load_hf_spec", "open_hf_pair",
-           "load_hf_model", "streamed_hf_model", "streamed_activation_matching", "save_permuted_hf", "align_hf", "WEIGHT_SUFFIXES"]
+           "load_hf_model", "streamed_hf_model", "streamed_activation_matching", "save_permuted_hf", "align_hf",
+           "checkpoint_dtype", "WEIGHT_SUFFIXES"]
 
 # Files of other weight formats are not copied into an aligned directory: they would hold unaligned weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")

@@ -190,13 +190,13 @@ def stream_weights_(model: nn.Module, state: Mapping, *, dtype: torch.dtype | No
     real = [k for k, p in model.named_parameters() if not p.is_meta]
     if real:
         raise ValueError(f"stream_weights_: parameters {real[:4]} are not on the meta device; build the model "
-                         "under pyrebasin.streamed_forward.empty_parameters() (or torch.device('meta'))")
+                         "under pyrebasin.streamed_forward.empty_parameters()")
     unset = [f"{m}.{b}".lstrip(".") for m, mod in model.named_modules() for b, t in mod._buffers.items()
              if t is not None and t.is_meta and b in mod._non_persistent_buffers_set]
     if unset:
-        raise ValueError(f"stream_weights_: non-persistent buffers {unset[:4]} are on the meta device and no checkpoint "
-                         "holds them; build the model under pyrebasin.streamed_forward.empty_parameters() so that "
-                         "its modules compute them")
+        raise ValueError(f"stream_weights_: non-persistent buffers {unset[:4]} are on the meta device and no "
+                         "checkpoint holds them; build the model under "
+                         "pyrebasin.streamed_forward.empty_parameters() so that its modules compute them")
     source = _tied_keys(model, state)
     # a persistent buffer the checkpoint leaves out but the model computed (not on meta) stays as built
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if k not in source

@@ -35,7 +35,8 @@ def _directory_tokens(args: argparse.Namespace):
         check_token_ids(ids, vocab, f"--data {args.data}")
     rows = ids["input_ids"] if isinstance(ids, dict) else ids
     share = shard_range(len(rows))   # under torchrun each rank reads its share; the statistics are summed
-    ids = {k: v[share.start:share.stop] for k, v in ids.items()} if isinstance(ids, dict) else ids[share.start:share.stop]
+    cut = slice(share.start, share.stop)
+    ids = {k: v[cut] for k, v in ids.items()} if isinstance(ids, dict) else ids[cut]
     return ids, max(1, args.batch_tokens // rows.shape[1])
 
 

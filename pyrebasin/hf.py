@@ -18,9 +18,11 @@ from .fileio import atomic_write
 from .lm import model_kwargs
 from .shards import ShardedState, index_file, permute_safetensors
 from .spec import PermutationSpec
+from .streamed_forward import StreamedWeights, empty_parameters, stream_weights_
 
 __all__ = ["is_hf_directory", "hf_config", "hf_model_on_meta", "load_hf_spec", "open_hf_pair",
-           "load_hf_model", "save_permuted_hf", "align_hf", "WEIGHT_SUFFIXES"]
+           "load_hf_model", "streamed_hf_model", "streamed_activation_matching", "save_permuted_hf", "align_hf",
+           "checkpoint_dtype", "WEIGHT_SUFFIXES"]
 
 # Files of other weight formats are not copied into an aligned directory: they would hold unaligned weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -127,6 +129,36 @@ def load_hf_model(directory: str | os.PathLike, *, dtype: torch.dtype | None = N
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs).eval()
 
 
+def checkpoint_dtype(state: ShardedState) -> torch.dtype:
+    """The dtype of a checkpoint's floating tensors (the first one's; float32 when it has none)."""
+    return next((m.dtype for m in state.meta().values() if m.is_floating_point()), torch.float32)
+
+
+def streamed_hf_model(directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                      state: ShardedState | None = None) -> tuple[nn.Module, StreamedWeights]:
+    """The causal LM of a local directory built with its parameters on the meta device (buffers such as
+    rotary `inv_freq` computed as `from_pretrained` computes them) that reads each module's weights from
+    the memory-mapped shards just before the module runs and drops them after it (`streamed_forward`):
+    a forward holds one module's weights at a time. `dtype`: the compute dtype (default: the
+    checkpoint's). Returns (model in eval mode, its `StreamedWeights`)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _directory(directory, "model directory")
+    state = ShardedState(path) if state is None else state
+    config = hf_config(path)
+    dtype = checkpoint_dtype(state) if dtype is None else dtype
+    try:
+        with empty_parameters():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise ValueError(f"{directory}: no causal-LM class for model_type {config.model_type!r} ({exc})") from None
+    model.eval()
+    try:
+        return model, stream_weights_(model, state)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _check_out(out: Path, sources: list[Path], overwrite: bool) -> None:
     for src in sources:
         if out.resolve() == src.resolve():
@@ -179,18 +211,52 @@ def save_permuted_hf(source: str | os.PathLike, spec: PermutationSpec, perms, ou
 
 
 def align_hf(dir_a: str | os.PathLike, dir_b: str | os.PathLike, out: str | os.PathLike | None = None, *,
+             matching: str = "weight", data=None, forward_dtype: torch.dtype | None = None,
              max_shard_size: int | str | None = None, overwrite: bool = False, progress: bool = True,
              seq_len: int = 8, **options):
-    """Align model directory B to A by streamed weight matching and (given `out`) write the aligned B
-    as a model directory (`save_permuted_hf`). `options` go to `streamed_weight_matching` (method,
-    seed, max_iter, cache_bytes, block_bytes, ...). Returns the MatchResult."""
+    """Align model directory B to A and (given `out`) write the aligned B as a model directory
+    (`save_permuted_hf`). Returns the MatchResult.
+
+    matching="weight": streamed weight matching; `options` go to `streamed_weight_matching` (method,
+    seed, max_iter, cache_bytes, block_bytes, ...).
+    matching="activation": activation matching on token batches `data` (any form `activation_matching`
+    reads) with both models run as streamed forwards (`streamed_hf_model`, compute dtype
+    `forward_dtype`, default the checkpoint's), so neither model is ever in memory; `options` go to
+    `activation_matching` (batch_size, dtype of the moments, max_memory, max_batches, max_iter, ...)."""
     from .matching.streamed import streamed_weight_matching
 
+    if matching not in ("weight", "activation"):
+        raise ValueError(f"align_hf: matching must be 'weight' or 'activation', got {matching!r}")
+    if matching == "activation" and data is None:
+        raise ValueError("align_hf: matching='activation' needs data (token batches)")
+    if matching == "weight" and (data is not None or forward_dtype is not None):
+        raise ValueError("align_hf: data and forward_dtype are for matching='activation'")
     if out is not None:  # before any work: an output that would replace an input fails now
         _check_out(Path(out), [Path(dir_a), Path(dir_b)], overwrite)
     spec, state_a, state_b = open_hf_pair(dir_a, dir_b, seq_len=seq_len)
-    result = streamed_weight_matching(spec, state_a, state_b, progress=progress, **options)
+    if matching == "weight":
+        result = streamed_weight_matching(spec, state_a, state_b, progress=progress, **options)
+    else:
+        result = streamed_activation_matching(dir_a, dir_b, spec, data, forward_dtype=forward_dtype,
+                                              states=(state_a, state_b), progress=progress, **options)
     if out is not None:
         save_permuted_hf(dir_b, spec, result.perms, out, max_shard_size=max_shard_size, progress=progress,
                          overwrite=overwrite)
     return result
+
+
+def streamed_activation_matching(dir_a, dir_b, spec: PermutationSpec, data, *, forward_dtype=None,
+                                 states: tuple[ShardedState, ShardedState] | None = None, **options):
+    """`activation_matching` of two model directories run as streamed forwards (`streamed_hf_model`):
+    each module's weights are read from the shards when it runs and dropped after, so the memory is
+    the moments (bounded by `max_memory=`) and one batch's activations, not the models."""
+    from .matching.activation import activation_matching
+
+    state_a, state_b = states if states is not None else (None, None)
+    model_a, weights_a = streamed_hf_model(dir_a, dtype=forward_dtype, state=state_a)
+    model_b, weights_b = streamed_hf_model(dir_b, dtype=forward_dtype, state=state_b)
+    try:
+        return activation_matching(model_a, model_b, spec, data, **options)
+    finally:
+        weights_a.remove()
+        weights_b.remove()

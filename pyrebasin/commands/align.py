@@ -1,6 +1,7 @@
 """`pyrebasin align`: permute checkpoint B onto checkpoint A (weight or activation matching) and write
 the aligned B (.safetensors or .pt, atomically), optionally with the permutations as JSON; Hugging Face
-model directories in give an aligned model directory out (streamed, see pyrebasin.hf)."""
+model directories in give an aligned model directory out (weights streamed from the shards, and for
+activation matching both models run as streamed forwards: see pyrebasin.hf)."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,32 @@ def _moved(perms) -> int:
     return sum(int((v != torch.arange(len(v))).sum()) for v in perms.values())
 
 
-def run_directories(args: argparse.Namespace) -> int:
+def _directory_tokens(args: argparse.Namespace):
+    """The --data token batches of an activation run on model directories, ids checked against A's vocabulary."""
     from .. import hf
+    from ..distributed import shard_range
+    from ..lm import check_token_ids, is_token_batch
+
+    splits = _common.load_splits(args.data, args.samples, seq_len=args.seq_len, tokenizer=args.tokenizer)
+    ids = splits["train"]
+    if isinstance(ids, tuple) or not is_token_batch(ids):
+        raise ValueError(f"--data {args.data}: model directories are language models; give token data (a text "
+                         "file, or a .pt/.safetensors of token ids)")
+    vocab = getattr(hf.hf_config(args.a), "vocab_size", None)
+    if vocab is not None:
+        check_token_ids(ids, vocab, f"--data {args.data}")
+    rows = ids["input_ids"] if isinstance(ids, dict) else ids
+    share = shard_range(len(rows))   # under torchrun each rank reads its share; the statistics are summed
+    cut = slice(share.start, share.stop)
+    ids = {k: v[cut] for k, v in ids.items()} if isinstance(ids, dict) else ids[cut]
+    return ids, max(1, args.batch_tokens // rows.shape[1])
+
+
+def run_directories(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import hf
+    from ..shards import parse_size
 
     for flag in ("--a", "--b"):
         path = getattr(args, flag[2:])
@@ -28,18 +53,29 @@ def run_directories(args: argparse.Namespace) -> int:
                              "directories or two checkpoint files")
     if args.arch is not None:
         raise ValueError("--arch is not used with model directories (the model comes from their config.json)")
-    if args.method != "weight":
-        raise ValueError("--method activation is not supported for model directories yet; use --method weight")
-    if args.data is not None:
-        raise ValueError("--data is not used by weight matching of model directories")
-    _common.check_outputs({"--perms": args.perms}, {"--a": args.a, "--b": args.b})
+    if args.method == "weight" and args.data is not None:
+        raise ValueError("--data is not used by weight matching of model directories (add --method activation)")
+    if args.method == "activation" and args.data is None:
+        raise ValueError("--method activation needs --data (token ids or a text file)")
+    _common.check_outputs({"--perms": args.perms}, {"--a": args.a, "--b": args.b,
+                                                    "--data": _common.data_file(args.data)})
+    options = dict(seed=args.seed, max_iter=args.max_iter)
+    if args.method == "activation":
+        try:
+            budget = parse_size(args.max_memory)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--max-memory {args.max_memory!r}: {str(exc).split(': ', 1)[-1]}") from None
+        ids, batch_size = _directory_tokens(args)
+        options = dict(data=ids, batch_size=batch_size, max_memory=budget, max_iter=args.max_iter,
+                       dtype=getattr(torch, args.moments),
+                       forward_dtype=None if args.forward_dtype is None else getattr(torch, args.forward_dtype))
     t0 = time.perf_counter()
-    result = hf.align_hf(args.a, args.b, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                         progress=not args.no_progress, seed=args.seed, max_iter=args.max_iter)
+    result = hf.align_hf(args.a, args.b, args.out, matching=args.method, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite, progress=not args.no_progress, **options)
     seconds = time.perf_counter() - t0
     if args.perms:
         atomic_write_text(args.perms, json.dumps({p: v.tolist() for p, v in result.perms.items()}))
-    print(f"weight matching in {seconds:.2f} s ({_moved(result.perms)} units moved, objective "
+    print(f"{args.method} matching in {seconds:.2f} s ({_moved(result.perms)} units moved, objective "
           f"{result.objective[0]:.6g} -> {result.objective[-1]:.6g}); wrote {args.out}")
     return 0
 
@@ -95,5 +131,15 @@ def register(sub) -> None:
                    help="model directories: cut the output into shards of at most this size ('5GB', '500MB'); "
                         "default: B's shard layout")
     p.add_argument("--overwrite", action="store_true", help="model directories: replace a non-empty --out")
+    p.add_argument("--batch-tokens", type=_common.int_at_least(1), default=2048,
+                   help="model directories, --method activation: tokens per batch (batch_tokens // seq-len sequences)")
+    p.add_argument("--max-memory", default="1GiB",
+                   help="model directories, --method activation: budget of activation moments alive at once "
+                        "('1GiB', '500MB'); more passes over the data when they do not fit")
+    p.add_argument("--moments", choices=("float32", "float64"), default="float32",
+                   help="model directories, --method activation: moment accumulator (float32: shifted sums)")
+    p.add_argument("--forward-dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="model directories, --method activation: compute dtype of the forwards (default: the "
+                        "checkpoint's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

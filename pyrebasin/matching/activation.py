@@ -27,6 +27,7 @@ from ..module_state import check_finite_state, mode_view, model_state
 from ..moments import ACCUMULATOR_DTYPES, CrossMoments
 from ..spec import PermutationSpec
 from ..lm import model_kwargs
+from ..streamed_forward import streamed_weights
 from .activation_stats import Site, find_sites, gather_moments, plan_passes, probe_sites
 from .lap import solve_lap
 from .weight import MatchResult
@@ -36,7 +37,14 @@ __all__ = ["activation_matching", "find_sites", "Site"]
 
 def _states(model: nn.Module, state, name: str, spec: PermutationSpec):
     """(full state for functional_call, state for the spec check): the model's own tensors by default
-    (non-persistent buffers included, which a spec of state-dict keys does not declare)."""
+    (non-persistent buffers included, which a spec of state-dict keys does not declare). A model that
+    streams its weights (`streamed_forward`) reads them itself: no state, its checkpoint's shapes."""
+    streamed = streamed_weights(model)
+    if streamed is not None:
+        if state is not None:
+            raise ValueError(f"activation_matching: {name} must be None for a model that streams its weights "
+                             "from a checkpoint (stream_weights_)")
+        return {}, streamed.meta()
     if state is None:
         full = model_state(model)
         persistent = set(model.state_dict(keep_vars=True))

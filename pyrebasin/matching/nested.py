@@ -88,12 +88,15 @@ def _lap_value(block: torch.Tensor, solver) -> tuple[float, torch.Tensor]:
     return float(block[torch.arange(block.shape[0]), perm].sum()), perm
 
 
-def _bound(blocks: torch.Tensor) -> torch.Tensor:
-    """An upper bound of every block's LAP optimum [K, K]: min(Σ row maxima, Σ column maxima), with
-    a relative margin far above the rounding of either sum."""
-    rows, cols = blocks.amax(3).sum(2), blocks.amax(2).sum(2)
-    ub = torch.minimum(rows, cols)
-    return ub + 1e-9 * (blocks.abs().amax((2, 3)) * blocks.shape[-1] + 1e-300)
+def _bound(cost: torch.Tensor, k: int) -> torch.Tensor:
+    """An upper bound of every block pair's LAP optimum [K (A), K (B)]: min(Σ row maxima, Σ column
+    maxima), from the contiguous cost (no block copy), plus a relative margin far above the rounding
+    of either sum."""
+    c = cost.view(k, cost.shape[0] // k, k, -1)
+    row_max, col_max = c.amax(3), c.amax(1)                 # [K, m, K], [K, K, m]
+    rows, cols = row_max.sum(1), col_max.sum(2)
+    margin = 1e-9 * (row_max.abs().sum(1) + col_max.abs().sum(2) + 1e-300)
+    return torch.minimum(rows, cols) + margin
 
 
 def solve_family(own: torch.Tensor | None, children: Mapping[str, torch.Tensor], n_outer: int, *,
@@ -109,14 +112,15 @@ def solve_family(own: torch.Tensor | None, children: Mapping[str, torch.Tensor],
         raise ValueError(f"solve_family: the outer cost has shape {list(total.shape)}; expected [{k}, {k}]")
     fixed, lazy = {}, {}   # child -> inner perms of every pair [K, K, m] (exact) | (blocks, bound, exact, perms)
     for name, cost in children.items():
-        b = _blocks(cost.detach().to("cpu", torch.float64), k, name)
+        cost = cost.detach().to("cpu", torch.float64)
+        b = _blocks(cost, k, name)
         m = b.shape[-1]
         if m <= brute_max:
             vals, perms = _brute(b)
             total += vals
             fixed[name] = perms
         else:
-            lazy[name] = (b, _bound(b), torch.full((k, k), math.nan, dtype=torch.float64), {})
+            lazy[name] = (b, _bound(cost, k), torch.full((k, k), math.nan, dtype=torch.float64), {})
     out = FamilySolution(torch.arange(k), inner_possible=k * k * len(lazy))
     while True:
         values = total.clone()
@@ -131,7 +135,7 @@ def solve_family(own: torch.Tensor | None, children: Mapping[str, torch.Tensor],
         for a, c in dict.fromkeys(todo):
             for b, _, exact, perms in lazy.values():
                 if math.isnan(float(exact[a, c])):
-                    exact[a, c], perms[a, c] = _lap_value(b[a, c], solver)
+                    exact[a, c], perms[a, c] = _lap_value(b[a, c].contiguous(), solver)
                     out.inner_solves += 1
     rows = torch.arange(k)
     out.outer, out.value = outer, float(values[rows, outer].sum())

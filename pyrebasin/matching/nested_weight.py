@@ -149,13 +149,16 @@ class NestedCosts:
         return total
 
 
-def _step(costs: NestedCosts, perms: dict, outer: str, kids: list[str], keys: list[str], tol: float,
-          solver, stats: dict, coupling: float = 1.0) -> bool:
-    """One visit of a family: the joint solve, kept when the objective over `keys` rises, else each
-    child alone within the current block map. Updates `perms` in place; whether anything changed."""
-    before = costs.objective(perms, keys, coupling)
-    gain = lambda value: value > before + tol * max(1.0, abs(before))  # noqa: E731
+def _value(cost: torch.Tensor | None, perm: torch.Tensor) -> float:
+    return 0.0 if cost is None else float(cost[torch.arange(perm.numel()), perm].sum())
 
+
+def _step(costs: NestedCosts, perms: dict, outer: str, kids: list[str], keys: list[str], tol: float,
+          solver, stats: dict, coupling: float = 1.0, linear: bool = False) -> bool:
+    """One visit of a family: the joint solve, kept when the objective over `keys` rises, else each
+    child alone within the current block map. Updates `perms` in place; whether anything changed.
+    `linear` (each tensor holds at most one term of the family): the costs give the objective's
+    change exactly, so no objective is evaluated."""
     own = costs.cost(outer, perms, own=bool(kids), coupling=coupling)
     kid_costs = {c: costs.cost(c, perms, coupling=coupling) for c in kids}
     n = costs.sizes[outer]
@@ -171,9 +174,18 @@ def _step(costs: NestedCosts, perms: dict, outer: str, kids: list[str], keys: li
                     cand[c] = (sol.outer.view(-1, 1) * inner.shape[1] + inner).reshape(-1)
     else:
         cand = {outer: solve_lap(own, solver=solver) if own is not None else perms[outer]}
-    trial = perms | cand
-    if all(torch.equal(trial[p], perms[p]) for p in cand):
+    if all(torch.equal(cand[p], perms[p]) for p in cand):
         return False
+    if linear:   # the objective's change is the costs' change (the joint solve is its exact optimum)
+        old = _value(own, perms[outer]) + sum(_value(kid_costs[c], perms[c]) for c in kids)
+        new = _value(own, cand[outer]) + sum(_value(kid_costs[c], cand[c]) for c in kids)
+        if new > old + tol * max(1.0, abs(old)):
+            perms.update(cand)
+            return True
+        return False
+    before = costs.objective(perms, keys, coupling)
+    gain = lambda value: value > before + tol * max(1.0, abs(before))  # noqa: E731
+    trial = perms | cand
     if gain(costs.objective(trial, keys, coupling)):
         perms.update(cand)
         return True
@@ -204,6 +216,10 @@ class _Problem:
         self.keys_of = {q: list(dict.fromkeys(k for p in [q, *kids] for k in costs.keys_of.get(p, [])))
                         for q, kids in self.fams}
         self.deps = {q: sorted({s.perm for k in self.keys_of[q] for s in costs.slots[k]}) for q, _ in self.fams}
+        self.linear = {}
+        for q, kids in self.fams:   # at most one of the family's terms per tensor: its objective is linear
+            terms = [k for p in [q, *kids] for k, _ in costs.terms(p, own=p == q and bool(kids))]
+            self.linear[q] = len(terms) == len(set(terms))
         self.stats = {"inner_solves": 0, "inner_possible": 0, "fallbacks": 0, "visits": 0}
 
 
@@ -221,7 +237,8 @@ def _descend(prob: _Problem, perms: dict, gen: torch.Generator, coupling: float,
                 continue   # nothing the family's costs read changed since its last visit
             old = {p: perms[p] for p in [q, *kids]}
             prob.stats["visits"] += 1
-            if _step(prob.costs, perms, q, kids, prob.keys_of[q], prob.tol, prob.solver, prob.stats, coupling):
+            if _step(prob.costs, perms, q, kids, prob.keys_of[q], prob.tol, prob.solver, prob.stats, coupling,
+                     prob.linear[q]):
                 improved = True   # revisited next sweep: its own change moves its members' costs
                 for p in old:
                     if not torch.equal(old[p], perms[p]):

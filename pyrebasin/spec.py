@@ -268,6 +268,9 @@ class PermutationSpec:
     def to_git_rebasin(self, **options) -> dict:
         """git-re-basin's format over flax keys and layout (`pyrebasin.interop.git_rebasin_from_axes`)."""
         from .interop import git_rebasin_from_axes
+        if self.nested:
+            raise ValueError(f"git-re-basin's format cannot state nested perms ({sorted(self.nested)} nested "
+                             f"under {sorted(set(self.nested.values()))}): each of its perms acts on whole axes")
         return git_rebasin_from_axes(self.axes_to_perm, **options) | {"fixed_reasons": dict(self.fixed_reasons)}
 
 
@@ -284,10 +287,11 @@ def axis_index(entry: AxisEntry, perms: Mapping[str, torch.Tensor], size: int,
     slots = tensor_slots("<axis>", (entry,), (size,), nested or {})
     for s in slots:
         if s.outer is None and perms[s.perm].numel() != s.size:
+            why = (f"an inner slot of a perm nested under {nested[s.perm]!r}, which is on another axis (use "
+                   f"apply_permutation)" if s.perm in (nested or {}) else "an inner slot of a nested perm? pass "
+                   "the spec's `nested`, or use apply_permutation")
             raise ValueError(f"perm {s.perm!r} has {perms[s.perm].numel()} units but acts on a factor of "
-                             f"{s.size}" + (f": an inner slot of a perm nested under {nested[s.perm]!r}, which "
-                                            f"is on another axis (use apply_permutation)" if s.perm in
-                                            (nested or {}) else ""))
+                             f"{s.size} ({why})")
     idx = torch.arange(size, device=device)
     return gather_slots(idx, (entry,), slots, perms).reshape(-1)
 

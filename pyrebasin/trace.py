@@ -7,6 +7,7 @@ tensor axes with a union-find, and read the permutation groups off the state dic
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,10 +18,11 @@ from .lm import model_kwargs
 from .spec import Blocked, PermutationSpec
 from .tracing.engine import Engine, Ref, UnsupportedOpError
 from .tracing.frontends import FxUnsupported, export_graph, fx_graph
+from .tracing.nesting import nested_groups
 from .tracing.rules_nn import HEAD_HINT, OUT_HINT
 
 __all__ = ["trace_spec", "describe_spec", "spec_equivalent", "spec_difference", "UnsupportedOpError",
-           "model_inputs", "traceable_experts"]
+           "model_inputs", "traceable_experts", "symmetry_bits"]
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -77,7 +79,7 @@ def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def trace_spec(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
-               unknown: str = "error") -> PermutationSpec:
+               unknown: str = "error", nested: bool = True) -> PermutationSpec:
     """The permutation symmetries of `model`, found by tracing it on `example_inputs`.
 
     Every state-dict key (parameters and buffers) appears in the result. A group is a set of
@@ -90,6 +92,9 @@ def trace_spec(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
     the model or meets a leaf module it does not model), "fx" or "export".
     unknown: "error" raises UnsupportedOpError (naming op, node and module path) when an op without
     a rule receives permutable axes; "freeze" freezes every axis it touches instead (recorded).
+    nested: state the per-unit symmetries (`PermutationSpec.nested`, rules in tracing/nesting.py):
+    GQA query heads and value dims per KV head, within-head dims per head, each stacked expert's
+    hidden units. False: one perm shared by all units instead (a subgroup; the specs before nesting).
     Hugging Face models: token ids (a LongTensor or a dict with `input_ids`) are passed as they are,
     caches are turned off (`use_cache=False`) unless the inputs say otherwise, a model built on the
     meta device traces without weights (inputs are moved to meta), and mixture-of-experts blocks
@@ -100,21 +105,23 @@ def trace_spec(model: nn.Module, example_inputs: Any, *, frontend: str = "auto",
         raise ValueError(f"frontend={frontend!r}; expected 'auto', 'fx' or 'export'")
     if unknown not in ("error", "freeze"):
         raise ValueError(f"unknown={unknown!r}; expected 'error' or 'freeze'")
+    if not isinstance(nested, bool):
+        raise TypeError(f"nested must be True or False, got {nested!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_spec needs an nn.Module, got {type(model).__name__}")
     args, kwargs = model_inputs(model, example_inputs)
     state = model.state_dict(keep_vars=True)
     with traceable_experts(model):
-        return _trace(model, args, kwargs, state, frontend, unknown)
+        return _trace(model, args, kwargs, state, frontend, unknown, nested)
 
 
-def _trace(model, args, kwargs, state, frontend, unknown) -> PermutationSpec:
+def _trace(model, args, kwargs, state, frontend, unknown, nested=True) -> PermutationSpec:
     alias = _aliases(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     fx_error = None
     if frontend in ("auto", "fx"):
         try:
-            return _build(model, fx_graph(model, args, kwargs, set(state)), shapes, alias, unknown)
+            return _build(model, fx_graph(model, args, kwargs, set(state)), shapes, alias, unknown, nested)
         except (FxUnsupported, UnsupportedOpError) as e:
             if frontend == "fx":
                 raise
@@ -125,10 +132,10 @@ def _trace(model, args, kwargs, state, frontend, unknown) -> PermutationSpec:
         raise ValueError(f"trace_spec could not trace {type(model).__name__}: torch.export failed "
                          f"({type(e).__name__}: {e})"
                          + (f"; torch.fx failed too ({fx_error})" if fx_error else "")) from e
-    return _build(model, graph, shapes, alias, unknown)
+    return _build(model, graph, shapes, alias, unknown, nested)
 
 
-def _build(model, graph, shapes, alias, unknown) -> PermutationSpec:
+def _build(model, graph, shapes, alias, unknown, nested=True) -> PermutationSpec:
     graph.refs = {v: alias[k] for v, k in graph.refs.items()}
     for call in graph.calls:  # fx call_module parameters may name a tied key: use the canonical one
         call.args = tuple(Ref(alias[a]) if isinstance(a, Ref) else a for a in call.args)
@@ -164,7 +171,7 @@ def _build(model, graph, shapes, alias, unknown) -> PermutationSpec:
             reasons[key] = "not used by the traced forward"
         if canon != key and canon in reasons:
             reasons[key] = reasons[canon]
-    return PermutationSpec(axes_to_perm, reasons)
+    return PermutationSpec(axes_to_perm, reasons, nested_groups(E, names) if nested else {})
 
 
 def _entry(factors: list[tuple[int, str | None]]):
@@ -229,10 +236,23 @@ def describe_spec(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor] 
             else:
                 where.append(f"{key}[{axis}]")
         size = f" ({sizes[perm]} units)" if perm in sizes else ""
-        lines.append(f"{perm}{size}: " + ", ".join(where))
+        under = f" nested under {spec.nested[perm]}" if perm in spec.nested else ""
+        lines.append(f"{perm}{size}{under}: " + ", ".join(where))
     for key in spec.fixed:
         lines.append(f"fixed {key}: {spec.fixed_reasons.get(key, '(no reason given)')}")
     return "\n".join(lines)
+
+
+def symmetry_bits(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> float:
+    """log2 of the size of the permutation group a spec states: Σ log2 n! over plain groups, and
+    |Q| · log2 m! for a perm nested under Q with blocks of m (its blocks move with Q)."""
+    sizes = spec.perm_sizes(state_dict)
+    bits = 0.0
+    for p, n in sizes.items():
+        q = spec.nested.get(p)
+        k, m = (sizes[q], n // sizes[q]) if q is not None else (1, n)
+        bits += k * math.lgamma(m + 1) / math.log(2)
+    return bits
 
 
 # --- comparing specs (up to naming) --------------------------------------------------------------
@@ -272,4 +292,11 @@ def spec_difference(a: PermutationSpec, b: PermutationSpec) -> list[str]:
         out.append(f"group {pa[s]} of first ({sorted(s)[:4]}...) is not a group of second")
     for s in pb.keys() - pa.keys():
         out.append(f"group {pb[s]} of second ({sorted(s)[:4]}...) is not a group of first")
+    slots_a, slots_b = {n: frozenset(s) for n, s in ga.items()}, {n: frozenset(s) for n, s in gb.items()}
+    na = {(slots_a.get(p), slots_a.get(q)) for p, q in a.nested.items()}
+    nb = {(slots_b.get(p), slots_b.get(q)) for p, q in b.nested.items()}
+    for what, first, second, names in (("first", na, nb, pa), ("second", nb, na, pb)):
+        for p, q in first - second:
+            out.append(f"in the {what} spec, {names.get(p, '?')} is nested under {names.get(q, '?')}; "
+                       f"not in the other")
     return out

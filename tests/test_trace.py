@@ -58,9 +58,13 @@ def test_zoo_traced_equals_hand_written(name):
     model.train()
     snap = snapshot(model)
     spec = prb.trace_spec(model, x)
-    assert prb.spec_difference(spec, model.permutation_spec()) == []
-    report = prb.check_spec(model, spec, x)
-    assert report.ok and set(report.max_abs_diff) == {"eval", "train"}
+    hand = model.permutation_spec()    # hand-written zoo specs share within-head perms across heads
+    assert prb.spec_difference(prb.trace_spec(model, x, nested=False), hand) == []
+    assert all(" is nested under " in d for d in prb.spec_difference(spec, hand))
+    assert prb.spec_equivalent(prb.PermutationSpec(spec.axes_to_perm), hand)   # same slots, nesting aside
+    for mode_spec in (spec, hand):
+        report = prb.check_spec(model, mode_spec, x)
+        assert report.ok and set(report.max_abs_diff) == {"eval", "train"}
     assert_untouched(model, snap)
 
 
@@ -323,7 +327,8 @@ def test_functional_batch_norm_glu_dict_output():
 def test_fx_front_end_on_hand_written_attention():
     model, x = build("transformer")  # `b, t, _ = x.shape` is a getattr node in fx
     spec = prb.trace_spec(model, x, frontend="fx")
-    assert prb.spec_equivalent(spec, model.permutation_spec())
+    assert prb.spec_equivalent(prb.trace_spec(model, x, frontend="fx", nested=False), model.permutation_spec())
+    assert spec.nested == prb.trace_spec(model, x, frontend="export").nested != {}
 
 
 class NoGrad(nn.Module):
@@ -395,7 +400,7 @@ def test_weight_matching_recovers_planted_permutation_with_traced_spec(name):
     g = torch.Generator().manual_seed(1)
     state_a = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                for k, v in model.state_dict().items()}
-    spec = prb.trace_spec(model, x)
+    spec = prb.trace_spec(model, x, nested=False)   # nested families: tests/test_matching_nested*.py
     pi = prb.random_permutation(spec, state_a, generator=7)
     state_b = prb.apply_permutation(spec, pi, state_a)
     result = prb.weight_matching(spec, state_a, state_b)

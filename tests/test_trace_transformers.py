@@ -292,10 +292,19 @@ def test_hf_llama_gqa_groups_and_planted_permutation(hf):
     per_layer = {"self_attn.heads", "self_attn.group_heads", "self_attn.vo", "mlp.gate_proj.out"}
     assert set(spec.perm_names) == {"P_residual_0"} | {f"P_model.layers.{i}.{g}"
                                                        for i in (0, 1) for g in per_layer}
-    sizes = spec.perm_sizes(model.state_dict())  # 2 KV heads x 2 query heads each, head dim 8
-    assert [sizes[f"P_model.layers.0.self_attn.{g}"] for g in ("heads", "group_heads", "vo")] == [2, 2, 8]
-    state = model.state_dict()
-    perms, result, aligned = _planted(spec, state)
+    attn = "P_model.layers.0.self_attn"
+    # 2 KV heads x 2 query heads each, head dim 8: the query heads of each KV group, and the value dims
+    # of each KV head, are permuted independently (nested under the KV heads; q/k dims frozen by RoPE)
+    assert {p: q for p, q in spec.nested.items() if p.startswith(attn)} == {
+        f"{attn}.group_heads": f"{attn}.heads", f"{attn}.vo": f"{attn}.heads"}
+    sizes = spec.perm_sizes(model.state_dict())
+    assert [sizes[f"{attn}.{g}"] for g in ("heads", "group_heads", "vo")] == [2, 4, 16]
+    prb.check_spec(model, spec, torch.randint(0, 50, (2, 7)))
+    flat = prb.trace_spec(model, torch.randint(0, 50, (2, 7)), nested=False)   # the shared-perm subgroup
+    assert flat.axes_to_perm == spec.axes_to_perm and flat.nested == {}
+    assert [flat.perm_sizes(model.state_dict())[f"{attn}.{g}"] for g in ("heads", "group_heads", "vo")] == [2, 2, 8]
+    state = model.state_dict()   # weight matching of nested families: pyrebasin.matching (plain spec here)
+    perms, result, aligned = _planted(flat, state)
     inverse = prb.invert_permutation(perms)
     assert all(torch.equal(result.perms[p], inverse[p]) for p in perms)
     assert all(torch.equal(aligned[k], state[k]) for k in state)
@@ -320,9 +329,14 @@ def test_hf_moe_experts_with_router_rows(arch):
     assert ax[f"{mlp}.experts.down_proj"][2] == hidden
     assert ax[f"{mlp}.experts.down_proj"][1] == ax["model.norm.weight"][0]  # the residual stream
     assert spec.perm_sizes(model.state_dict())[experts] == 4
+    assert spec.nested[hidden] == experts    # each expert's hidden units permuted on their own
+    assert spec.perm_sizes(model.state_dict())[hidden] == 4 * (16 if arch == "qwen2_moe" else 24)
     prb.check_spec(model, spec, ids)  # run with the model's own experts implementation
     state = model.state_dict()
-    _, result, aligned = _planted(spec, state)
+    flat = prb.trace_spec(model, ids, nested=False)   # weight matching below on the shared-perm spec
+    assert flat.axes_to_perm == spec.axes_to_perm and hidden not in flat.nested
+    prb.check_spec(model, flat, ids)
+    _, result, aligned = _planted(flat, state)
     assert all(torch.equal(aligned[k], state[k]) for k in state)
 
 
@@ -336,7 +350,7 @@ def _without(spec, key, axis, factor=None):
         b = entries[axis]
         entries[axis] = prb.Blocked(b.shape, tuple(None if f == factor else p for f, p in enumerate(b.perms)))
     ax[key] = tuple(entries)
-    return prb.PermutationSpec(ax, spec.fixed_reasons)
+    return prb.PermutationSpec(ax, spec.fixed_reasons, spec.nested)
 
 
 def test_check_spec_tolerance_follows_dtype():

@@ -90,6 +90,10 @@ class Engine:
         # index tensors whose *values* point into a permutable axis (topk over router logits): value
         # -> that axis's atoms; a Multi output's element is keyed (value, i)
         self.pointers: dict[Any, list[int]] = {}
+        # for nested perms (tracing/nesting.py): (index tensor axes, the axis its values point into)
+        # of each `w[ids]`, and (output value, axes an op mixes along) of ops that reduce internally
+        self.carriers: list[tuple[Axes, list[int]]] = []
+        self.mixes: list[tuple[Any, Axes]] = []
 
     # --- values ---
     def param(self, key: str) -> Axes:
@@ -159,6 +163,11 @@ class Engine:
         for item in axes:
             for a in (item if isinstance(item, list) else [item]):
                 self.A.freeze(a, reason)
+
+    def mixing(self, c: Call, axes: Axes | list[int]) -> None:
+        """Record that `c` mixes values along `axes` (a contraction, softmax, normalisation): a perm
+        nested under a class of those axes cannot stay nested through it (tracing/nesting.py)."""
+        self.mixes.append((c.out, [a if isinstance(a, list) else [a] for a in axes]))
 
     def set_out(self, c: Call, axes: Axes | Multi) -> None:
         shape = self.g.shape(c.out)

@@ -54,6 +54,9 @@ def unary(E: Engine, c: Call) -> None:
     x = E.ax(c.arg(0, "self"))
     if x is None or [E.size(a) for a in x] != list(E.out_shape(c)):
         return elementwise(E, c)
+    if c.name in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+        dim = c.arg(1, "dim")
+        E.mixing(c, [x[dim % len(x)]] if isinstance(dim, int) and x else x)
     E.set_out(c, x)
 
 

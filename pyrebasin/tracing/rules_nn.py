@@ -23,6 +23,7 @@ def linear(E: Engine, c: Call) -> None:
     if len(w) != 2:
         return E.unmodelled(c)
     E.tie(x[-1], w[1], f"input features of {c.where()}")
+    E.mixing(c, [x[-1]])
     if b is not None:
         E.tie(w[0], b[0], f"bias of {c.where()}")
     _hint_out(E, w[0], c.path)
@@ -40,6 +41,7 @@ def matmul(E: Engine, c: Call) -> None:
     a2 = [[E.A.new(1)]] + a if a1 else a
     b2 = b + [[E.A.new(1)]] if b1 else b
     E.tie(a2[-1], b2[-2], f"contracted axis of {c.where()}")
+    E.mixing(c, [a2[-1]])
     shape = E.g.shape(c.out)
     nb = len(shape) - (0 if a1 else 1) - (0 if b1 else 1)
     batch: list = [None] * nb
@@ -112,6 +114,7 @@ def einsum(E: Engine, c: Call) -> None:
             elif tok not in letters or E.size(letters[tok]) == 1:
                 letters[tok] = atoms
     out_toks = re.findall(r"#\d+|[a-zA-Z]", rhs.replace("...", "".join(f"#{i}" for i in range(ell_n))))
+    E.mixing(c, [atoms for t, atoms in letters.items() if t not in out_toks])
     E.set_out(c, [letters[t] for t in out_toks])
 
 
@@ -192,6 +195,7 @@ def batch_norm(E: Engine, c: Call) -> None:
     x = E.ax(c.arg(0, "input"))
     ch = x[1] if len(x) > 1 else x[0]
     names = ("weight", "bias", "running_mean", "running_var")
+    E.mixing(c, [a for i, a in enumerate(x) if a is not ch])
     for i, name in zip(BN[c.name], names):
         p = E.ax(c.arg(i, name))
         if p is not None and len(p) == 1 and E.size(p[0]) == E.size(ch):
@@ -226,6 +230,7 @@ def layer_norm(E: Engine, c: Call) -> None:
         if p is not None:
             for d in range(k):
                 E.tie(x[len(x) - k + d], p[d], f"{name} of {c.where()}")
+    E.mixing(c, x[len(x) - k:])
     _norm_out(E, c, x, x[-1])
 
 
@@ -241,6 +246,7 @@ def group_norm(E: Engine, c: Call) -> None:
     if 1 < groups < n:
         atoms = [E.A.new(groups), E.A.new(n // groups)]
         E.tie(ch, atoms, f"channel groups of {c.where()}")
+    E.mixing(c, x[2:] + ([[atoms[1]]] if 1 < groups < n else [ch]))
     for i, name in (((1, "weight"), (2, "bias")) if native else ((2, "weight"), (3, "bias"))):
         p = E.ax(c.arg(i, name))
         if p is not None:
@@ -269,6 +275,7 @@ def sdpa(E: Engine, c: Call) -> None:
     where = c.where()
     E.tie(q[-1], k[-1], f"query/key dims of {where}")
     E.tie(k[-2], v[-2], f"key/value positions of {where}")
+    E.mixing(c, [k[-2], q[-1]])
     nb = len(q) - 2
     for i in range(nb):
         qi, ki, vi = q[i], k[len(k) - len(q) + i], v[len(v) - len(q) + i]

@@ -253,6 +253,7 @@ def _pointer_index(E: Engine, c: Call) -> bool:
     if shape != tuple(E.size(a) for a in list(ids) + x[1:]):
         return False
     E.tie(x[0], target, f"units picked by index in {c.where()}")
+    E.carriers.append((list(ids), x[0]))
     for a in x[0]:  # names: the experts, and (weakly: a residual axis keeps its own) their units
         E.A.hint(a, c.path if c.path.rpartition(".")[2] == "experts" else f"{c.path}.experts", 3)
     for atoms in x[1:]:

@@ -266,3 +266,30 @@ def test_nested_spec_recovers_per_group_perms_that_the_shared_spec_cannot():
         assert all(torch.equal(nested.perms[p], v) for p, v in truth.items())
         shared = prb.weight_matching(gqa_spec(2, 4, 8, rope=True, nested=False), a, b)
         assert nested.objective[-1] > shared.objective[-1] * 1.05
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="child 'P' has a cost of shape \\[5, 5\\]"):
+        solve_family(None, {"P": torch.zeros(5, 5)}, 2)
+    with pytest.raises(ValueError, match="outer cost has shape \\[3, 3\\]; expected \\[2, 2\\]"):
+        solve_family(torch.zeros(3, 3), {}, 2)
+    spec, a = moe_spec(4, 12), moe_state()
+    b = {k: v.clone() for k, v in a.items()}
+    b["w1"] = b["w1"][:, :6]
+    with pytest.raises(ValueError, match="w1"):
+        prb.weight_matching(spec, a, b)
+    bad = prb.identity_permutation(spec, a)
+    bad["P_hid"] = torch.randperm(48, generator=torch.Generator().manual_seed(0))   # breaks the expert blocks
+    with pytest.raises(ValueError, match="P_hid"):
+        prb.weight_matching(spec, a, a, init=bad)
+
+
+def test_init_and_restarts_on_a_nested_spec():
+    spec, a = moe_spec(4, 12), moe_state(seed=5)
+    planted = prb.random_permutation(spec, a, 1)
+    b = prb.apply_permutation(spec, planted, a)
+    truth = prb.invert_permutation(planted)
+    res = prb.weight_matching(spec, a, b, init=truth, method="textbook")
+    assert all(torch.equal(res.perms[p], truth[p]) for p in truth) and res.objective[0] == res.objective[-1]
+    res = prb.weight_matching(spec, a, b, method="thorough")
+    assert all(torch.equal(res.perms[p], truth[p]) for p in truth) and res.seed in range(4)

@@ -41,6 +41,26 @@ def _mixtral():
                                             num_local_experts=4, max_position_embeddings=16)).eval()
 
 
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, num_experts_per_tok=2, intermediate_size=48,
+                                              moe_intermediate_size=16, num_experts=4, shared_expert_intermediate_size=24,
+                                              decoder_sparse_step=1, mlp_only_layers=[],
+                                              max_position_embeddings=16)).eval()
+
+
+def _gpt2():   # MHA: each head's q/k dims nested under the heads
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+MODELS = {"llama": _llama, "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "gpt2": _gpt2}
+
+
 def _planted(model, spec, seed):
     a = {k: v.detach().clone() for k, v in model.state_dict().items()}
     planted = prb.random_permutation(spec, a, seed)
@@ -50,12 +70,12 @@ def _planted(model, spec, seed):
     return a, b, planted, model_b
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
 def test_hf_planted_nested_perm_is_recovered_by_weight_matching(arch):
-    model = _llama() if arch == "llama" else _mixtral()
+    model = MODELS[arch]()
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     spec = _nested(prb.trace_spec(model, ids))
-    per_layer = 2 if arch == "llama" else 3   # query heads and value dims per KV group (+ expert hidden units)
+    per_layer = {"llama": 2, "mixtral": 3, "qwen2_moe": 3, "gpt2": 1}[arch]   # GQA heads/value dims, experts' units
     assert len(spec.nested) == 2 * per_layer
     sizes = spec.perm_sizes(model.state_dict())
     assert all(sizes[p] > sizes[q] for p, q in spec.nested.items())   # per group: not one shared perm

@@ -16,6 +16,7 @@ objective never decreases, sweep after sweep.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -250,6 +251,9 @@ def _descend(prob: _Problem, perms: dict, gen: torch.Generator, coupling: float,
             bar.update()
         if not improved:
             return sweep
+    if max_iter:
+        warnings.warn(f"weight_matching: a descent stopped at max_iter={max_iter} sweeps while still improving "
+                      f"(coupling {coupling}); raise max_iter", RuntimeWarning, stacklevel=5)
     return max_iter
 
 

@@ -189,6 +189,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
 
     `provider(spec, state_a, state_b, group=...)` builds the cost provider (default `WeightCosts`,
     holding float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
+    A spec with nested perms is matched family by family (`matching.nested_weight`, docs/matching.md).
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
     if getattr(spec, "nested", None):  # nested perms: families solved jointly (matching/nested_weight.py)

@@ -51,9 +51,12 @@ def _lazy(state) -> bool:
 class NestedCosts:
     """The costs and objective of one nested weight-matching problem. In-memory states are held as
     float32 (float64 if any permuted tensor is) copies; lazy ones (`ShardedState`: `meta()`,
-    `read(keys, dtype)`) are read tensor by tensor on every use, so neither model is held."""
+    `read(keys, dtype)`) are read tensor by tensor on every use, so neither model is held. Cost
+    groups are cached in float64 within `cache_bytes`."""
 
-    def __init__(self, spec: PermutationSpec, state_a, state_b):
+    def __init__(self, spec: PermutationSpec, state_a, state_b, *, cache_bytes: int = 1 << 30):
+        self.cache: dict[tuple, tuple] = {}   # (member, own, perms read) -> (their values, float64 cost sum)
+        self.cache_left = cache_bytes
         metas = [s.meta() if _lazy(s) else s for s in (state_a, state_b)]
         for name, meta in zip(("state_a", "state_b"), metas):
             missing = [k for k in spec.axes_to_perm if k not in meta]
@@ -107,35 +110,59 @@ class NestedCosts:
                     out.append((key, i))
         return out
 
+    def _term(self, member: str, key: str, i: int, perms) -> tuple[list[int], dict]:
+        """(unit slot indices, the perms B is gathered with) of one term (module docstring)."""
+        slots = self.slots[key]
+        s = slots[i]
+        mod = {t.perm: perms[t.perm] for t in slots}
+        mod[member] = torch.arange(self.sizes[member])
+        if s.outer is None:
+            return [i], mod
+        q = slots[s.outer].perm
+        for t in slots:
+            if t.outer == s.outer and t.perm != member:
+                mod[t.perm] = source_ordered(perms[t.perm], perms[q])
+        mod[q] = torch.arange(self.sizes[q])
+        return [s.outer, i], mod
+
+    def _product(self, member: str, key: str, unit: list[int], mod) -> torch.Tensor:
+        slots = self.slots[key]
+        a, b = self.pair(key)
+        b = gather_slots(b, self.spec.axes_to_perm[key], slots, mod)
+        dims = [self._dim(key, slots[j]) for j in unit]
+        n = self.sizes[member]
+        au = self._factor_view(a, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
+        bu = self._factor_view(b, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
+        return (au @ bu.T).to("cpu", torch.float64)
+
     def cost(self, member: str, perms: Mapping[str, torch.Tensor], *, own: bool = False,
              coupling: float = 1.0) -> torch.Tensor | None:
         """The member's cost [n, n] (float64, CPU), B's unit index in source order (module docstring),
-        coupled tensors weighted by `coupling`; None when it has no term."""
-        total = None
+        coupled tensors weighted by `coupling`; None when it has no term. Terms are summed in groups
+        by the perms their gathers read; a group whose perms are unchanged since it was last built is
+        taken from the cache (within `cache_bytes`): a visit rebuilds only what moved."""
+        groups: dict[tuple, list] = {}
         for key, i in self.terms(member, own=own):
-            slots = self.slots[key]
-            s = slots[i]
-            mod = dict(perms)
-            mod[member] = torch.arange(self.sizes[member])
-            unit = [i]
-            if s.outer is not None:
-                q = slots[s.outer].perm
-                unit = [s.outer, i]
-                for t in slots:
-                    if t.outer == s.outer and t.perm != member:
-                        mod[t.perm] = source_ordered(perms[t.perm], perms[q])
-                mod[q] = torch.arange(self.sizes[q])
-            a, b = self.pair(key)
-            b = gather_slots(b, self.spec.axes_to_perm[key], slots, mod)
-            dims = [self._dim(key, slots[j]) for j in unit]
-            n = self.sizes[member]
-            au = self._factor_view(a, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
-            bu = self._factor_view(b, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
-            c = (au @ bu.T).to("cpu", torch.float64)
-            if self.coupled[key] and coupling != 1.0:
-                c.mul_(coupling)
-            total = c if total is None else total.add_(c)
-            del a, b, au, bu
+            unit, mod = self._term(member, key, i, perms)
+            deps = {self.slots[key][j].perm: mod[self.slots[key][j].perm]
+                    for j in range(len(self.slots[key])) if j not in unit}
+            groups.setdefault((member, own, tuple(sorted(deps))), []).append((key, unit, mod, deps))
+        total = None
+        for gkey, terms in groups.items():
+            deps = terms[0][3]
+            hit = self.cache.get(gkey)
+            if hit is not None and all(torch.equal(hit[0][d], v) for d, v in deps.items()):
+                c = hit[1]
+            else:
+                c = None
+                for key, unit, mod, _ in terms:
+                    x = self._product(member, key, unit, mod)
+                    c = x if c is None else c.add_(x)
+                if hit is not None or c.numel() * 8 <= self.cache_left:
+                    self.cache_left -= 0 if hit is not None else c.numel() * 8
+                    self.cache[gkey] = ({d: v.clone() for d, v in deps.items()}, c)
+            w = coupling if gkey[2] else 1.0   # a group reading other perms is coupled
+            total = c * w if total is None else total.add_(c, alpha=w)
         return total
 
     def objective(self, perms: Mapping[str, torch.Tensor], keys=None, coupling: float = 1.0) -> float:

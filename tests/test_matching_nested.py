@@ -278,6 +278,9 @@ def test_bad_input_is_a_clear_error():
     b["w1"] = b["w1"][:, :6]
     with pytest.raises(ValueError, match="w1"):
         prb.weight_matching(spec, a, b)
+    from pyrebasin.matching.costs import WeightCosts
+    with pytest.raises(ValueError, match="nested perms .*NestedCosts"):
+        WeightCosts(spec, a, a)   # the plain provider refuses nested specs instead of mis-gathering them
     bad = prb.identity_permutation(spec, a)
     bad["P_hid"] = torch.randperm(48, generator=torch.Generator().manual_seed(0))   # breaks the expert blocks
     with pytest.raises(ValueError, match="P_hid"):
@@ -293,3 +296,25 @@ def test_init_and_restarts_on_a_nested_spec():
     assert all(torch.equal(res.perms[p], truth[p]) for p in truth) and res.objective[0] == res.objective[-1]
     res = prb.weight_matching(spec, a, b, method="thorough")
     assert all(torch.equal(res.perms[p], truth[p]) for p in truth) and res.seed in range(4)
+
+
+def test_nested_activation_matching_in_passes_is_identical():
+    """`max_memory` splits the sites into passes; a nested site's width is its factors' product (K·G·d,
+    not |P_kv|·|P_q|·|P_v|), so the plan fits what is really held."""
+    from pyrebasin.matching.activation_stats import find_sites, plan_passes, site_width
+    from pyrebasin.moments import CrossMoments
+    model = TinyGQA(K=2, G=4, d=4, D=16, seed=3)
+    spec = gqa_spec(2, 4, 4, rope=False)
+    a, b, planted = _planted(model, spec, 7)
+    model_b = TinyGQA(K=2, G=4, d=4, D=16)
+    model_b.load_state_dict(b)
+    sizes = spec.perm_sizes(a)
+    widths = {s.module: site_width(s, sizes) for s in find_sites(model, spec)}
+    assert widths["o"] == widths["q"] == 2 * 4 * 4 and widths["out"] == 16
+    data = torch.randn(64, 6, 7, generator=torch.Generator().manual_seed(0))
+    whole = prb.activation_matching(model, model_b, spec, data, batch_size=16)
+    budget = 3 * CrossMoments.nbytes(32, 32)
+    assert len(plan_passes(find_sites(model, spec), sizes, set(), budget, torch.float64)) >= 2
+    split = prb.activation_matching(model, model_b, spec, data, batch_size=16, max_memory=budget)
+    assert all(torch.equal(split.perms[p], whole.perms[p]) for p in whole.perms)
+    assert all(torch.equal(v, prb.invert_permutation(planted)[p]) for p, v in split.perms.items())

@@ -306,7 +306,8 @@ def nested_descent(spec: PermutationSpec, state_a, state_b, *, schedule=(1.0,), 
     seed+1, ... and the best final objective kept. Returns (perms, objective history, sweeps, seed, stats)."""
     if is_distributed(group):
         raise ValueError("weight_matching: specs with nested perms are matched in one process; pass group=False")
-    costs = NestedCosts(spec, state_a, state_b)
+    # the cost cache: as WeightCosts in memory, as StreamedCosts (512 MiB) for lazy checkpoints
+    costs = NestedCosts(spec, state_a, state_b, cache_bytes=(512 << 20) if _lazy(state_a) else (1 << 30))
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     best = None

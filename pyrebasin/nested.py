@@ -10,13 +10,15 @@ This module works on plain data (axis entries, names, tensors) so that
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["check_permutations", "check_one_permutation", "all_permutations", "Slot", "tensor_slots", "check_nested_map", "check_block_following", "random_nested",
-           "joint_index", "gather_slots"]
+__all__ = ["check_permutations", "check_one_permutation", "all_permutations", "invert_permutation",
+           "compose_permutations", "lift_shared", "Slot", "tensor_slots", "check_nested_map",
+           "check_block_following", "random_nested", "joint_index", "gather_slots", "merge_joint_axes"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def check_block_following(perms: Mapping[str, torch.Tensor], nested: Mapping[str
             raise ValueError(f"nested perm {p!r} has {n} units, not a multiple of its outer {q!r}'s {k}")
         m = n // k
         P, Q = perms[p].long(), perms[q].long().to(perms[p].device)
-        bad = P.view(k, m).div(m, rounding_mode="floor").ne(Q.view(k, 1)).any(1)
+        bad = P.reshape(k, m).div(m, rounding_mode="floor").ne(Q.reshape(k, 1)).any(1)
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
             raise ValueError(
@@ -106,7 +108,7 @@ def random_nested(outer: torch.Tensor, m: int, generator: torch.Generator | None
     k = outer.numel()
     inner = torch.stack([torch.randperm(m, generator=generator) for _ in range(k)]) if k else \
         torch.empty(0, m, dtype=torch.long)
-    return (outer.long().view(k, 1) * m + inner).reshape(-1)
+    return (outer.long().reshape(k, 1) * m + inner).reshape(-1)
 
 
 def joint_index(outer: torch.Tensor, inners: list[torch.Tensor], ms: list[int]) -> torch.Tensor:
@@ -117,13 +119,13 @@ def joint_index(outer: torch.Tensor, inners: list[torch.Tensor], ms: list[int]) 
     total = 1
     for m in ms:
         total *= m
-    idx = outer.long().view([k] + [1] * n) * total
+    idx = outer.long().reshape([k] + [1] * n) * total
     stride = total
     for i, (p, m) in enumerate(zip(inners, ms)):
         stride //= m
         shape = [k] + [1] * n
         shape[i + 1] = m
-        idx = idx + (p.long().to(outer.device).view(k, m) % m).view(shape) * stride
+        idx = idx + (p.long().to(outer.device).reshape(k, m) % m).reshape(shape) * stride
     return idx.reshape(-1)
 
 
@@ -160,6 +162,35 @@ def gather_slots(x: torch.Tensor, entries, slots: list[Slot], perms: Mapping[str
             back[d] = pos
         y = z.permute(back)
     return y.reshape(x.shape).contiguous()
+
+
+def merge_joint_axes(entries, shape, slots: list[Slot], blocked):
+    """When every joint gather spans adjacent axes that all hold a slot of it, the entries and shape
+    with those axes merged into one `blocked` (the Blocked class) axis, so that the joint gather is one
+    flat index of that axis; else None."""
+    groups: dict[int, set[int]] = {}
+    for s in slots:
+        if s.outer is not None:
+            groups.setdefault(s.outer, {slots[s.outer].axis}).add(s.axis)
+    spans = sorted((min(a), max(a)) for a in groups.values())
+    if any(len(a) != max(a) - min(a) + 1 for a in groups.values()) or any(
+            lo <= hi0 for (_, hi0), (lo, _) in zip(spans, spans[1:])):
+        return None
+    new_entries, new_shape, axis = [], [], 0
+    for lo, hi in spans + [(len(entries), len(entries))]:
+        new_entries += entries[axis:lo]
+        new_shape += shape[axis:lo]
+        if lo < len(entries):
+            span = [(a, e, e is not None and not isinstance(e, str)) for a, e in enumerate(entries) if lo <= a <= hi]
+            part = [e.shape if factored else (shape[a],) for a, e, factored in span]
+            names = [e.perms if factored else (e,) for _, e, factored in span]
+            named = [p for ps in names for p in ps if p is not None]
+            if len(set(named)) != len(named):   # one perm on two merged axes: no single Blocked entry
+                return None
+            new_entries.append(blocked(tuple(n for p in part for n in p), tuple(p for ps in names for p in ps)))
+            new_shape.append(math.prod(shape[lo:hi + 1]))
+        axis = hi + 1
+    return tuple(new_entries), tuple(new_shape)
 
 
 def check_permutations(spec, perms: Mapping[str, torch.Tensor], sizes: Mapping[str, int]) -> None:
@@ -213,3 +244,47 @@ def check_one_permutation(name: str, p: torch.Tensor, n: int) -> None:
     if not bool(seen.all()):
         dup = torch.bincount(p.long().cpu(), minlength=n).gt(1).nonzero().flatten()[:5].tolist()
         raise ValueError(f"perm {name!r} is not a permutation: duplicated indices {dup}")
+
+
+def _checked(perms: Mapping[str, torch.Tensor], what: str) -> None:
+    """Each value a true permutation of 0..n-1 (argsort of duplicates or of floats is no inverse)."""
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"{what} must be a dict perm name -> LongTensor, got {type(perms).__name__}")
+    for name, p in perms.items():
+        if not isinstance(p, torch.Tensor) or p.dim() != 1:
+            raise ValueError(f"{what}: perm {name!r} must be a 1-D integer tensor, got "
+                             f"{type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)}")
+        check_one_permutation(name, p, p.numel())
+
+
+def invert_permutation(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """π⁻¹ for every group: applying perms then their inverse is the identity. Each value must be a
+    permutation of 0..n-1 (TypeError / ValueError naming the group otherwise)."""
+    _checked(perms, "invert_permutation")
+    return {k: torch.argsort(p) for k, p in perms.items()}
+
+
+def compose_permutations(first: Mapping[str, torch.Tensor],
+                         second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The single permutation equal to applying `first`, then `second` (= first[second]). Both must
+    hold permutations over the same groups, of equal sizes per group."""
+    _checked(first, "compose_permutations: first")
+    _checked(second, "compose_permutations: second")
+    if set(first) != set(second):
+        raise ValueError(f"cannot compose perms over different groups: {sorted(set(first) ^ set(second))}")
+    for k in first:  # first[second] with a shorter second would silently drop units
+        if first[k].numel() != second[k].numel():
+            raise ValueError(f"compose_permutations: perm {k!r} has {first[k].numel()} units in first but "
+                             f"{second[k].numel()} in second")
+    return {k: first[k][second[k].to(first[k].device)] for k in first}
+
+
+def lift_shared(nested: Mapping[str, str], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Perms of a spec's `without_nesting()` form as perms of the nested spec: a shared inner perm p of
+    m units becomes P[k'*m + g'] = Q[k']*m + p[g'] (every block reordered alike, following Q)."""
+    out = dict(perms)
+    for p, q in nested.items():
+        if p in perms and q in perms:
+            m, outer = perms[p].numel(), perms[q].long()
+            out[p] = (outer.reshape(-1, 1) * m + perms[p].long().to(outer.device).reshape(1, m)).reshape(-1)
+    return out

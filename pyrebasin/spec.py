@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .nested import (check_nested_map, check_one_permutation, check_permutations, gather_slots, random_nested,
-                     tensor_slots)
+from .nested import (check_nested_map, check_permutations, compose_permutations, gather_slots,  # noqa: F401
+                     invert_permutation, merge_joint_axes, random_nested, tensor_slots)
 
 __all__ = [
     "Blocked",
@@ -233,6 +233,25 @@ class PermutationSpec:
         return PermutationSpec(axes, {k: r for k, r in self.fixed_reasons.items() if k in set(keys)},
                                {p: q for p, q in self.nested.items() if p in used and q in used})
 
+    def without_nesting(self, state_dict: Mapping[str, torch.Tensor]) -> "PermutationSpec":
+        """The shared-perm subgroup as a plain spec: each nested P becomes one perm of m units shared
+        by all blocks of its outer Q (a merged slot is split into (|Q|, m) factors). Perms found for it
+        map back with `pyrebasin.nested.lift_shared(spec.nested, perms)`."""
+        sizes, axes = self.perm_sizes(state_dict), {}
+        for key, entries in self.axes_to_perm.items():
+            merged = {(s.axis, s.factor) for s in tensor_slots(key, entries, state_dict[key].shape, self.nested)
+                      if s.perm in self.nested and s.outer is None}
+            new = list(entries)
+            for axis, f in sorted(merged, reverse=True):
+                e = new[axis]
+                shape, perms = (list(e.shape), list(e.perms)) if isinstance(e, Blocked) else ([sizes[e]], [e])
+                p = perms[f]
+                shape[f:f + 1], perms[f:f + 1] = [sizes[self.nested[p]], sizes[p] // sizes[self.nested[p]]], \
+                    [self.nested[p], p]
+                new[axis] = Blocked(tuple(shape), tuple(perms))
+            axes[key] = tuple(new)
+        return PermutationSpec(axes, dict(self.fixed_reasons))
+
     # --- serialisation (plain JSON) ---
     def to_dict(self) -> dict:
         def enc(e):
@@ -313,19 +332,24 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
         by_device.setdefault(state_dict[k].device, []).append(i)
     out: dict[str, torch.Tensor] = {}
     for device, members in by_device.items():
-        tensors, indices, owners, axes, fused = [], [], [], [], []
+        tensors, indices, owners, axes, fused, shapes = [], [], [], [], [], []
         # One index tensor per distinct axis entry (a perm permutes many tensors): built once per call.
         index_of: dict[tuple[AxisEntry, int], torch.Tensor | None] = {}
         for i in members:
             key = keys[i]
             t = state_dict[key].resolve_conj().resolve_neg()
-            slots = tensor_slots(key, spec.axes_to_perm[key], t.shape, spec.nested)
+            entries = spec.axes_to_perm[key]
+            slots = tensor_slots(key, entries, t.shape, spec.nested)
             if any(s.outer is not None and slots[s.outer].axis != s.axis for s in slots):
-                out[key] = gather_slots(t, spec.axes_to_perm[key], slots, perms)
-                continue
+                merged = merge_joint_axes(entries, t.shape, slots, Blocked)
+                if merged is None:  # a joint gather across non-adjacent axes (w2 [E, H, I]): torch
+                    out[key] = gather_slots(t, entries, slots, perms)
+                    continue
+                entries, t = merged[0], t.reshape(merged[1])  # adjacent (w1 [E, I, H]): one flat axis
+            shapes.append(state_dict[key].shape)
             fused.append(i)
             tensors.append(t)
-            for axis, entry in enumerate(spec.axes_to_perm[key]):
+            for axis, entry in enumerate(entries):
                 if entry is None:
                     continue
                 size = t.shape[axis]
@@ -337,8 +361,8 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
                     owners.append(len(tensors) - 1)
                     axes.append(axis)
         results = ops.permute_multi(tensors, indices, owners, axes)
-        for i, r in zip(fused, results):
-            out[keys[i]] = r
+        for i, r, shape in zip(fused, results, shapes):
+            out[keys[i]] = r.reshape(shape)
     return {k: out[k] for k in keys}
 
 
@@ -359,35 +383,3 @@ def random_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Ten
     for p, q in spec.nested.items():
         perms[p] = random_nested(perms[q], sizes[p] // sizes[q], generator)
     return {p: perms[p] for p in sizes}
-
-
-def _checked(perms: Mapping[str, torch.Tensor], what: str) -> None:
-    """Each value a true permutation of 0..n-1 (argsort of duplicates or of floats is no inverse)."""
-    if not isinstance(perms, Mapping):
-        raise TypeError(f"{what} must be a dict perm name -> LongTensor, got {type(perms).__name__}")
-    for name, p in perms.items():
-        if not isinstance(p, torch.Tensor) or p.dim() != 1:
-            raise ValueError(f"{what}: perm {name!r} must be a 1-D integer tensor, got "
-                             f"{type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)}")
-        check_one_permutation(name, p, p.numel())
-
-
-def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Perms:
-    """π⁻¹ for every group: applying perms then their inverse is the identity. Each value must be a
-    permutation of 0..n-1 (TypeError / ValueError naming the group otherwise)."""
-    _checked(perms, "invert_permutation")
-    return {k: torch.argsort(p) for k, p in perms.items()}
-
-
-def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> Perms:
-    """The single permutation equal to applying `first`, then `second` (= first[second]). Both must
-    hold permutations over the same groups, of equal sizes per group."""
-    _checked(first, "compose_permutations: first")
-    _checked(second, "compose_permutations: second")
-    if set(first) != set(second):
-        raise ValueError(f"cannot compose perms over different groups: {sorted(set(first) ^ set(second))}")
-    for k in first:  # first[second] with a shorter second would silently drop units
-        if first[k].numel() != second[k].numel():
-            raise ValueError(f"compose_permutations: perm {k!r} has {first[k].numel()} units in first but "
-                             f"{second[k].numel()} in second")
-    return {k: first[k][second[k].to(first[k].device)] for k in first}

@@ -231,3 +231,25 @@ def test_json_round_trip_restrict_and_unit_matrix():
     perms = prb.random_permutation(spec, state, 0)
     moved = prb.apply_permutation(spec, perms, state)
     assert torch.equal(spec.unit_matrix(moved["w2"], "w2", 2, "P_hid"), u[perms["P_hid"]])
+
+
+@pytest.mark.parametrize("case", ["gqa", "moe"])
+def test_without_nesting_is_the_shared_subgroup_and_lifts_back(case):
+    from pyrebasin.nested import lift_shared
+    if case == "gqa":
+        spec, state = _gqa_spec(2, 3, 4, 5, 6), _gqa_state(2, 3, 4, 5, 6)
+    else:
+        spec = PermutationSpec({**_moe_spec().axes_to_perm, "flat": ("P_hid",)}, nested={"P_hid": "P_exp"})
+        state = {**_moe_state(), "flat": torch.randn(24, dtype=torch.float64)}
+    flat = spec.without_nesting(state)
+    assert flat.nested == {} and set(flat.perm_names) == set(spec.perm_names)
+    sizes, flat_sizes = spec.perm_sizes(state), flat.perm_sizes(state)
+    assert all(flat_sizes[p] * sizes[q] == sizes[p] for p, q in spec.nested.items())
+    shared = prb.random_permutation(flat, state, 4)
+    lifted = lift_shared(spec.nested, shared)
+    a, b = prb.apply_permutation(flat, shared, state), prb.apply_permutation(spec, lifted, state)
+    assert all(torch.equal(a[k], b[k]) for k in state)
+    # weight matching on the plain form recovers a planted shared perm, usable with the nested spec
+    got = prb.weight_matching(flat, state, a).perms
+    back = prb.apply_permutation(spec, lift_shared(spec.nested, got), b)
+    assert all(torch.equal(back[k], state[k]) for k in state)

@@ -117,3 +117,18 @@ def test_stacked_experts_hidden_units_nest_under_the_experts():
     inner = perms[hidden].view(4, 5) % 5
     assert not all(torch.equal(inner[0], r) for r in inner[1:])  # experts got different hidden orders
     assert prb.trace_spec(model, x, nested=False).nested == {}
+
+
+def test_symmetry_bits_describe_and_difference_see_nesting():
+    torch.manual_seed(0)
+    model, x = GQA(), _x(2, 5, 2)
+    spec, flat = prb.trace_spec(model, x), prb.trace_spec(model, x, nested=False)
+    state = model.state_dict()
+    lg = [math.log2(math.factorial(n)) for n in range(13)]
+    shared = lg[12] + lg[2] + lg[2] + lg[3] + lg[3]           # residual, heads, group heads, qk, vo
+    assert prb.trace.symmetry_bits(flat, state) == pytest.approx(shared)
+    assert prb.trace.symmetry_bits(spec, state) == pytest.approx(lg[12] + lg[2] + 2 * (lg[2] + lg[3] + lg[3]))
+    assert "P_vo (6 units) nested under P_heads:" in prb.describe_spec(spec, state)
+    diff = prb.spec_difference(spec, flat)
+    assert sorted(diff) == sorted(f"in the first spec, {p} is nested under P_heads; not in the other"
+                                  for p in ("P_group_heads", "P_qk", "P_vo"))

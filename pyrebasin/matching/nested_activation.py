@@ -13,6 +13,8 @@ each child is re-solved within the current block map and kept only when it rises
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..nested import gather_slots, tensor_slots
@@ -34,6 +36,7 @@ def _layout(site, n: int, nested):
 
 
 def _member_cost(c, layout, member: str, i: int, perms, sizes, solved) -> torch.Tensor:
+    """Member's cost from one site's correlation `c`, for its slot `i` (module docstring)."""
     fs, entry, slots = layout
     s = slots[i]
     mod = dict(perms)
@@ -56,8 +59,7 @@ def _member_cost(c, layout, member: str, i: int, perms, sizes, solved) -> torch.
     k = len(fs)
     x = cg.reshape(fs + fs).permute(order + [k + j for j in order])
     nu = sizes[member]
-    nf = int(torch.tensor([fs[j] for j in fixed], dtype=torch.long).prod()) if fixed else 1
-    nl = int(torch.tensor([fs[j] for j in loose], dtype=torch.long).prod()) if loose else 1
+    nf, nl = math.prod(fs[j] for j in fixed), math.prod(fs[j] for j in loose)
     x = x.reshape(nu, nf, nl, nu, nf, nl).diagonal(dim1=1, dim2=4).sum(-1)   # [nu, nl, nu, nl]
     return x.amax(3).sum(1)
 

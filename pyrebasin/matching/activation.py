@@ -30,6 +30,7 @@ from ..lm import model_kwargs
 from ..streamed_forward import streamed_weights
 from .activation_stats import Site, find_sites, gather_moments, plan_passes, probe_sites
 from .lap import solve_lap
+from .nested_activation import family_descent
 from .weight import MatchResult
 
 __all__ = ["activation_matching", "find_sites", "Site"]
@@ -251,6 +252,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
         order, shared, calls, failure = list(sites), set(), {}, str(e)
     _agree(([sites.index(s) for s in order], sorted(sites.index(s) for s in shared)), group, failure)
     coupled = {p for p in sizes if any(len(s.perms) > 1 for s in order if p in s.perms)}
+    coupled |= {p for pair in spec.nested.items() for p in pair}  # a family is solved as one unit
     kept = {s for s in order if coupled.intersection(s.perms)}
     passes = plan_passes(order, sizes, kept, max_memory, dtype)
     if len(passes) > 1 and stream is not data:
@@ -308,7 +310,10 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
                       f"varies over the data ({samples} samples per site) in model A or B: "
                       "their correlations are undefined and they keep the identity; pass more, or more varied, data",
                       stacklevel=2)
-    history, sweeps = _coordinate_descent(corr, sizes, coupled, perms, alone, max_iter, solver)
+    if spec.nested:   # nested perms: family by family (matching/nested_activation.py)
+        history, sweeps = family_descent(corr, sizes, coupled, perms, alone, max_iter, solver, spec, _IDENTITY_TIE)
+    else:
+        history, sweeps = _coordinate_descent(corr, sizes, coupled, perms, alone, max_iter, solver)
     # every rank solved the same reduced statistics; rank 0's answer is the one all return, so hosts
     # whose LAP rounding differs cannot disagree
     return broadcast_object(MatchResult(perms=perms, objective=history, iterations=sweeps), 0, group)

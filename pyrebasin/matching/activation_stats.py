@@ -77,8 +77,11 @@ def find_sites(model: nn.Module, spec: PermutationSpec) -> list[Site]:
 
 
 def site_width(site: Site, sizes: Mapping[str, int]) -> int:
-    """The number of (joint) units a site's moments cover: the product of its permuted factors."""
-    return math.prod(sizes[p] for p in site.perms)
+    """The number of (joint) units a site's moments cover: the product of its permuted factors (a
+    Blocked factor's own size: a nested perm's inner factor holds one block, not the whole perm)."""
+    if isinstance(site.entry, str):
+        return sizes[site.entry]
+    return math.prod(n for n, p in zip(site.entry.shape, site.entry.perms) if p is not None)
 
 
 def site_view(t: torch.Tensor, site: Site) -> tuple[torch.Tensor, int]:

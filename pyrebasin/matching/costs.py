@@ -92,6 +92,9 @@ class WeightCosts:
 
     def __init__(self, spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                  state_b: Mapping[str, torch.Tensor], *, cache_bytes: int = 1 << 30, group=None):
+        if getattr(spec, "nested", None):
+            raise ValueError(f"{type(self).__name__}: the spec has nested perms ({sorted(spec.nested)[:3]}...); "
+                             "weight_matching matches them family by family (matching.nested_weight.NestedCosts)")
         meta_a, meta_b = self.describe(state_a, spec), self.describe(state_b, spec)
         for name, state in (("state_a", meta_a), ("state_b", meta_b)):
             missing = [k for k in spec.axes_to_perm if k not in state]

@@ -189,8 +189,16 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
 
     `provider(spec, state_a, state_b, group=...)` builds the cost provider (default `WeightCosts`,
     holding float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
+    A spec with nested perms is matched family by family (`matching.nested_weight`, docs/matching.md;
+    lazy states are read tensor by tensor there, `provider` is not used).
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
+    if getattr(spec, "nested", None):  # nested perms: families solved jointly (matching/nested_weight.py)
+        from .nested_weight import nested_descent
+        perms, history, sweeps, s, _ = nested_descent(spec, state_a, state_b, schedule=schedule, restarts=restarts,
+                                                      refine=refine, max_iter=max_iter, seed=seed, init=init,
+                                                      solver=solver, progress=progress, tol=tol, group=group)
+        return MatchResult(perms, history, sweeps, [0], s)
     costs = (provider or WeightCosts)(spec, state_a, state_b, group=group)
     if init is not None:
         check_permutations(spec, init, costs.sizes)

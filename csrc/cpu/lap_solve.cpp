@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -18,6 +19,45 @@
 
 namespace pyrebasin {
 namespace {
+
+// Two-lane GCC/Clang vector extensions (one SSE2 register on x86-64) for the passes over whole
+// rows whose result does not depend on the order of the elements (a minimum, a finiteness test).
+constexpr int64_t kLanes = 2;
+typedef double d4 __attribute__((vector_size(16)));
+typedef int64_t i4 __attribute__((vector_size(16)));
+
+inline d4 load4(const double* p) { d4 x; std::memcpy(&x, p, sizeof x); return x; }
+inline i4 load4(const int64_t* p) { i4 x; std::memcpy(&x, p, sizeof x); return x; }
+inline void store4(double* p, d4 x) { std::memcpy(p, &x, sizeof x); }
+inline void store4(int64_t* p, i4 x) { std::memcpy(p, &x, sizeof x); }
+
+// min_j (row[j] - v[j]) (exact in any order: two lanes, then the tail).
+double row_min(int64_t n, const double* row, const double* v) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  d4 low = {inf, inf};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const d4 r = load4(row + j) - load4(v + j);
+    low = r < low ? r : low;
+  }
+  double best = std::min(low[0], low[1]);
+  for (; j < n; ++j) best = std::min(best, row[j] - v[j]);
+  return best;
+}
+
+// Whether every entry of cost[0, m) is finite (x - x is 0 exactly for finite x, NaN otherwise).
+bool all_finite(const double* cost, int64_t m) {
+  i4 bad = {0, 0};
+  int64_t k = 0;
+  for (; k + kLanes <= m; k += kLanes) {
+    const d4 x = load4(cost + k);
+    const d4 z = x - x;
+    bad |= z != z;
+  }
+  bool ok = (bad[0] | bad[1]) == 0;
+  for (; k < m; ++k) ok &= std::isfinite(cost[k]);
+  return ok;
+}
 
 // One Dijkstra from free row `i` over reduced costs c - u - v (non-negative for assigned rows);
 // returns the free column reached (sink) and the path length in *min_val.
@@ -138,8 +178,7 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
     // that column attains the minimum (complementary slackness), so the result stays optimal.
     for (int64_t i = 0; i < n; ++i) {
       const double* row = cost + i * n;
-      double best = std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < n; ++j) best = std::min(best, row[j] - v[j]);
+      const double best = row_min(n, row, v);
       w.u[i] = best;
       const int64_t j = prev[i];
       // Ties of the previous solve come back within rounding: accept the old column within a
@@ -185,7 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   const int64_t n = cost_in.size(0);
   const int64_t* prev = warm ? prev_t.const_data_ptr<int64_t>() : nullptr;
   const auto cost_t = cost_in.contiguous();
-  check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);
+  if (!all_finite(cost_t.const_data_ptr<double>(), n * n)) {
+    check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);  // names the first bad entry
+  }
   at::Tensor col4row_t = at::full({n}, -1, at::kLong);
   at::Tensor v_t = warm ? v_in->clone().contiguous() : at::zeros({n}, at::kDouble);
   LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),

@@ -12,7 +12,7 @@ import torch
 
 from .. import ops
 from ..distributed import all_reduce_sum_, is_distributed, owners, rank_and_world
-from ..spec import Blocked, PermutationSpec, _entry_perms, axis_index, check_permutations
+from ..spec import Blocked, PermutationSpec, axis_index, check_permutations
 
 __all__ = ["WeightCosts", "SPLIT_MIN_BYTES", "dot64"]
 
@@ -156,7 +156,11 @@ class WeightCosts:
         self.version = dict.fromkeys(sizes, 0)
         self._deps = {p: sorted(deps[p]) for p in sizes}
         self._dot_cache: dict[str, tuple] = {}  # key -> (versions of its perms, its dot) for the held perms
-        self._key_perms = {k: sorted({p for e in spec.axes_to_perm[k] for p, _ in _entry_perms(e)}) for k in self.own_keys}
+        read_by: dict[str, set] = {}
+        for p, pairs in pairs_of.items():
+            for k, _ in pairs:
+                read_by.setdefault(k, set()).add(p)
+        self._key_perms = {k: sorted(read_by.get(k, ())) for k in self.own_keys}
 
     def owns(self, p: str) -> bool:
         """Whether this rank builds and solves group `p` (always True outside a process group)."""

@@ -139,9 +139,10 @@ def print_table(rows, summary):
     for n, s in summary.items():
         mlp = f"{100 * s['mlp_within_half_pct']:5.0f}%" if s["mlp_within_half_pct"] is not None else "    -"
         tv = f"{s['time_vs_textbook']:.2f}x ({s['time_vs_textbook_worst']:.2f}x)" if s["time_vs_textbook"] else "-"
+        excess = "-" if s["worst_minus_textbook_median_max"] is None else f"{s['worst_minus_textbook_median_max']:+.3f}"
         print(f"{n:21s} {s['gap_median_pct']:7.3f} / {s['gap_worst_pct']:6.3f}   {mlp}     {s['acc_barrier_median']:.3f} / "
               f"{s['acc_barrier_worst']:.3f}        {len(s['pairs_worst_above_textbook_median']):2d} / {len(pairs_)} "
-              f"({s['worst_minus_textbook_median_max']:+.3f})     {len(s['pairs_worst_above_textbook_worst']):2d} / "
+              f"({excess})     {len(s['pairs_worst_above_textbook_worst']):2d} / "
               f"{len(pairs_)}             {tv}")
 
 

@@ -205,3 +205,26 @@ def test_lap_policy_never_retries_cold_against_a_cheap_warm_start(monkeypatch):
     perms = {tuple(policy.solve("p", cost).tolist()) for _ in range(40)}
     assert len(perms) == 1
     assert starts[:2] == [False, True] and all(starts[2:]), starts
+
+
+@needs_native
+@pytest.mark.parametrize("n", [3, 5, 7, 130])
+def test_lap_solve_lanes_and_duplicate_columns(n):
+    # The Dijkstra's row scan runs in vector lanes with a scalar tail (n not a multiple of the lane
+    # count) and breaks exact distance ties (duplicated columns: dead units) in scipy's order; the
+    # result must be an optimum with a dual certificate, and a non-finite entry in the last
+    # (tail) position is still refused with its index.
+    g = torch.Generator().manual_seed(200 + n)
+    cost = torch.randn(n, n, generator=g, dtype=torch.float64)
+    cost[:, n // 2:] = cost[:, :1]  # half of the columns equal
+    best = float(cost.numpy()[linear_sum_assignment(cost.numpy())].sum())
+    col, v, _ = torch.ops.pyrebasin.lap_solve(cost, None, None)
+    assert sorted(col.tolist()) == list(range(n)) and assignment_value(cost, col) == pytest.approx(best, abs=1e-12)
+    u = (cost - v).min(1).values
+    assert torch.allclose(cost[torch.arange(n), col] - v[col], u, atol=1e-12)
+    col_w, _, _ = torch.ops.pyrebasin.lap_solve(cost + 0.01, v, col)  # warm start on a shifted cost
+    assert assignment_value(cost, col_w) == pytest.approx(best, abs=1e-12)
+    bad = cost.clone()
+    bad[n - 1, n - 1] = float("nan")
+    with pytest.raises(RuntimeError, match=rf"cost\[{n - 1}, {n - 1}\]"):
+        torch.ops.pyrebasin.lap_solve(bad, None, None)

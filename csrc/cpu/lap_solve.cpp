@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -19,42 +20,188 @@
 namespace pyrebasin {
 namespace {
 
+// The row scan in vector lanes: GCC/Clang vector extensions, the same operations in the same
+// order per element as a scalar loop (no FMA contraction), so every lane width gives bit-identical
+// results. Two lanes (SSE2) everywhere; four (AVX2) where the CPU has it.
+#pragma GCC diagnostic ignored "-Wpsabi"  // wide vectors stay inside always-inline helpers: no ABI crossed
+template <int L> struct Lanes {
+  typedef double D __attribute__((vector_size(8 * L)));
+  typedef int64_t I __attribute__((vector_size(8 * L)));
+};
+template <class V, class T> __attribute__((always_inline)) inline V load(const T* p) {
+  V x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+template <class V, class T> __attribute__((always_inline)) inline void store(T* p, V x) {
+  std::memcpy(p, &x, sizeof x);
+}
+
+// One row scan of the Dijkstra: for every column j, r = mv + c_ij - u_i - v_j lowers spc[j] (and
+// sets path[j] = i) unless j is scanned (gate[j] = +inf). Returns the minimum of spc over the open
+// columns (+inf when none is reachable); *argmin is a column attaining it and *count how many do.
+template <int L>
+__attribute__((always_inline)) inline double scan_row_lanes(int64_t n, const double* row, double mv, double ui,
+                                                            const double* v, const double* gate, double* spc,
+                                                            int64_t* path, int64_t i, int64_t* argmin,
+                                                            int64_t* count) {
+  using D = typename Lanes<L>::D;
+  using I = typename Lanes<L>::I;
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  D mvv, uiv, low;
+  I iv, one, step, at, cnt, jv;
+  for (int l = 0; l < L; ++l) {
+    mvv[l] = mv; uiv[l] = ui; low[l] = inf;
+    iv[l] = i; one[l] = 1; step[l] = L; at[l] = -1; cnt[l] = 0; jv[l] = l;
+  }
+  int64_t j = 0;
+  for (; j + L <= n; j += L, jv += step) {
+    const D r = mvv + load<D>(row + j) - uiv - load<D>(v + j);
+    const D g = load<D>(gate + j);
+    D s = load<D>(spc + j);
+    const I better = r < s - g;
+    s = better ? r : s;
+    store(spc + j, s);
+    store(path + j, better ? iv : load<I>(path + j));
+    const D key = s + g;
+    const I lower = key < low, same = key == low;
+    cnt = lower ? one : (same ? cnt + one : cnt);
+    at = lower ? jv : at;
+    low = lower ? key : low;
+  }
+  double lowest = inf;
+  int64_t best = -1, ties = 0;
+  for (int l = 0; l < L; ++l) {
+    if (low[l] < lowest) {
+      lowest = low[l];
+      best = at[l];
+      ties = cnt[l];
+    } else if (low[l] == lowest) {
+      ties += cnt[l];
+    }
+  }
+  for (; j < n; ++j) {
+    const double r = mv + row[j] - ui - v[j];
+    if (r < spc[j] - gate[j]) {
+      spc[j] = r;
+      path[j] = i;
+    }
+    const double key = spc[j] + gate[j];
+    if (key < lowest) {
+      lowest = key;
+      best = j;
+      ties = 1;
+    } else if (key == lowest) {
+      ++ties;
+    }
+  }
+  *argmin = best;
+  *count = ties;
+  return lowest;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) double scan_row_avx2(int64_t n, const double* row, double mv, double ui,
+                                                     const double* v, const double* gate, double* spc,
+                                                     int64_t* path, int64_t i, int64_t* argmin, int64_t* count) {
+  return scan_row_lanes<4>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#else
+const bool kHasAvx2 = false;
+#endif
+
+double scan_row(int64_t n, const double* row, double mv, double ui, const double* v, const double* gate,
+                double* spc, int64_t* path, int64_t i, int64_t* argmin, int64_t* count) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (kHasAvx2) return scan_row_avx2(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+#endif
+  return scan_row_lanes<2>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+}
+
+// Two lanes for the passes over whole rows whose result does not depend on the element order.
+constexpr int64_t kLanes = 2;
+typedef Lanes<2>::D d4;
+typedef Lanes<2>::I i4;
+inline d4 load4(const double* p) { return load<d4>(p); }
+
+// min_j (row[j] - v[j]) (exact in any order: two lanes, then the tail).
+double row_min(int64_t n, const double* row, const double* v) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  d4 low = {inf, inf};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const d4 r = load4(row + j) - load4(v + j);
+    low = r < low ? r : low;
+  }
+  double best = std::min(low[0], low[1]);
+  for (; j < n; ++j) best = std::min(best, row[j] - v[j]);
+  return best;
+}
+
+// Whether every entry of cost[0, m) is finite (x - x is 0 exactly for finite x, NaN otherwise).
+bool all_finite(const double* cost, int64_t m) {
+  i4 bad = {0, 0};
+  int64_t k = 0;
+  for (; k + kLanes <= m; k += kLanes) {
+    const d4 x = load4(cost + k);
+    const d4 z = x - x;
+    bad |= z != z;
+  }
+  bool ok = (bad[0] | bad[1]) == 0;
+  for (; k < m; ++k) ok &= std::isfinite(cost[k]);
+  return ok;
+}
+
 // One Dijkstra from free row `i` over reduced costs c - u - v (non-negative for assigned rows);
 // returns the free column reached (sink) and the path length in *min_val.
+//
+// Each row scan runs over all n columns in index order, branch-free, so that it vectorises:
+// `gate[j]` is 0 for a column still open and +inf once scanned (spc - gate never admits an update
+// of a scanned column; spc + gate is +inf there for the minimum). Its result is the one of scipy's
+// scan over the open columns in `remaining` order (the first column attaining the minimum, or the
+// last free one that does): when one column attains the minimum it is that column, and on a tie
+// the `remaining` order (kept with `pos`, positions by column) decides as it always did.
 int64_t augmenting_path(int64_t n, const double* cost, const double* u, const double* v,
-                        int64_t* path, const int64_t* row4col, double* spc, char* SR, char* SC,
-                        int64_t* remaining, int64_t i, double* min_val) {
+                        int64_t* path, const int64_t* row4col, double* spc, double* gate, char* SR,
+                        char* SC, int64_t* remaining, int64_t* pos, int64_t i, double* min_val) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
   double mv = 0;
   int64_t num_remaining = n;
-  for (int64_t it = 0; it < n; ++it) remaining[it] = n - it - 1;
+  for (int64_t it = 0; it < n; ++it) {
+    remaining[it] = n - it - 1;
+    pos[n - it - 1] = it;
+  }
   std::fill(SR, SR + n, 0);
   std::fill(SC, SC + n, 0);
-  std::fill(spc, spc + n, std::numeric_limits<double>::infinity());
+  std::fill(spc, spc + n, inf);
+  std::fill(gate, gate + n, 0.0);
   int64_t sink = -1;
   while (sink == -1) {
-    int64_t index = -1;
-    double lowest = std::numeric_limits<double>::infinity();
     SR[i] = 1;
     const double* row = cost + i * n;
     const double ui = u[i];
-    for (int64_t it = 0; it < num_remaining; ++it) {
-      const int64_t j = remaining[it];
-      const double r = mv + row[j] - ui - v[j];
-      if (r < spc[j]) {
-        path[j] = i;
-        spc[j] = r;
+    int64_t j = -1, ties = 0;
+    const double lowest = scan_row(n, row, mv, ui, v, gate, spc, path, i, &j, &ties);
+    if (!std::isfinite(lowest)) return -1;
+    if (ties > 1) {
+      // scipy's scan over the open columns in `remaining` order takes the first column attaining
+      // the minimum, unless a free one attains it: then the last free one. pos[] gives that order.
+      int64_t first = -1, last_free = -1;
+      for (int64_t k = 0; k < n; ++k) {
+        if (spc[k] + gate[k] != lowest) continue;
+        if (first < 0 || pos[k] < pos[first]) first = k;
+        if (row4col[k] == -1 && (last_free < 0 || pos[k] > pos[last_free])) last_free = k;
       }
-      if (spc[j] < lowest || (spc[j] == lowest && row4col[j] == -1)) {
-        lowest = spc[j];
-        index = it;
-      }
+      j = last_free >= 0 ? last_free : first;
     }
-    mv = lowest;
-    if (!std::isfinite(mv)) return -1;
-    const int64_t j = remaining[index];
+    mv = spc[j];  // == lowest (also in the sign of a zero)
     if (row4col[j] == -1) sink = j; else i = row4col[j];
     SC[j] = 1;
-    remaining[index] = remaining[--num_remaining];
+    gate[j] = inf;
+    const int64_t last = remaining[--num_remaining];
+    remaining[pos[j]] = last;
+    pos[last] = pos[j];
   }
   *min_val = mv;
   return sink;
@@ -130,16 +277,15 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
   const int64_t n = w.n;
   const double* cost = w.cost;
   double* v = w.v;
-  std::vector<double> spc(n);
-  std::vector<int64_t> path(n, -1), remaining(n);
+  std::vector<double> spc(n), gate(n);
+  std::vector<int64_t> path(n, -1), remaining(n), pos(n);
   std::vector<char> SR(n), SC(n);
   if (prev != nullptr) {
     // u_i = min_j (c_ij - v_j) keeps every reduced cost >= 0; a row keeps its old column only if
     // that column attains the minimum (complementary slackness), so the result stays optimal.
     for (int64_t i = 0; i < n; ++i) {
       const double* row = cost + i * n;
-      double best = std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < n; ++j) best = std::min(best, row[j] - v[j]);
+      const double best = row_min(n, row, v);
       w.u[i] = best;
       const int64_t j = prev[i];
       // Ties of the previous solve come back within rounding: accept the old column within a
@@ -155,8 +301,9 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
   for (int64_t cur = 0; cur < n; ++cur) {
     if (w.col4row[cur] != -1) continue;
     double min_val = 0;
-    const int64_t sink = augmenting_path(n, cost, w.u.data(), v, path.data(), w.row4col.data(),
-                                         spc.data(), SR.data(), SC.data(), remaining.data(), cur, &min_val);
+    const int64_t sink = augmenting_path(n, cost, w.u.data(), v, path.data(), w.row4col.data(), spc.data(),
+                                         gate.data(), SR.data(), SC.data(), remaining.data(), pos.data(),
+                                         cur, &min_val);
     TORCH_CHECK(sink >= 0, "lap_solve: the assignment problem is infeasible");
     ++*augmentations;
     w.u[cur] += min_val;
@@ -185,7 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   const int64_t n = cost_in.size(0);
   const int64_t* prev = warm ? prev_t.const_data_ptr<int64_t>() : nullptr;
   const auto cost_t = cost_in.contiguous();
-  check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);
+  if (!all_finite(cost_t.const_data_ptr<double>(), n * n)) {
+    check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);  // names the first bad entry
+  }
   at::Tensor col4row_t = at::full({n}, -1, at::kLong);
   at::Tensor v_t = warm ? v_in->clone().contiguous() : at::zeros({n}, at::kDouble);
   LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),

@@ -4,6 +4,7 @@ Tensors are reached only through `WeightCosts.tensors(keys)`, so a subclass can 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -107,7 +108,8 @@ class WeightCosts:
                                  f"but {list(meta_b[key].shape)} in B")
         if sizes != sizes_b:
             raise ValueError(f"weight_matching: perm sizes differ between A ({sizes}) and B ({sizes_b})")
-        permuted = [k for k in spec.axes_to_perm if k not in set(spec.fixed)]
+        fixed = set(spec.fixed)  # a property that walks the spec: once, not per key
+        permuted = [k for k in spec.axes_to_perm if k not in fixed]
         for k in permuted:
             for name, t in (("A", meta_a[k]), ("B", meta_b[k])):
                 if not t.is_floating_point():
@@ -145,6 +147,7 @@ class WeightCosts:
         self.constant: dict[str, torch.Tensor | None] = {}
         self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
         self.cache_left = cache_bytes
+        self._a_cache: dict[tuple, torch.Tensor] = {}  # (param, axis, perm) -> A's unit matrix (A never changes)
         fixed_terms = {p: [t for t in ts if not t.deps] for p, ts in self.terms.items()}
         for p in sizes:
             self.constant[p] = None
@@ -155,6 +158,12 @@ class WeightCosts:
                 self.constant[t.perm] = prod if c is None else c.add_(prod)
         self.version = dict.fromkeys(sizes, 0)
         self._deps = {p: sorted(deps[p]) for p in sizes}
+        self._dot_cache: dict[str, tuple] = {}  # key -> (versions of its perms, its dot) for the held perms
+        read_by: dict[str, set] = {}
+        for p, pairs in pairs_of.items():
+            for k, _ in pairs:
+                read_by.setdefault(k, set()).add(p)
+        self._key_perms = {k: sorted(read_by.get(k, ())) for k in self.own_keys}
 
     def owns(self, p: str) -> bool:
         """Whether this rank builds and solves group `p` (always True outside a process group)."""
@@ -184,8 +193,30 @@ class WeightCosts:
                 if t.param in b:
                     view, _ = _expanded_view(b[t.param], self.spec.axes_to_perm[t.param], t.axis,
                                              self.spec.factor(t.param, t.axis, t.perm))
-                    views.append((t, self.spec.unit_matrix(a[t.param], t.param, t.axis, t.perm), view))
+                    views.append((t, self._a_units(t, a[t.param]), view))
             yield b, views
+
+    def _a_units(self, t: _Term, a: torch.Tensor) -> torch.Tensor:
+        """A's unit matrix of term `t`. Kept when A is held in memory (`hold`): a view as it is, a
+        transposed copy while it fits the cost cache's byte budget (every cost build and update
+        reads it; a streamed A is converted per block and never kept)."""
+        key = (t.param, t.axis, t.perm)
+        hit = self._a_cache.get(key)
+        if hit is not None:
+            return hit
+        if getattr(self, "a", {}).get(t.param) is not a:
+            return self.spec.unit_matrix(a, t.param, t.axis, t.perm)
+        if isinstance(self.spec.axes_to_perm[t.param][t.axis], Blocked) or t.axis == 0:
+            units = self.spec.unit_matrix(a, t.param, t.axis, t.perm)
+        else:  # the same matrix, copied as [before, units, after] -> [units, before, after] (3-D: faster)
+            n, after = a.shape[t.axis], math.prod(a.shape[t.axis + 1:])
+            units = a.reshape(-1, n, after).transpose(0, 1).contiguous().reshape(n, -1)
+        shared = units.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+        nbytes = 0 if shared else units.numel() * units.element_size()
+        if nbytes <= self.cache_left:
+            self.cache_left -= nbytes
+            self._a_cache[key] = units
+        return units
 
     def set_perm(self, p: str, perm: torch.Tensor) -> None:
         """Group `p` now takes `perm`: the costs of the groups that read it change."""
@@ -209,10 +240,21 @@ class WeightCosts:
         return sum(dots[k] for k in self.keys)
 
     def dots(self, perms: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """<A_k, π(B_k)> in float64 for this rank's tensors k of the objective."""
-        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
-        return {k: dot64(a[k], self.permuted(k, b[k], perms), buffers)
-                for a, b in self.tensors(self.own_keys) for k in b}
+        """<A_k, π(B_k)> in float64 for this rank's tensors k of the objective. With the held perms,
+        a tensor none of whose perms changed since its last dot keeps that value (the same number:
+        each sweep then pays only for the tensors it moved)."""
+        held = perms is self.perms
+        stamp = {k: tuple(self.version[p] for p in self._key_perms[k]) for k in self.own_keys} if held else {}
+        out = {k: hit[1] for k in stamp if (hit := self._dot_cache.get(k)) is not None and hit[0] == stamp[k]}
+        todo = [k for k in self.own_keys if k not in out]
+        if todo:
+            buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=self.device) for _ in range(2))
+            for a, b in self.tensors(todo):
+                for k in b:
+                    out[k] = dot64(a[k], self.permuted(k, b[k], perms), buffers)
+                    if held:
+                        self._dot_cache[k] = (stamp[k], out[k])
+        return out
 
     def permuted(self, key: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One tensor of B with every permuted axis gathered (one fused `permute_multi` call)."""

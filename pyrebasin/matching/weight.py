@@ -34,7 +34,7 @@ METHODS = {
     "thorough": dict(schedule=COUPLING_SCHEDULE, restarts=4, refine=2, settle=1e-3),
 }
 KICK = 0.1  # share of a group's units that a refinement visit shuffles
-REFINE_BUDGET = 0.5  # refinement stops once it has solved this share of the LAPs that the schedule solved
+REFINE_BUDGET = 1.0  # refinement stops once it has solved as many LAPs as the schedule did (or after its passes)
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
     visit shuffles a share `KICK` of that group's units, descends on the true objective, and keeps
     the result only when it ends higher (then its final objective joins `history`). No visit starts
     once the refinement has solved `REFINE_BUDGET` x the LAPs of the descent before it (a
-    deterministic bound on its cost). Returns the sweeps run."""
+    deterministic bound on its cost; 1x was chosen in docs/matchers.md). Returns the sweeps run."""
     sweeps, names = 0, list(costs.sizes)
     start, budget = lap.solves, REFINE_BUDGET * lap.solves
     for _ in range(passes):

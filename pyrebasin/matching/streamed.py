@@ -40,6 +40,7 @@ class StreamedCosts(WeightCosts):
         self.tracked: float | None = None
         self.last: tuple | None = None  # (group, coupling, cost, snapshot) of the last cost built
         self.streamed_passes = 0
+        self.norms: dict[str, tuple[float, float]] = {}  # key -> (‖A_k‖², ‖B_k‖²), from the first pass (certify.py)
 
     def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
         c = super().cost(p, coupling)
@@ -67,12 +68,15 @@ class StreamedCosts(WeightCosts):
 
     def dots(self, perms: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Tensor by tensor in the checkpoint's dtype: bf16/fp16 -> float64 is exact, so this equals
-        the float32 pass with a third of its memory."""
+        the float32 pass with a third of its memory. The first pass also keeps each tensor's squared
+        norms (the certificate's bound) while it holds them."""
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64) for _ in range(2))
         out = {}
         for k in self.own_keys:
             a, b = self.source_a.read([k])[k], self.source_b.read([k])[k]
             out[k] = dot64(a, self.permuted(k, b, perms), buffers)
+            if k not in self.norms:
+                self.norms[k] = (dot64(a, a, buffers), dot64(b, b, buffers))
             del a, b
         _trim()
         return out

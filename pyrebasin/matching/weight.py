@@ -49,7 +49,8 @@ class MatchResult:
     restarts, the history is that of the kept run and `seed` the group-order seed it used.
     `certified`: the objective reached the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖B_k‖ (`bound`, see
     matching/certify.py), so no permutation scores higher and the search stopped there (the phases
-    not run then start, and end, at that sweep)."""
+    not run then start, and end, at that sweep). `stage`, for a spec with nested perms: what ended the
+    search ("shared", "families" or "descent" for the staged solve, matching/staged.py; "joint")."""
 
     perms: dict[str, torch.Tensor]
     objective: list[float] = field(default_factory=list)
@@ -58,6 +59,7 @@ class MatchResult:
     seed: int = 0
     certified: bool = False
     bound: float | None = None
+    stage: str | None = None
 
 
 def _step(costs: WeightCosts, lap: LapPolicy, p: str, coupling: float, tol: float) -> torch.Tensor | None:
@@ -174,7 +176,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     seed: int = 0, init: Mapping[str, torch.Tensor] | None = None, solver: str | None = None,
                     progress: bool = False, tol: float = 1e-12, warm_start: bool = True,
                     schedule: Sequence[float] | None = None, restarts: int | None = None,
-                    refine: int | None = None, group=None, provider=None, certify: bool | None = None) -> MatchResult:
+                    refine: int | None = None, group=None, provider=None, certify: bool | None = None,
+                    nested: str = "staged") -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
@@ -203,8 +206,10 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
 
     `provider(spec, state_a, state_b, group=...)` builds the cost provider (default `WeightCosts`,
     holding float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
-    A spec with nested perms is matched family by family (`matching.nested_weight`, docs/matching.md;
-    lazy states are read tensor by tensor there, `provider` is not used).
+    A spec with nested perms (`nested`): "staged" (default, matching/staged.py) solves the shared-perm
+    subgroup on this path first (with `provider`), then the nested families from there, then a nested
+    descent unless certified; "shared" stops after the subgroup (its perms lifted); "joint" runs the
+    family-by-family descent alone (`matching.nested_weight`, `provider` not used). docs/matching.md.
 
     `certify` (default: every method but "textbook"): stop the search as soon as the objective reaches
     the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖B_k‖ (checked after each sweep of the schedule and at the start;
@@ -212,12 +217,24 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     permutation can do better, so refinement and restarts are skipped. Never fires on a noisy pair.
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
+    if nested not in ("staged", "joint", "shared"):
+        raise ValueError(f"weight_matching: nested={nested!r}; expected 'staged', 'joint' or 'shared'")
+    if getattr(spec, "nested", None) and nested != "joint":  # the shared subgroup first (matching/staged.py)
+        from .staged import staged_descent
+
+        def stage1(plain, start):
+            return weight_matching(plain, state_a, state_b, method=method, max_iter=max_iter, seed=seed, init=start,
+                                   solver=solver, progress=progress, tol=tol, warm_start=warm_start, schedule=schedule,
+                                   restarts=restarts, refine=refine, group=group, provider=provider, certify=certify)
+        return MatchResult(**staged_descent(spec, state_a, state_b, stage1, nested=nested, refine=refine, seed=seed,
+                                            certify=method not in UNCERTIFIED if certify is None else bool(certify),
+                                            max_iter=max_iter, init=init, solver=solver, progress=progress, tol=tol))
     if getattr(spec, "nested", None):  # nested perms: families solved jointly (matching/nested_weight.py)
         from .nested_weight import nested_descent
         perms, history, sweeps, s, _ = nested_descent(spec, state_a, state_b, schedule=schedule, restarts=restarts,
                                                       refine=refine, max_iter=max_iter, seed=seed, init=init,
                                                       solver=solver, progress=progress, tol=tol, group=group)
-        return MatchResult(perms, history, sweeps, [0], s)
+        return MatchResult(perms, history, sweeps, [0], s, stage="joint")
     costs = (provider or WeightCosts)(spec, state_a, state_b, group=group)
     if init is not None:
         check_permutations(spec, init, costs.sizes)

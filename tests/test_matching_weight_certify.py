@@ -88,7 +88,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory):
-    """A tiny LLaMA (A), B = A with a planted permutation, B' = B + noise, as sharded model directories."""
+    """A tiny LLaMA (A), B = A with a planted permutation of the plain (shared-perm) spec, B' = B + noise,
+    B_nested = A with a planted nested perm of the traced spec, as sharded model directories. Returns the
+    plain spec (`without_nesting`: the plain path's tests) and the traced nested one."""
     root = tmp_path_factory.mktemp("cert")
     transformers.utils.logging.set_verbosity_error()
     config = transformers.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -98,19 +100,22 @@ def llama_dirs(tmp_path_factory):
         warnings.simplefilter("ignore")
         model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(root / "a", max_shard_size="60KB")
-    spec, _ = hf.load_hf_spec(root / "a")
-    state_a = {k: v for k, v in model.state_dict().items() if k in spec.axes_to_perm}
+    nested, _ = hf.load_hf_spec(root / "a")
+    state_a = {k: v for k, v in model.state_dict().items() if k in nested.axes_to_perm}
+    spec = nested.without_nesting(state_a)
     pi = prb.random_permutation(spec, state_a, generator=torch.Generator().manual_seed(1))
+    rho = prb.random_permutation(nested, state_a, generator=torch.Generator().manual_seed(2))
     for name, state in (("b", prb.apply_permutation(spec, pi, state_a)),
-                        ("b_noisy", prb.apply_permutation(spec, pi, noisy(state_a, 0.1)))):
+                        ("b_noisy", prb.apply_permutation(spec, pi, noisy(state_a, 0.1))),
+                        ("b_nested", prb.apply_permutation(nested, rho, state_a))):
         model.load_state_dict(state, strict=False)
         model.save_pretrained(root / name, max_shard_size="60KB")
-    return root, spec, prb.invert_permutation(pi)
+    return root, spec, prb.invert_permutation(pi), nested, prb.invert_permutation(rho)
 
 
 @pytest.mark.parametrize("b", ["a", "b", "b_noisy"])
 def test_streamed_and_in_memory_agree(llama_dirs, b):
-    root, spec, inverse = llama_dirs
+    root, spec, inverse, _, _ = llama_dirs
     lazy_a, lazy_b = shards.ShardedState(root / "a"), shards.ShardedState(root / b)
     want = prb.weight_matching(spec, dict(lazy_a.read(lazy_a)), dict(lazy_b.read(lazy_b)))
     made = []
@@ -132,9 +137,30 @@ def test_streamed_and_in_memory_agree(llama_dirs, b):
 @pytest.mark.parametrize("seed", range(3))
 def test_streamed_refinement_matches_in_memory(llama_dirs, seed):
     """Kicks tracked from cached costs and remembered states give the in-memory result in fewer passes."""
-    root, spec, _ = llama_dirs
+    root, spec, _, _, _ = llama_dirs
     lazy_a, lazy_b = shards.ShardedState(root / "a"), shards.ShardedState(root / "b_noisy")
     want = prb.weight_matching(spec, dict(lazy_a.read(lazy_a)), dict(lazy_b.read(lazy_b)), seed=seed)
     got = streamed_weight_matching(spec, lazy_a, lazy_b, seed=seed, block_bytes=30_000, cache_bytes=100_000)
     assert {p: v.tolist() for p, v in got.perms.items()} == {p: v.tolist() for p, v in want.perms.items()}
     assert got.objective == pytest.approx(want.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("b", ["a", "b", "b_nested", "b_noisy"])
+def test_staged_nested_certificate_streamed_and_in_memory(llama_dirs, b):
+    """The traced nested spec (staged solve): certified in stage 1 on (A, A) and on a shared plant, in
+    stage 2 on a nested plant, never on the noisy pair; streamed equals in memory."""
+    root, _, inverse, nested, inverse_nested = llama_dirs
+    lazy_a, lazy_b = shards.ShardedState(root / "a"), shards.ShardedState(root / b)
+    want = prb.weight_matching(nested, dict(lazy_a.read(lazy_a)), dict(lazy_b.read(lazy_b)))
+    got = streamed_weight_matching(nested, lazy_a, lazy_b, block_bytes=30_000, cache_bytes=100_000)
+    stage = {"a": "shared", "b": "shared", "b_nested": "families", "b_noisy": "descent"}[b]
+    assert got.stage == want.stage == stage and got.certified == want.certified == (b != "b_noisy")
+    assert {p: v.tolist() for p, v in got.perms.items()} == {p: v.tolist() for p, v in want.perms.items()}
+    assert got.bound == pytest.approx(want.bound, rel=1e-12) and got.objective == pytest.approx(want.objective, rel=1e-9)
+    if got.certified:
+        assert got.objective[-1] == pytest.approx(got.bound, rel=RTOL)
+    if b == "b_nested":
+        assert all(torch.equal(got.perms[p], inverse_nested[p]) for p in inverse_nested)
+    if b == "b":
+        from pyrebasin.nested import lift_shared
+        assert all(torch.equal(got.perms[p], v) for p, v in lift_shared(nested.nested, inverse).items())

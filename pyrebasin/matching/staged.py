@@ -97,8 +97,10 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
             if not kids:
                 track[1].setdefault(q, tuple(0 for _ in prob.deps[q]))
     bar = tqdm(total=max_iter, desc="weight matching (staged, nested descent)", disable=not progress, leave=False)
+    before = prob.stats["visits"]
     out["iterations"] += _descend(prob, perms, gen, 1.0, max_iter, bar, track=track)
     bar.close()
+    prob.stats["visits"] -= before   # the refinement's budget: a share of this descent's visits (as on the plain path)
     value = costs.objective(perms)
     if value > out["objective"][-1]:
         out["objective"].append(value)

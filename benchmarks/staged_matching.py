@@ -8,7 +8,8 @@ nested = "staged" | "joint" | "shared") in memory and streamed from sharded safe
 (`streamed_weight_matching`). Reported per run: wall and CPU seconds, the final objective, whether it
 was certified and which stage ended it, and how many perms were recovered exactly.
 
-    PYTHONPATH=$PWD python benchmarks/staged_matching.py [--out benchmarks/results/staged_matching.json]
+    PYTHONPATH=$PWD python benchmarks/staged_matching.py [--sizes 512x4,1024x2] [--dtype float32|bfloat16]
+        [--noise 0.3] [--out benchmarks/results/staged_matching.json]
 """
 from __future__ import annotations
 
@@ -28,29 +29,28 @@ from pyrebasin import hf, shards
 from pyrebasin.fileio import atomic_write_text
 from pyrebasin.matching.streamed import streamed_weight_matching
 
-SIZES = [dict(hidden=512, layers=4), dict(hidden=1024, layers=2)]
 MODES = ("staged", "joint", "shared")
 
 
-def llama(hidden, layers, seed=0):
+def llama(hidden, layers, dtype, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                                             num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                                            max_position_embeddings=32)).eval()
+                                            max_position_embeddings=32)).eval().to(dtype)
 
 
 def noisy(state, scale, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1
-            else v for k, v in state.items()}
+    return {k: (v + scale * v.std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+            if v.is_floating_point() and v.numel() > 1 else v for k, v in state.items()}
 
 
-def pairs(root: Path, noise: float):
-    for size in SIZES:
-        model = llama(**size)
+def pairs(root: Path, noise: float, sizes, dtype):
+    for size in sizes:
+        model = llama(**size, dtype=dtype)
         d = root / f"h{size['hidden']}"
         model.save_pretrained(d / "a", max_shard_size="8MB")
         spec, _ = hf.load_hf_spec(d / "a")
@@ -72,12 +72,15 @@ def timed(fn):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--noise", type=float, default=0.3)
+    ap.add_argument("--sizes", default="512x4,1024x2", help="hidden x layers, comma-separated")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="benchmarks/results/staged_matching.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        todo = list(pairs(Path(tmp), args.noise))
+        sizes = [dict(hidden=int(h), layers=int(n)) for h, n in (s.split("x") for s in args.sizes.split(","))]
+        todo = list(pairs(Path(tmp), args.noise, sizes, getattr(torch, args.dtype)))
         bar = tqdm(total=len(todo) * len(MODES) * 2, desc="staged matching")
         for size, name, spec, a, b, dir_a, dir_b, truth in todo:
             for mode in MODES:
@@ -96,7 +99,7 @@ def main(argv=None):
                     bar.set_postfix(h=size["hidden"], pair=name, mode=mode, where=where, s=f"{wall:.1f}")
                     bar.update()
         bar.close()
-    out = dict(load=os.getloadavg(), threads=torch.get_num_threads(), rows=rows)
+    out = dict(load=os.getloadavg(), threads=torch.get_num_threads(), dtype=args.dtype, noise=args.noise, rows=rows)
     atomic_write_text(args.out, json.dumps(out, indent=1))
     for r in rows:
         print(f"h{r['hidden']} L{r['layers']} {r['pair']:10s} {r['mode']:7s} {r['where']:8s} {r['wall_s']:7.2f}s "

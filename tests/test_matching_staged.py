@@ -165,7 +165,8 @@ def test_stage_2_holds_no_copy_and_reads_each_family_once_per_visit(tmp_path, mo
     save_file({k: v.contiguous() for k, v in b.items()}, str(tmp_path / "b.safetensors"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lazy = streamed_weight_matching(spec, tmp_path / "a.safetensors", tmp_path / "b.safetensors", block_bytes=30_000)
+        lazy = streamed_weight_matching(spec, tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                                        block_bytes=30_000)
     assert lazy.stage == "families" and lazy.certified and _same(lazy.perms, got.perms)
     costs = made[-1]
     family_keys = {k for q in set(spec.nested.values()) for k in costs.keys_of[q]}

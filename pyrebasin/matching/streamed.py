@@ -184,7 +184,9 @@ def streamed_weight_matching(spec: PermutationSpec, source_a, source_b, *, cache
     """`weight_matching` (same options and result) on two checkpoints read lazily: `source_a`/`source_b`
     are `ShardedState`s or what `ShardedState` opens (a folder, an index, a .safetensors file, a list
     of shards). Peak memory: about `cache_bytes` + the constant costs + 4 x `block_bytes` + the
-    largest tensor in float32, independent of the models' size."""
+    largest tensor in float32, independent of the models' size. A spec with nested perms takes the
+    staged solve (matching/staged.py): its shared-perm subgroup through `StreamedCosts`, then the nested
+    families and descent reading each tensor on use (a family's tensors once per visit, 512 MiB of costs)."""
     states = [s if hasattr(s, "read") and hasattr(s, "meta") else ShardedState(_path(s, n))
               for s, n in ((source_a, "source_a"), (source_b, "source_b"))]
 

@@ -9,7 +9,7 @@ nested = "staged" | "joint" | "shared") in memory and streamed from sharded safe
 was certified and which stage ended it, and how many perms were recovered exactly.
 
     PYTHONPATH=$PWD python benchmarks/staged_matching.py [--sizes 512x4,1024x2] [--dtype float32|bfloat16]
-        [--noise 0.3] [--out benchmarks/results/staged_matching.json]
+        [--noise 0.3] [--where memory,streamed] [--out benchmarks/results/staged_matching.json]
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=0.3)
     ap.add_argument("--sizes", default="512x4,1024x2", help="hidden x layers, comma-separated")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--where", default="memory,streamed", help="memory and/or streamed, comma-separated")
     ap.add_argument("--out", default="benchmarks/results/staged_matching.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -81,10 +82,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [dict(hidden=int(h), layers=int(n)) for h, n in (s.split("x") for s in args.sizes.split(","))]
         todo = list(pairs(Path(tmp), args.noise, sizes, getattr(torch, args.dtype)))
-        bar = tqdm(total=len(todo) * len(MODES) * 2, desc="staged matching")
+        wheres = args.where.split(",")
+        bar = tqdm(total=len(todo) * len(MODES) * len(wheres), desc="staged matching")
         for size, name, spec, a, b, dir_a, dir_b, truth in todo:
             for mode in MODES:
-                for where in ("memory", "streamed"):
+                for where in wheres:
                     if where == "memory":
                         run = lambda: prb.weight_matching(spec, a, b, nested=mode)  # noqa: E731
                     else:

@@ -30,7 +30,7 @@ from .lap import solve_lap
 from .nested import solve_family, solve_within_blocks, source_ordered
 from .perturb import perturb_permutation
 
-__all__ = ["NestedCosts", "nested_descent", "families"]
+__all__ = ["NestedCosts", "Problem", "descend", "refine_families", "nested_descent", "families", "is_lazy"]
 
 KICK = 0.1  # share of a family's blocks that a refinement visit shuffles (as weight.KICK)
 REFINE_BUDGET = 0.5  # refinement stops after this share of the schedule's family visits (as weight.REFINE_BUDGET)
@@ -45,7 +45,7 @@ def families(spec: PermutationSpec, names) -> list[tuple[str, list[str]]]:
     return [(q, sorted(kids.get(q, []), key=list(names).index)) for q in names if q not in spec.nested]
 
 
-def _lazy(state) -> bool:
+def is_lazy(state) -> bool:
     return hasattr(state, "read") and hasattr(state, "meta")
 
 
@@ -60,7 +60,7 @@ class NestedCosts:
     def __init__(self, spec: PermutationSpec, state_a, state_b, *, cache_bytes: int = 1 << 30, hold: bool = True):
         self.cache: dict[tuple, tuple] = {}   # (member, own, perms read) -> (their values, float64 cost sum)
         self.cache_left = cache_bytes
-        metas = [s.meta() if _lazy(s) else s for s in (state_a, state_b)]
+        metas = [s.meta() if is_lazy(s) else s for s in (state_a, state_b)]
         for name, meta in zip(("state_a", "state_b"), metas):
             missing = [k for k in spec.axes_to_perm if k not in meta]
             if missing:
@@ -82,7 +82,7 @@ class NestedCosts:
         self.slots = {k: tensor_slots(k, spec.axes_to_perm[k], metas[0][k].shape, spec.nested) for k in self.keys}
         self.numel = {k: metas[0][k].numel() for k in self.keys}
         self.sources = (state_a, state_b)
-        self.held = [None if _lazy(s) or not hold else {k: s[k].detach().to(self.dtype) for k in self.keys}
+        self.held = [None if is_lazy(s) or not hold else {k: s[k].detach().to(self.dtype) for k in self.keys}
                      for s in self.sources]
         self.visit: dict[str, tuple] = {}   # key -> (A, B) read once for the current family visit
         self.dots: dict[str, list] = {}     # key -> [(perms its gather read, <A_k, π(B_k)>)], the last two
@@ -99,7 +99,7 @@ class NestedCosts:
         if key in self.visit:
             return self.visit[key]
         self.reads += self.held[0] is None
-        a, b = (h[key] if h is not None else s.read([key], self.dtype)[key] if _lazy(s) else
+        a, b = (h[key] if h is not None else s.read([key], self.dtype)[key] if is_lazy(s) else
                 s[key].detach().to(self.dtype) for h, s in zip(self.held, self.sources))
         return a, b.to(a.device)
 
@@ -271,7 +271,7 @@ def _step(costs: NestedCosts, perms: dict, outer: str, kids: list[str], keys: li
     return changed
 
 
-class _Problem:
+class Problem:
     """What one descent needs: the costs, the families, the tensors and perms each family reads."""
 
     def __init__(self, costs: NestedCosts, spec: PermutationSpec, solver, tol: float):
@@ -287,7 +287,7 @@ class _Problem:
         self.stats = {"inner_solves": 0, "inner_possible": 0, "fallbacks": 0, "visits": 0}
 
 
-def _descend(prob: _Problem, perms: dict, gen: torch.Generator, coupling: float, max_iter: int, bar, *,
+def descend(prob: Problem, perms: dict, gen: torch.Generator, coupling: float, max_iter: int, bar, *,
              only=None, track: tuple | None = None) -> int:
     """Sweeps over the families (`only`: those outer perms) in a random order until one changes
     nothing (or `max_iter`); each family is revisited only when a perm its costs read changed.
@@ -336,11 +336,11 @@ def _kick(perms: dict, q: str, kids: list[str], share: float, gen: torch.Generat
     return out
 
 
-def refine_families(prob: _Problem, perms: dict, history: list, gen: torch.Generator, passes: int, max_iter: int,
+def refine_families(prob: Problem, perms: dict, history: list, gen: torch.Generator, passes: int, max_iter: int,
                     track: tuple | None = None) -> tuple[dict, int]:
     """Iterated local search: each visit shuffles a share `KICK` of one family's blocks, re-descends
     and keeps the result only when the objective rose (appended to `history`), within `REFINE_BUDGET`
-    x the family visits made before it. With `track` (as `_descend`'s, for `perms`), a trial revisits
+    x the family visits made before it. With `track` (as `descend`'s, for `perms`), a trial revisits
     only the families that the kick reaches. Returns (perms, sweeps run)."""
     budget, start, sweeps = REFINE_BUDGET * prob.stats["visits"], prob.stats["visits"], 0
     for _ in range(passes):
@@ -350,7 +350,7 @@ def refine_families(prob: _Problem, perms: dict, history: list, gen: torch.Gener
             q, kids = prob.fams[i]
             trial = perms | _kick(perms, q, kids, KICK, gen)
             t = track and ({p: v + (p in (q, *kids)) for p, v in track[0].items()}, dict(track[1]))
-            sweeps += _descend(prob, trial, gen, 1.0, max_iter, None, track=t)
+            sweeps += descend(prob, trial, gen, 1.0, max_iter, None, track=t)
             value = prob.costs.objective(trial)
             if value > history[-1] + prob.tol * max(1.0, abs(history[-1])):
                 perms = trial
@@ -360,8 +360,7 @@ def refine_families(prob: _Problem, perms: dict, history: list, gen: torch.Gener
     return perms, sweeps
 
 
-def cache_bytes(state) -> int:   # the cost cache: as WeightCosts' in memory, StreamedCosts' for lazy checkpoints
-    return (512 << 20) if _lazy(state) else (1 << 30)
+_Problem = Problem   # the name earlier callers used
 
 
 def nested_descent(spec: PermutationSpec, state_a, state_b, *, schedule=(1.0,), restarts: int = 1, refine: int = 0,
@@ -375,20 +374,21 @@ def nested_descent(spec: PermutationSpec, state_a, state_b, *, schedule=(1.0,), 
     seed+1, ... and the best final objective kept. Returns (perms, objective history, sweeps, seed, stats)."""
     if is_distributed(group):
         raise ValueError("weight_matching: specs with nested perms are matched in one process; pass group=False")
-    costs = NestedCosts(spec, state_a, state_b, cache_bytes=cache_bytes(state_a))
+    # the cost cache: as WeightCosts' in memory, as StreamedCosts' (512 MiB) for lazy checkpoints
+    costs = NestedCosts(spec, state_a, state_b, cache_bytes=(512 << 20) if is_lazy(state_a) else (1 << 30))
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     best = None
     bar = tqdm(total=max_iter * len(schedule) * restarts, desc="weight matching (nested)", disable=not progress,
                leave=False)
     for s in range(seed, seed + restarts):
-        prob = _Problem(costs, spec, solver, tol)
+        prob = Problem(costs, spec, solver, tol)
         perms = {p: (torch.arange(n) if init is None else init[p].detach().to("cpu", torch.long).clone())
                  for p, n in costs.sizes.items()}
         gen = torch.Generator().manual_seed(s)
         history, sweeps = [costs.objective(perms)], 0
         for coupling in schedule:
-            sweeps += _descend(prob, perms, gen, coupling, max_iter, bar)
+            sweeps += descend(prob, perms, gen, coupling, max_iter, bar)
             history.append(costs.objective(perms))
         perms, more = refine_families(prob, perms, history, gen, refine, max_iter)
         sweeps += more

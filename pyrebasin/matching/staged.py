@@ -31,7 +31,7 @@ from ..nested import lift_shared
 from ..spec import PermutationSpec, check_permutations
 from .certify import RTOL
 from .costs import dot64
-from .nested_weight import NestedCosts, _descend, _lazy, _Problem, cache_bytes, refine_families
+from .nested_weight import NestedCosts, Problem, descend, is_lazy, refine_families
 
 __all__ = ["MODES", "staged_descent", "shared_part"]
 
@@ -58,13 +58,12 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
     `shared_part`). Returns the fields of weight matching's `MatchResult`: the objective history of
     every stage (stage 1's, the value after stage 2, then each gain of stage 3), `certified`, and
     `stage` (which stage ended the search)."""
-    meta = state_a.meta() if _lazy(state_a) else state_a
+    meta = state_a.meta() if is_lazy(state_a) else state_a
     start, inside = None, True
     if init is not None:
         check_permutations(spec, init, spec.perm_sizes(meta))
         start = shared_part(spec, init)
         inside = all(torch.equal(v, init[p].to("cpu", torch.long)) for p, v in lift_shared(spec.nested, start).items())
-    costs = None
     if inside or nested == "shared":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -78,16 +77,16 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
                    bound=first.bound, stage="shared")
         if first.certified or nested == "shared":
             return _report(out, progress)
-        costs = NestedCosts(spec, state_a, state_b, cache_bytes=cache_bytes(state_a), hold=False)
-    else:   # the subgroup cannot start at init: stages 2 and 3 from there
-        costs = NestedCosts(spec, state_a, state_b, cache_bytes=cache_bytes(state_a), hold=False)
+    # no copy held; the cost cache as nested_descent's (StreamedCosts' 512 MiB for lazy checkpoints)
+    costs = NestedCosts(spec, state_a, state_b, cache_bytes=(512 << 20) if is_lazy(state_a) else (1 << 30), hold=False)
+    if not inside:   # the subgroup cannot start at init: stages 2 and 3 from there
         perms, converged = {p: v.detach().to("cpu", torch.long).clone() for p, v in init.items()}, False
         out = dict(perms=perms, objective=[costs.objective(perms)], iterations=0, phase_starts=[0], seed=seed,
                    certified=False, bound=_bound(costs) if certify else None, stage="families")
-    prob = _Problem(costs, spec, solver, tol)
+    prob = Problem(costs, spec, solver, tol)
     track = (dict.fromkeys(perms, 0), {})   # perm versions, family -> versions of its last visit without a gain
     gen = torch.Generator().manual_seed(out["seed"])
-    out["iterations"] += _descend(prob, perms, gen, 1.0, max_iter, None, only=set(spec.nested.values()), track=track)
+    out["iterations"] += descend(prob, perms, gen, 1.0, max_iter, None, only=set(spec.nested.values()), track=track)
     out["objective"].append(costs.objective(perms))
     out["stage"] = "families"
     if _certify(out):
@@ -98,7 +97,7 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
                 track[1].setdefault(q, tuple(0 for _ in prob.deps[q]))
     bar = tqdm(total=max_iter, desc="weight matching (staged, nested descent)", disable=not progress, leave=False)
     before = prob.stats["visits"]
-    out["iterations"] += _descend(prob, perms, gen, 1.0, max_iter, bar, track=track)
+    out["iterations"] += descend(prob, perms, gen, 1.0, max_iter, bar, track=track)
     bar.close()
     prob.stats["visits"] -= before   # the refinement's budget: a share of this descent's visits (as on the plain path)
     value = costs.objective(perms)

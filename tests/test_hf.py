@@ -88,13 +88,30 @@ def test_streamed_equals_in_memory_weight_matching(pair):
     root, spec, _ = pair
     lazy_a, lazy_c = shards.ShardedState(root / "a"), shards.ShardedState(root / "c")
     full_a, full_c = dict(lazy_a.read(lazy_a)), dict(lazy_c.read(lazy_c))
-    want = prb.weight_matching(spec, full_a, full_c, seed=3)
-    got = streamed_weight_matching(spec, lazy_a, lazy_c, seed=3, block_bytes=30_000, cache_bytes=100_000)
+    plain = spec.without_nesting(lazy_a.meta())  # the plain streamed path (StreamedCosts) on the shared-perm spec
+    want = prb.weight_matching(plain, full_a, full_c, seed=3)
+    got = streamed_weight_matching(plain, lazy_a, lazy_c, seed=3, block_bytes=30_000, cache_bytes=100_000)
     assert {p: v.tolist() for p, v in got.perms.items()} == {p: v.tolist() for p, v in want.perms.items()}
     assert got.objective == pytest.approx(want.objective, rel=1e-9)
-    costs = StreamedCosts(spec, lazy_a, lazy_c, block_bytes=30_000)
+    costs = StreamedCosts(plain, lazy_a, lazy_c, block_bytes=30_000)
     assert costs.objective(want.perms) == pytest.approx(want.objective[-1], rel=1e-9)
     assert costs.blocks_read > 1 and not hasattr(costs, "a")  # read in blocks, nothing held
+
+
+@pytest.mark.parametrize("b", ["b", "c"])
+def test_streamed_equals_in_memory_staged_matching(pair, b):
+    """The traced (nested) spec: the staged solve streamed equals it in memory (B: planted, ends certified
+    in stage 2; C: independent, ends with the nested descent)."""
+    root, spec, planted = pair
+    lazy_a, lazy_b = shards.ShardedState(root / "a"), shards.ShardedState(root / b)
+    want = prb.weight_matching(spec, dict(lazy_a.read(lazy_a)), dict(lazy_b.read(lazy_b)), seed=3)
+    got = streamed_weight_matching(spec, lazy_a, lazy_b, seed=3, block_bytes=30_000, cache_bytes=100_000)
+    assert spec.nested and got.stage == want.stage == ("families" if b == "b" else "descent")
+    assert got.certified == want.certified == (b == "b")
+    assert {p: v.tolist() for p, v in got.perms.items()} == {p: v.tolist() for p, v in want.perms.items()}
+    assert got.objective == pytest.approx(want.objective, rel=1e-9) and got.iterations == want.iterations
+    if b == "b":
+        assert all(torch.equal(got.perms[p], torch.argsort(v)) for p, v in planted.items())
 
 
 def test_bad_directories(pair, tmp_path):

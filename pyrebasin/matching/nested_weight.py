@@ -9,13 +9,13 @@ its current inner arrangement of each *source* block (`nested.source_ordered`). 
 cost holds only the terms where no child rides on its slot; the others are counted in the children.
 When no two children share a tensor the family objective is linear in each member and the joint solve
 is its exact optimum; when they do (o_proj), the joint solve's value counts the shared tensor in each
-child, so it can overshoot. Every candidate is therefore evaluated on the tensors the family touches
-and kept only when the true objective rises; otherwise the children are updated one at a time within
-the current block map (each an exact coordinate step, kept only when the objective rises). The true
-objective never decreases, sweep after sweep.
+child, so it can overshoot: a candidate is kept only when the true objective over the family's tensors
+rises, else the children are updated one at a time within the block map (exact coordinate steps, each
+kept only when the objective rises). The true objective never decreases, sweep after sweep.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 
@@ -30,10 +30,11 @@ from .lap import solve_lap
 from .nested import solve_family, solve_within_blocks, source_ordered
 from .perturb import perturb_permutation
 
-__all__ = ["NestedCosts", "nested_descent", "families"]
+__all__ = ["NestedCosts", "Problem", "descend", "refine_families", "nested_descent", "families", "is_lazy"]
 
 KICK = 0.1  # share of a family's blocks that a refinement visit shuffles (as weight.KICK)
 REFINE_BUDGET = 0.5  # refinement stops after this share of the schedule's family visits (as weight.REFINE_BUDGET)
+VISIT_BYTES = 256 << 20  # a family visit reads its tensors once when they total at most this (per model, converted)
 
 
 def families(spec: PermutationSpec, names) -> list[tuple[str, list[str]]]:
@@ -44,20 +45,22 @@ def families(spec: PermutationSpec, names) -> list[tuple[str, list[str]]]:
     return [(q, sorted(kids.get(q, []), key=list(names).index)) for q in names if q not in spec.nested]
 
 
-def _lazy(state) -> bool:
+def is_lazy(state) -> bool:
     return hasattr(state, "read") and hasattr(state, "meta")
 
 
 class NestedCosts:
     """The costs and objective of one nested weight-matching problem. In-memory states are held as
-    float32 (float64 if any permuted tensor is) copies; lazy ones (`ShardedState`: `meta()`,
-    `read(keys, dtype)`) are read tensor by tensor on every use, so neither model is held. Cost
-    groups are cached in float64 within `cache_bytes`."""
+    float32 (float64 if any permuted tensor is) copies (`hold=False`: converted on use instead, no copy
+    of a float32 model); lazy ones (`ShardedState`: `meta()`, `read(keys, dtype)`) are read tensor by
+    tensor on use, so neither model is held. Within `visiting(keys)` those tensors are read once.
+    Cost groups are cached in float64 within `cache_bytes`; each tensor's objective dot is remembered
+    for the last two arrangements of the perms it reads (an objective re-reads only what moved)."""
 
-    def __init__(self, spec: PermutationSpec, state_a, state_b, *, cache_bytes: int = 1 << 30):
+    def __init__(self, spec: PermutationSpec, state_a, state_b, *, cache_bytes: int = 1 << 30, hold: bool = True):
         self.cache: dict[tuple, tuple] = {}   # (member, own, perms read) -> (their values, float64 cost sum)
         self.cache_left = cache_bytes
-        metas = [s.meta() if _lazy(s) else s for s in (state_a, state_b)]
+        metas = [s.meta() if is_lazy(s) else s for s in (state_a, state_b)]
         for name, meta in zip(("state_a", "state_b"), metas):
             missing = [k for k in spec.axes_to_perm if k not in meta]
             if missing:
@@ -77,9 +80,14 @@ class NestedCosts:
                     raise TypeError(f"weight_matching: {name}[{k!r}] is {t.dtype}; permuted tensors must be floating")
         self.dtype = torch.float64 if any(metas[0][k].dtype == torch.float64 for k in self.keys) else torch.float32
         self.slots = {k: tensor_slots(k, spec.axes_to_perm[k], metas[0][k].shape, spec.nested) for k in self.keys}
+        self.numel = {k: metas[0][k].numel() for k in self.keys}
         self.sources = (state_a, state_b)
-        self.held = [None if _lazy(s) else {k: s[k].detach().to(self.dtype) for k in self.keys} for s in self.sources]
-        if self.held[1] is not None and self.held[0] is not None:
+        self.held = [None if is_lazy(s) or not hold else {k: s[k].detach().to(self.dtype) for k in self.keys}
+                     for s in self.sources]
+        self.visit: dict[str, tuple] = {}   # key -> (A, B) read once for the current family visit
+        self.dots: dict[str, list] = {}     # key -> [(perms its gather read, <A_k, π(B_k)>)], the last two
+        self.reads = 0                      # tensor pairs read (or converted) on use so far
+        if self.held[0] is not None:
             self.held[1] = {k: v.to(self.held[0][k].device) for k, v in self.held[1].items()}
         self.keys_of = {p: list(dict.fromkeys(k for k, _ in pairs)) for p, pairs in spec.perm_to_axes.items()}
         # a tensor is *coupled* when a term of it reads a perm outside its unit: more than one plain slot,
@@ -87,9 +95,26 @@ class NestedCosts:
         self.coupled = {k: not (len(ss) == 1 or (len(ss) == 2 and ss[1].outer == 0)) for k, ss in self.slots.items()}
 
     def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A's and B's tensor `key` in the matching dtype."""
-        return tuple(h[key] if h is not None else s.read([key], self.dtype)[key]
-                     for h, s in zip(self.held, self.sources))
+        """A's and B's tensor `key` in the matching dtype (B on A's device)."""
+        if key in self.visit:
+            return self.visit[key]
+        self.reads += self.held[0] is None
+        a, b = (h[key] if h is not None else s.read([key], self.dtype)[key] if is_lazy(s) else
+                s[key].detach().to(self.dtype) for h, s in zip(self.held, self.sources))
+        return a, b.to(a.device)
+
+    @contextlib.contextmanager
+    def visiting(self, keys):
+        """Hold `keys`' tensors while the block runs (one read each), when they total at most
+        `VISIT_BYTES` per model; else they are read on each use, as outside."""
+        keys, width = [k for k in keys if k not in self.visit], torch.empty((), dtype=self.dtype).element_size()
+        if self.held[0] is None and sum(self.numel[k] for k in keys) * width <= VISIT_BYTES:
+            self.visit.update({k: self.pair(k) for k in keys})
+        try:
+            yield
+        finally:
+            for k in keys:
+                self.visit.pop(k, None)
 
     def _factor_view(self, t: torch.Tensor, key: str) -> torch.Tensor:
         return t.reshape([n for a, e in enumerate(self.spec.axes_to_perm[key])
@@ -170,11 +195,22 @@ class NestedCosts:
         tensors weighted by `coupling` (1: the true objective)."""
         total = 0.0
         for key in self.keys if keys is None else keys:
-            a, b = self.pair(key)
-            buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=a.device) for _ in range(2))
-            dot = dot64(a, gather_slots(b, self.spec.axes_to_perm[key], self.slots[key], perms), buffers)
+            dot = self._dot(key, perms)
             total += coupling * dot if self.coupled[key] else dot
         return total
+
+    def _dot(self, key: str, perms: Mapping[str, torch.Tensor]) -> float:
+        read = {s.perm: perms[s.perm] for s in self.slots[key]}
+        seen = self.dots.setdefault(key, [])
+        for was, dot in seen:
+            if all(torch.equal(v, read[p]) for p, v in was.items()):
+                return dot
+        a, b = self.pair(key)
+        buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=a.device) for _ in range(2))
+        dot = dot64(a, gather_slots(b, self.spec.axes_to_perm[key], self.slots[key], perms), buffers)
+        seen.insert(0, ({p: v.clone() for p, v in read.items()}, dot))
+        del seen[2:]
+        return dot
 
 
 def _value(cost: torch.Tensor | None, perm: torch.Tensor) -> float:
@@ -235,7 +271,7 @@ def _step(costs: NestedCosts, perms: dict, outer: str, kids: list[str], keys: li
     return changed
 
 
-class _Problem:
+class Problem:
     """What one descent needs: the costs, the families, the tensors and perms each family reads."""
 
     def __init__(self, costs: NestedCosts, spec: PermutationSpec, solver, tol: float):
@@ -251,22 +287,27 @@ class _Problem:
         self.stats = {"inner_solves": 0, "inner_possible": 0, "fallbacks": 0, "visits": 0}
 
 
-def _descend(prob: _Problem, perms: dict, gen: torch.Generator, coupling: float, max_iter: int, bar) -> int:
-    """Sweeps over the families in a random order until one changes nothing (or `max_iter`); each
-    family is revisited only when a perm its costs read changed. Returns the sweeps run."""
-    version = dict.fromkeys(perms, 0)
-    seen: dict[str, tuple] = {}
+def descend(prob: Problem, perms: dict, gen: torch.Generator, coupling: float, max_iter: int, bar, *,
+             only=None, track: tuple | None = None) -> int:
+    """Sweeps over the families (`only`: those outer perms) in a random order until one changes
+    nothing (or `max_iter`); each family is revisited only when a perm its costs read changed.
+    `track`: (perm versions, family -> versions of its last visit without a gain), carried between
+    calls (a family already at its optimum for the current perms can be marked so). Returns the sweeps run."""
+    version, seen = track if track is not None else (dict.fromkeys(perms, 0), {})
+    fams = [f for f in prob.fams if only is None or f[0] in only]
     for sweep in range(1, max_iter + 1):
         improved = False
-        for i in torch.randperm(len(prob.fams), generator=gen).tolist():
-            q, kids = prob.fams[i]
+        for i in torch.randperm(len(fams), generator=gen).tolist():
+            q, kids = fams[i]
             snap = tuple(version[d] for d in prob.deps[q])
             if seen.get(q) == snap:
                 continue   # nothing the family's costs read changed since its last visit
             old = {p: perms[p] for p in [q, *kids]}
             prob.stats["visits"] += 1
-            if _step(prob.costs, perms, q, kids, prob.keys_of[q], prob.tol, prob.solver, prob.stats, coupling,
-                     prob.linear[q]):
+            with prob.costs.visiting(prob.keys_of[q]):
+                gained = _step(prob.costs, perms, q, kids, prob.keys_of[q], prob.tol, prob.solver, prob.stats,
+                               coupling, prob.linear[q])
+            if gained:
                 improved = True   # revisited next sweep: its own change moves its members' costs
                 for p in old:
                     if not torch.equal(old[p], perms[p]):
@@ -295,6 +336,33 @@ def _kick(perms: dict, q: str, kids: list[str], share: float, gen: torch.Generat
     return out
 
 
+def refine_families(prob: Problem, perms: dict, history: list, gen: torch.Generator, passes: int, max_iter: int,
+                    track: tuple | None = None) -> tuple[dict, int]:
+    """Iterated local search: each visit shuffles a share `KICK` of one family's blocks, re-descends
+    and keeps the result only when the objective rose (appended to `history`), within `REFINE_BUDGET`
+    x the family visits made before it. With `track` (as `descend`'s, for `perms`), a trial revisits
+    only the families that the kick reaches. Returns (perms, sweeps run)."""
+    budget, start, sweeps = REFINE_BUDGET * prob.stats["visits"], prob.stats["visits"], 0
+    for _ in range(passes):
+        for i in torch.randperm(len(prob.fams), generator=gen).tolist():
+            if prob.stats["visits"] - start >= budget:
+                break
+            q, kids = prob.fams[i]
+            trial = perms | _kick(perms, q, kids, KICK, gen)
+            t = track and ({p: v + (p in (q, *kids)) for p, v in track[0].items()}, dict(track[1]))
+            sweeps += descend(prob, trial, gen, 1.0, max_iter, None, track=t)
+            value = prob.costs.objective(trial)
+            if value > history[-1] + prob.tol * max(1.0, abs(history[-1])):
+                perms = trial
+                history.append(value)
+                if track is not None:
+                    track[0].update(t[0]), track[1].clear(), track[1].update(t[1])
+    return perms, sweeps
+
+
+_Problem = Problem   # the name earlier callers used
+
+
 def nested_descent(spec: PermutationSpec, state_a, state_b, *, schedule=(1.0,), restarts: int = 1, refine: int = 0,
                    max_iter: int = 100, seed: int = 0, init: Mapping[str, torch.Tensor] | None = None,
                    solver: str | None = None, progress: bool = False, tol: float = 1e-12, group=None):
@@ -306,35 +374,24 @@ def nested_descent(spec: PermutationSpec, state_a, state_b, *, schedule=(1.0,), 
     seed+1, ... and the best final objective kept. Returns (perms, objective history, sweeps, seed, stats)."""
     if is_distributed(group):
         raise ValueError("weight_matching: specs with nested perms are matched in one process; pass group=False")
-    # the cost cache: as WeightCosts in memory, as StreamedCosts (512 MiB) for lazy checkpoints
-    costs = NestedCosts(spec, state_a, state_b, cache_bytes=(512 << 20) if _lazy(state_a) else (1 << 30))
+    # the cost cache: as WeightCosts' in memory, as StreamedCosts' (512 MiB) for lazy checkpoints
+    costs = NestedCosts(spec, state_a, state_b, cache_bytes=(512 << 20) if is_lazy(state_a) else (1 << 30))
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     best = None
     bar = tqdm(total=max_iter * len(schedule) * restarts, desc="weight matching (nested)", disable=not progress,
                leave=False)
     for s in range(seed, seed + restarts):
-        prob = _Problem(costs, spec, solver, tol)
+        prob = Problem(costs, spec, solver, tol)
         perms = {p: (torch.arange(n) if init is None else init[p].detach().to("cpu", torch.long).clone())
                  for p, n in costs.sizes.items()}
         gen = torch.Generator().manual_seed(s)
         history, sweeps = [costs.objective(perms)], 0
         for coupling in schedule:
-            sweeps += _descend(prob, perms, gen, coupling, max_iter, bar)
+            sweeps += descend(prob, perms, gen, coupling, max_iter, bar)
             history.append(costs.objective(perms))
-        budget = REFINE_BUDGET * prob.stats["visits"]
-        start = prob.stats["visits"]
-        for _ in range(refine):
-            for i in torch.randperm(len(prob.fams), generator=gen).tolist():
-                if prob.stats["visits"] - start >= budget:
-                    break
-                q, kids = prob.fams[i]
-                trial = perms | _kick(perms, q, kids, KICK, gen)
-                sweeps += _descend(prob, trial, gen, 1.0, max_iter, None)
-                value = costs.objective(trial)
-                if value > history[-1] + tol * max(1.0, abs(history[-1])):
-                    perms = trial
-                    history.append(value)
+        perms, more = refine_families(prob, perms, history, gen, refine, max_iter)
+        sweeps += more
         bar.set_postfix(objective=f"{history[-1]:.6g}")
         if best is None or history[-1] > best[1][-1]:
             best = (perms, history, sweeps, s, prob.stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
 from collections.abc import Mapping
 
@@ -19,6 +20,7 @@ __all__ = ["StreamedCosts", "streamed_weight_matching", "BLOCK_BYTES", "CACHE_BY
 
 BLOCK_BYTES = 128 << 20  # float32 bytes of one side's tensors converted at once (a bigger tensor is its own block)
 CACHE_BYTES = 512 << 20  # float64 cost matrices kept for rank-|S| updates
+SEEN = 8  # perm states whose objective is remembered
 
 
 class StreamedCosts(WeightCosts):
@@ -35,11 +37,15 @@ class StreamedCosts(WeightCosts):
         # The objective is tracked from the cost matrices: when group p moves to a new perm right
         # after its cost was built, the objective changes by Σ_i T[i, new(i)] - T[i, old(i)], T the
         # true (coupling 1) cost, exactly when no tensor has two slots in p (the objective is then
-        # linear in p's perm). Any other change (or a process group) falls back to one streamed pass.
+        # linear in p's perm). A change without a fresh cost (a refinement's kick) is tracked from p's
+        # cached cost when its indices are still current; perms seen before (a rejected kick restored)
+        # take their remembered objective. Any other change (or a process group) falls back to one pass.
         self.linear = {p: len({t.param for t in ts}) == len(ts) for p, ts in self.terms.items()}
         self.tracked: float | None = None
         self.last: tuple | None = None  # (group, coupling, cost, snapshot) of the last cost built
         self.streamed_passes = 0
+        self.norms: dict[str, tuple[float, float]] = {}  # key -> (‖A_k‖², ‖B_k‖²), from the first pass (certify.py)
+        self.seen: dict[bytes, float] = {}  # digest of the perms -> their objective (the last SEEN states)
 
     def cost(self, p: str, coupling: float = 1.0) -> torch.Tensor:
         c = super().cost(p, coupling)
@@ -48,9 +54,13 @@ class StreamedCosts(WeightCosts):
 
     def set_perm(self, p: str, perm: torch.Tensor) -> None:
         last, self.last = self.last, None
-        if self.tracked is not None and last is not None and last[0] == p and last[3] == self.snapshot(p) \
-                and self.linear[p] and last[1] > 0 and self.group is False:  # ranks must agree: no tracking there
-            _, w, c, _ = last
+        w, c = None, None
+        if self.tracked is not None and self.linear[p] and self.group is False:  # ranks must agree: no tracking there
+            if last is not None and last[0] == p and last[3] == self.snapshot(p) and last[1] > 0:
+                _, w, c, _ = last
+            else:
+                w, c = self._current_cost(p)
+        if c is not None:
             rows, old, new = torch.arange(self.sizes[p]), self.perms[p].cpu(), perm.cpu().long()
             base = self.constant[p]
 
@@ -64,15 +74,46 @@ class StreamedCosts(WeightCosts):
         else:
             self.tracked = None
         super().set_perm(p, perm)
+        if self.tracked is None and self.group is False:
+            self.tracked = self.seen.get(self._digest())
+
+    def _current_cost(self, p: str) -> tuple:
+        """(coupling weight, cost) of group `p` without building anything: its constant cost when no
+        term reads another perm, its cached cost when built from the current indices, else (None, None)."""
+        if not self.coupled[p]:
+            return (1.0, self.constant[p]) if self.constant[p] is not None else (None, None)
+        if p not in self.cache:
+            return None, None
+        total, indices, _, weight = self.cache[p]
+        current = [self._indices(t) for t in self.coupled[p]]
+        same = all(len(o) == len(n) and all(do == dn and torch.equal(io, inew) for (do, io), (dn, inew) in zip(o, n))
+                   for o, n in zip(indices, current))
+        return (weight, total) if same and weight > 0 else (None, None)
+
+    def _digest(self) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for q in sorted(self.perms):
+            h.update(q.encode())
+            h.update(self.perms[q].cpu().numpy().tobytes())
+        return h.digest()
+
+    def _remember(self, value: float) -> None:
+        if self.group is False:
+            self.seen[self._digest()] = value
+            while len(self.seen) > SEEN:
+                del self.seen[next(iter(self.seen))]
 
     def dots(self, perms: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Tensor by tensor in the checkpoint's dtype: bf16/fp16 -> float64 is exact, so this equals
-        the float32 pass with a third of its memory."""
+        the float32 pass with a third of its memory. The first pass also keeps each tensor's squared
+        norms (the certificate's bound) while it holds them."""
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64) for _ in range(2))
         out = {}
         for k in self.own_keys:
             a, b = self.source_a.read([k])[k], self.source_b.read([k])[k]
             out[k] = dot64(a, self.permuted(k, b, perms), buffers)
+            if k not in self.norms:
+                self.norms[k] = (dot64(a, a, buffers), dot64(b, b, buffers))
             del a, b
         _trim()
         return out
@@ -81,11 +122,15 @@ class StreamedCosts(WeightCosts):
         """The tracked objective when every change since the last streamed pass came from a cost
         matrix (see __init__), else one streamed pass over both models."""
         if perms is None and self.tracked is not None:
+            # perms seen before keep the value they had (a kick that descended back gains nothing, not rounding)
+            self.tracked = self.seen.get(self._digest(), self.tracked) if self.group is False else self.tracked
+            self._remember(self.tracked)
             return self.tracked
         value = super().objective(perms)
         self.streamed_passes += 1
         if perms is None:
             self.tracked = value
+            self._remember(value)
         return value
 
     @staticmethod
@@ -139,7 +184,9 @@ def streamed_weight_matching(spec: PermutationSpec, source_a, source_b, *, cache
     """`weight_matching` (same options and result) on two checkpoints read lazily: `source_a`/`source_b`
     are `ShardedState`s or what `ShardedState` opens (a folder, an index, a .safetensors file, a list
     of shards). Peak memory: about `cache_bytes` + the constant costs + 4 x `block_bytes` + the
-    largest tensor in float32, independent of the models' size."""
+    largest tensor in float32, independent of the models' size. A spec with nested perms takes the
+    staged solve (matching/staged.py): its shared-perm subgroup through `StreamedCosts`, then the nested
+    families and descent reading each tensor on use (a family's tensors once per visit, 512 MiB of costs)."""
     states = [s if hasattr(s, "read") and hasattr(s, "meta") else ShardedState(_path(s, n))
               for s, n in ((source_a, "source_a"), (source_b, "source_b"))]
 

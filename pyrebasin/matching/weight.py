@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import broadcast_optional, check_same
 from ..spec import PermutationSpec, check_permutations
+from .certify import Certificate
 from .costs import WeightCosts
 from .lap import LapPolicy
 from .perturb import perturb_permutation
@@ -35,6 +36,7 @@ METHODS = {
 }
 KICK = 0.1  # share of a group's units that a refinement visit shuffles
 REFINE_BUDGET = 1.0  # refinement stops once it has solved as many LAPs as the schedule did (or after its passes)
+UNCERTIFIED = frozenset({"textbook"})  # methods that run to their own stop by default (Git Re-Basin's loop as published)
 
 
 @dataclass
@@ -44,13 +46,20 @@ class MatchResult:
     the sweep at which each phase of the coupling schedule started (the last phase, coupling 1, is
     plain coordinate descent on the true objective: monotone from `phase_starts[-1]` on; each kept
     refinement adds its final objective, so `iterations` may exceed `len(objective) - 1`). With
-    restarts, the history is that of the kept run and `seed` the group-order seed it used."""
+    restarts, the history is that of the kept run and `seed` the group-order seed it used.
+    `certified`: the objective reached the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖B_k‖ (`bound`, see
+    matching/certify.py), so no permutation scores higher and the search stopped there (the phases
+    not run then start, and end, at that sweep). `stage`, for a spec with nested perms: what ended the
+    search ("shared", "families" or "descent" for the staged solve, matching/staged.py; "joint")."""
 
     perms: dict[str, torch.Tensor]
     objective: list[float] = field(default_factory=list)
     iterations: int = 0
     phase_starts: list[int] = field(default_factory=list)
     seed: int = 0
+    certified: bool = False
+    bound: float | None = None
+    stage: str | None = None
 
 
 def _step(costs: WeightCosts, lap: LapPolicy, p: str, coupling: float, tol: float) -> torch.Tensor | None:
@@ -69,13 +78,13 @@ def _step(costs: WeightCosts, lap: LapPolicy, p: str, coupling: float, tol: floa
 
 def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling: float, max_iter: int,
              tol: float, history: list[float], bar, capped: list, *, every_sweep: bool = True,
-             settle: float = 0.0) -> int:
+             settle: float = 0.0, certify=None) -> int:
     """Algorithm 1 on `costs.cost(p, coupling)`: sweeps over the groups in a random order, each group
     takes the LAP optimum of its cost when it gains more than `tol`; stops after a sweep without a
     gain (or, with `settle` > 0, after a sweep that changed the true objective by at most `settle` x
     its size). Appends the true objective after each sweep (or, without `every_sweep`, only after the
     last) to `history`, and (coupling, last change of the objective) to `capped` when it stopped at
-    `max_iter` still improving; returns the sweeps run."""
+    `max_iter` still improving; returns the sweeps run. `certify(objective)`: stop once it is True."""
     names = list(costs.sizes)
     solved_at = dict.fromkeys(names)
     for sweep in range(1, max_iter + 1):
@@ -93,7 +102,7 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
         if every_sweep or not improved:
             history.append(costs.objective())
             bar.set_postfix(coupling=coupling, objective=f"{history[-1]:.6g}")
-        if not improved:
+        if not improved or (certify is not None and every_sweep and certify(history[-1])):
             return sweep
         if settle and every_sweep and abs(history[-1] - history[-2]) <= settle * abs(history[-1]):
             return sweep  # a phase that leads into another has settled: its tail barely moves the true objective
@@ -131,6 +140,13 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
     return sweeps
 
 
+def _certified(bar, cert: Certificate, sweeps: int) -> None:
+    bar.set_postfix(certified=True, objective=f"{cert.exact:.9g}", bound=f"{cert.bound:.9g}")
+    if not bar.disable:
+        bar.write(f"weight matching: certified optimal after {sweeps} sweep(s): objective {cert.exact:.9g} reaches "
+                  f"the Cauchy-Schwarz bound {cert.bound:.9g} (rtol {cert.rtol:g})")
+
+
 def _check_options(method, schedule, restarts, refine, max_iter, seed):
     if method not in METHODS:
         raise ValueError(f"weight_matching: method={method!r}; expected one of {sorted(METHODS)}")
@@ -160,7 +176,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     seed: int = 0, init: Mapping[str, torch.Tensor] | None = None, solver: str | None = None,
                     progress: bool = False, tol: float = 1e-12, warm_start: bool = True,
                     schedule: Sequence[float] | None = None, restarts: int | None = None,
-                    refine: int | None = None, group=None, provider=None) -> MatchResult:
+                    refine: int | None = None, group=None, provider=None, certify: bool | None = None,
+                    nested: str = "staged") -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
@@ -189,16 +206,35 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
 
     `provider(spec, state_a, state_b, group=...)` builds the cost provider (default `WeightCosts`,
     holding float32 copies; `matching.streamed.StreamedCosts` reads lazy checkpoints block by block).
-    A spec with nested perms is matched family by family (`matching.nested_weight`, docs/matching.md;
-    lazy states are read tensor by tensor there, `provider` is not used).
+    A spec with nested perms (`nested`): "staged" (default, matching/staged.py) solves the shared-perm
+    subgroup on this path first (with `provider`), then the nested families from there, then a nested
+    descent unless certified; "shared" stops after the subgroup (its perms lifted); "joint" runs the
+    family-by-family descent alone (`matching.nested_weight`, `provider` not used). docs/matching.md.
+
+    `certify` (default: every method but "textbook"): stop the search as soon as the objective reaches
+    the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖B_k‖ (checked after each sweep of the schedule and at the start;
+    `result.certified`, matching/certify.py): B is then A permuted (up to per-tensor scale) and no
+    permutation can do better, so refinement and restarts are skipped. Never fires on a noisy pair.
     """
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
+    if nested not in ("staged", "joint", "shared"):
+        raise ValueError(f"weight_matching: nested={nested!r}; expected 'staged', 'joint' or 'shared'")
+    if getattr(spec, "nested", None) and nested != "joint":  # the shared subgroup first (matching/staged.py)
+        from .staged import staged_descent
+
+        def stage1(plain, start):
+            return weight_matching(plain, state_a, state_b, method=method, max_iter=max_iter, seed=seed, init=start,
+                                   solver=solver, progress=progress, tol=tol, warm_start=warm_start, schedule=schedule,
+                                   restarts=restarts, refine=refine, group=group, provider=provider, certify=certify)
+        return MatchResult(**staged_descent(spec, state_a, state_b, stage1, nested=nested, refine=refine, seed=seed,
+                                            certify=method not in UNCERTIFIED if certify is None else bool(certify),
+                                            max_iter=max_iter, init=init, solver=solver, progress=progress, tol=tol))
     if getattr(spec, "nested", None):  # nested perms: families solved jointly (matching/nested_weight.py)
         from .nested_weight import nested_descent
         perms, history, sweeps, s, _ = nested_descent(spec, state_a, state_b, schedule=schedule, restarts=restarts,
                                                       refine=refine, max_iter=max_iter, seed=seed, init=init,
                                                       solver=solver, progress=progress, tol=tol, group=group)
-        return MatchResult(perms, history, sweeps, [0], s)
+        return MatchResult(perms, history, sweeps, [0], s, stage="joint")
     costs = (provider or WeightCosts)(spec, state_a, state_b, group=group)
     if init is not None:
         check_permutations(spec, init, costs.sizes)
@@ -209,19 +245,27 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     bar = tqdm(total=max_iter * (len(schedule) + refine * len(costs.sizes)) * restarts, desc="weight matching",
                disable=not progress, leave=False)
     best, capped = None, []
+    cert = Certificate(costs) if (method not in UNCERTIFIED if certify is None else certify) else None
     for s in range(seed, seed + restarts):
         for p, v in start.items():
             costs.set_perm(p, v)
         lap, gen = LapPolicy(list(costs.sizes), solver=solver, warm_start=warm_start), torch.Generator().manual_seed(s)
         history, phase_starts, sweeps = [costs.objective()], [], 0
+        done = cert is not None and cert(history[-1])
         for k, coupling in enumerate(schedule):
             phase_starts.append(sweeps)
-            sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar, capped,
-                               settle=METHODS[method]["settle"] if k < len(schedule) - 1 else 0.0)
-        sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped)
+            if not done:
+                sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar, capped, certify=cert,
+                                   settle=METHODS[method]["settle"] if k < len(schedule) - 1 else 0.0)
+                done = cert is not None and cert.certified
+        if not done:
+            sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped)
         if best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
-            best = MatchResult(perms, history, sweeps, phase_starts, s)
+            best = MatchResult(perms, history, sweeps, phase_starts, s, bool(done), None if cert is None else cert.bound)
+        if done:
+            _certified(bar, cert, sweeps)
+            break  # no restart can score higher
     bar.close()
     if capped:
         coupling, change = capped[0]

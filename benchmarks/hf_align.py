@@ -105,7 +105,9 @@ def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: 
 
     def noisy(k):
         a = state_a[k].float()
-        g = torch.Generator().manual_seed(seed * 7919 + keys.index(k))
+        # its own stream: seeded like A's init (seed * 100003 + index at seed 0), the "noise" was A's
+        # own draws and B' a rescaled A (an earlier version of this script measured that pair)
+        g = torch.Generator().manual_seed(2**40 + seed * 7919 + keys.index(k))
         return permuted(k, (a + noise * a.std() * torch.randn(a.shape, generator=g)).to(torch.bfloat16))
 
     if "b_noisy" in pairs:

@@ -105,7 +105,10 @@ def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: 
 
     def noisy(k):
         a = state_a[k].float()
-        g = torch.Generator().manual_seed(seed * 7919 + keys.index(k))
+        # its own stream: seeded like A's init (seed * 100003 + index at seed 0), the "noise" was A's
+        # own draws and B' a rescaled A (earlier versions measured that pair; the CPU generator keeps
+        # only a seed's low 32 bits, so an offset of 2**40 changed nothing)
+        g = torch.Generator().manual_seed(1_000_000_007 + seed * 7919 + keys.index(k))
         return permuted(k, (a + noise * a.std() * torch.randn(a.shape, generator=g)).to(torch.bfloat16))
 
     if "b_noisy" in pairs:

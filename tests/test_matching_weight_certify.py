@@ -165,3 +165,42 @@ def test_staged_nested_certificate_streamed_and_in_memory(llama_dirs, b):
     if b == "b":
         from pyrebasin.nested import lift_shared
         assert all(torch.equal(got.perms[p], v) for p, v in lift_shared(nested.nested, inverse).items())
+
+
+def _certify_worker(rank, world, port, results):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        from pyrebasin.matching import costs
+        costs.SPLIT_MIN_BYTES = 0  # split by group: each rank holds its share of the bound's norms
+        spec, state_a, state_b, _ = planted("resnet20_ln")
+        r = prb.weight_matching(spec, state_a, state_b)
+        results[rank] = (r.perms, r.certified, r.bound, r.iterations)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_certify_as_one_process():
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import _free_port
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    spec, state_a, state_b, inverse = planted("resnet20_ln")
+    one = prb.weight_matching(spec, state_a, state_b)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_certify_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        perms, certified, bound, iterations = results[rank]
+        assert certified and one.certified and iterations == one.iterations
+        assert bound == pytest.approx(one.bound, rel=1e-12)
+        assert all(torch.equal(perms[p], inverse[p]) for p in inverse)

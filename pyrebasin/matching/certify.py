@@ -11,8 +11,8 @@ higher and the rest of the search (later phases, refinement, restarts) cannot ga
 Rounding: the objective and the norms are float64 sums of exact products (bf16/fp16/fp32 values are exact
 in float64); a sum of n terms is off by at most about n·2⁻⁵³ of Σ|terms| ≤ ‖A_k‖·‖B_k‖, and the dots are
 summed in chunks of 2¹⁷ (`costs.dot64`), so both sides are within ~2e-11 of the bound. `RTOL` = 1e-9 is
-50x that, and far below what one swapped unit changes in a real model (1e-6 of the bound or more on the
-LLaMA shapes of benchmarks/hf_align.py). A certified result is therefore optimal up to `RTOL` x bound.
+50x that, and far below what swapping two units changes on the random-weight LLaMA shapes of
+benchmarks/hf_align.py (two MLP units: ~9e-6 of the bound at 1.1B, ~4e-6 at 7B). A certified result is therefore optimal up to `RTOL` x bound.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ __all__ = ["Certificate", "RTOL", "SCREEN"]
 
 RTOL = 1e-9
 # A value from the cost matrices (the streamed provider's tracked objective: float32 GEMMs) is first
-# screened against the bound with this looser tolerance; only then is the exact objective computed.
-SCREEN = 1e-4
+# screened against the bound with this looser tolerance; only then is the exact objective computed
+# (once per perm state). On the 1.1B planted pair the tracked value was 1e-5 above the bound.
+SCREEN = 1e-3
 
 
 class Certificate:

@@ -102,7 +102,8 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
         if every_sweep or not improved:
             history.append(costs.objective())
             bar.set_postfix(coupling=coupling, objective=f"{history[-1]:.6g}")
-        if not improved or (certify is not None and every_sweep and certify(history[-1])):
+        certified = every_sweep and certify is not None and certify(history[-1])  # converged sweeps too
+        if not improved or certified:
             return sweep
         if settle and every_sweep and abs(history[-1] - history[-2]) <= settle * abs(history[-1]):
             return sweep  # a phase that leads into another has settled: its tail barely moves the true objective

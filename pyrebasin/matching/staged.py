@@ -5,14 +5,15 @@ subgroup of the nested group, and the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖
 for every permutation, so a certificate in the subgroup is one in the full group. Hence:
 
 1. the shared spec on the plain path (`WeightCosts` / `StreamedCosts`: rank-|S| updates, process
-   groups, certificate, the method's schedule, refinement and restarts); certified: lifted
+   groups, certificate, the method's schedule and restarts; its refinement is left to stage 3, where
+   kicks act in the full group and a nested plant is not first refined in the subgroup); certified: lifted
    (`nested.lift_shared`) and returned, optimal in the full group (`stage="shared"`);
 2. from the lifted perms, only the families with nested members (GQA KV heads with their query heads
    and value dims, experts with their hidden units) are visited: each reads only its own tensors (once
    per visit), and since every other perm is at its coordinate optimum from stage 1, nothing else
    moved. Then the true objective (one pass) and the certificate (`stage="families"`);
 3. otherwise `nested_descent`'s coordinate descent at coupling 1 from there, to convergence, and the
-   method's refinement (`stage="descent"`): a coordinate-wise optimum of the full nested problem. A
+   method's refinement with the budget of stage 1's schedule and this descent (`stage="descent"`): a coordinate-wise optimum of the full nested problem. A
    family whose inputs did not move since its last optimal visit (or, for plain perms, since stage 1
    converged) is not revisited, and objectives re-read only the tensors whose perms moved.
 
@@ -59,7 +60,7 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
     every stage (stage 1's, the value after stage 2, then each gain of stage 3), `certified`, and
     `stage` (which stage ended the search)."""
     meta = state_a.meta() if is_lazy(state_a) else state_a
-    start, inside = None, True
+    start, inside, sweeps1 = None, True, 0
     if init is not None:
         check_permutations(spec, init, spec.perm_sizes(meta))
         start = shared_part(spec, init)
@@ -71,6 +72,7 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         converged = not any("max_iter" in str(w.message) for w in caught)
+        sweeps1 = first.iterations
         perms = lift_shared(spec.nested, first.perms)
         out = dict(perms=perms, objective=list(first.objective), iterations=first.iterations,
                    phase_starts=list(first.phase_starts), seed=first.seed, certified=first.certified,
@@ -99,7 +101,9 @@ def staged_descent(spec: PermutationSpec, state_a, state_b, stage1: Callable, *,
     before = prob.stats["visits"]
     out["iterations"] += descend(prob, perms, gen, 1.0, max_iter, bar, track=track)
     bar.close()
-    prob.stats["visits"] -= before   # the refinement's budget: a share of this descent's visits (as on the plain path)
+    # the refinement's budget: a share of the visits of this descent and of stage 1's schedule (whose own
+    # refinement the staged solve moves here, into the full group: stage 1 runs without it)
+    prob.stats["visits"] += sweeps1 * len(prob.fams) - before
     value = costs.objective(perms)
     if value > out["objective"][-1]:
         out["objective"].append(value)

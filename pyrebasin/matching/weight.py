@@ -226,7 +226,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
         def stage1(plain, start):
             return weight_matching(plain, state_a, state_b, method=method, max_iter=max_iter, seed=seed, init=start,
                                    solver=solver, progress=progress, tol=tol, warm_start=warm_start, schedule=schedule,
-                                   restarts=restarts, refine=refine, group=group, provider=provider, certify=certify)
+                                   restarts=restarts, refine=0 if nested == "staged" else refine, group=group,
+                                   provider=provider, certify=certify)   # staged: refinement in the full group (stage 3)
         return MatchResult(**staged_descent(spec, state_a, state_b, stage1, nested=nested, refine=refine, seed=seed,
                                             certify=method not in UNCERTIFIED if certify is None else bool(certify),
                                             max_iter=max_iter, init=init, solver=solver, progress=progress, tol=tol))

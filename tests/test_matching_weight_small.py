@@ -1,6 +1,6 @@
-"""The default's size-dependent restarts (weight.SMALL_RESTARTS on problems of at most SMALL_SIZE
-permuted elements): it is the explicit restarts run there, one run above, and an explicit
-`restarts` always wins."""
+"""The default's size-dependent choices: restarts (weight.SMALL_RESTARTS on problems of at most
+SMALL_SIZE permuted elements: the explicit restarts run there, one run above, an explicit `restarts`
+always wins) and the refinement budget (LARGE_BUDGET above LARGE_SIZE elements)."""
 import pytest
 import torch
 
@@ -41,3 +41,15 @@ def test_textbook_never_restarts_on_small_problems():
     spec, a, b = mlps(32)
     tb = prb.weight_matching(spec, a, b, method="textbook", seed=2)
     assert tb.seed == 2 and same(tb, prb.weight_matching(spec, a, b, method="textbook", seed=2, restarts=1))
+
+
+def test_large_problems_refine_with_the_large_budget(monkeypatch):
+    spec, a, b = mlps(96)
+    monkeypatch.setattr(weight, "SMALL_SIZE", 0)
+    monkeypatch.setattr(weight, "LARGE_SIZE", 1000)  # this problem now counts as large
+    large = prb.weight_matching(spec, a, b, seed=1)
+    monkeypatch.setattr(weight, "LARGE_SIZE", 1 << 40)
+    normal = prb.weight_matching(spec, a, b, seed=1)
+    monkeypatch.setattr(weight, "REFINE_BUDGET", weight.LARGE_BUDGET)
+    assert same(large, prb.weight_matching(spec, a, b, seed=1))
+    assert large.iterations < normal.iterations  # here the budget binds: 21 sweeps vs 25 (same objective)

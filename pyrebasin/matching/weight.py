@@ -38,6 +38,10 @@ KICK = 0.1  # share of a group's units that a refinement visit shuffles
 # most SMALL_SIZE elements (mnist1d MLPs up to 40-256x3), where another basin is cheap to look for
 # (docs/matchers.md: MLP runs within 0.5% of the best known 24/27 -> 25/27; the benchmarked models are larger).
 SMALL_RESTARTS, SMALL_SIZE = 2, 1 << 18
+# Above LARGE_SIZE permuted elements (MLP 784-2048x3: 10 M) the refinement's budget is LARGE_BUDGET x the
+# schedule's LAP solves instead of REFINE_BUDGET: each LAP and cost update costs ~n^3 there, and the
+# refinement's extra objective is small (784-2048x3: 174.37 vs 174.86; docs/matchers.md).
+LARGE_BUDGET, LARGE_SIZE = 0.5, 1 << 23
 REFINE_BUDGET = 1.0  # refinement stops once it has solved as many LAPs as the schedule did (or after its passes)
 
 
@@ -109,14 +113,14 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
 
 
 def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: int, max_iter: int, tol: float,
-            history: list[float], bar, capped: list) -> int:
+            history: list[float], bar, capped: list, budget_share: float | None = None) -> int:
     """Iterated local search after the descent: each pass visits the groups in a random order; a
     visit shuffles a share `KICK` of that group's units, descends on the true objective, and keeps
     the result only when it ends higher (then its final objective joins `history`). No visit starts
-    once the refinement has solved `REFINE_BUDGET` x the LAPs of the descent before it (a
-    deterministic bound on its cost; 1x was chosen in docs/matchers.md). Returns the sweeps run."""
+    once the refinement has solved `budget_share` (default `REFINE_BUDGET`) x the LAPs of the descent
+    before it (a deterministic bound on its cost; 1x was chosen in docs/matchers.md). Returns the sweeps run."""
     sweeps, names = 0, list(costs.sizes)
-    start, budget = lap.solves, REFINE_BUDGET * lap.solves
+    start, budget = lap.solves, (REFINE_BUDGET if budget_share is None else budget_share) * lap.solves
     for _ in range(passes):
         for i in torch.randperm(len(names), generator=gen).tolist():
             if lap.solves - start >= budget:
@@ -135,13 +139,22 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
     return sweeps
 
 
-def _small_restarts(method: str, restarts, costs: WeightCosts, state_b) -> int | None:
+def _permuted_size(costs: WeightCosts, state_b) -> int:
+    meta = costs.describe(state_b, costs.spec)
+    return sum(math.prod(meta[k].shape) for k in costs.keys)
+
+
+def _small_restarts(method: str, restarts, size: int) -> int | None:
     """`SMALL_RESTARTS` for the default method on a small problem (`SMALL_SIZE`) when `restarts` was not
     given, else None (the method's own count stands)."""
     if restarts is not None or method != "default":
         return None
-    meta = costs.describe(state_b, costs.spec)
-    return SMALL_RESTARTS if sum(math.prod(meta[k].shape) for k in costs.keys) <= SMALL_SIZE else None
+    return SMALL_RESTARTS if size <= SMALL_SIZE else None
+
+
+def _refine_budget(size: int) -> float:
+    """The refinement's budget, as a multiple of the schedule's LAP solves, for `size` permuted elements."""
+    return LARGE_BUDGET if size > LARGE_SIZE else REFINE_BUDGET
 
 
 def _check_options(method, schedule, restarts, refine, max_iter, seed):
@@ -215,7 +228,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                                                       solver=solver, progress=progress, tol=tol, group=group)
         return MatchResult(perms, history, sweeps, [0], s)
     costs = (provider or WeightCosts)(spec, state_a, state_b, group=group)
-    restarts = _small_restarts(method, restarts_arg, costs, state_b) or restarts
+    size = _permuted_size(costs, state_b)
+    restarts = _small_restarts(method, restarts_arg, size) or restarts
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     check_same((costs.sizes, schedule, restarts, refine, max_iter, seed, tol, solver, warm_start,
@@ -234,7 +248,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
             phase_starts.append(sweeps)
             sweeps += _descend(costs, lap, gen, coupling, max_iter, tol, history, bar, capped,
                                settle=METHODS[method]["settle"] if k < len(schedule) - 1 else 0.0)
-        sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped)
+        sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped, _refine_budget(size))
         if best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
             best = MatchResult(perms, history, sweeps, phase_starts, s)

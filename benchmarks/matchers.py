@@ -77,6 +77,8 @@ def summarise(rows):
     by = {}
     for r in rows:
         r["gap_pct"] = 100 * (best[r["pair"]] - r["objective"]) / abs(best[r["pair"]])
+        if r["matcher"] == "textbook" and any(q["seed"] == r["seed"] for q in by.get("textbook", {}).get(r["pair"], [])):
+            continue  # deterministic: a merged file's rerun repeats its numbers (its times still count below)
         by.setdefault(r["matcher"], {}).setdefault(r["pair"], []).append(r)
     tb = by.get("textbook", {})
     def seconds(r):  # CPU time where the run recorded it (a loaded machine distorts wall time)

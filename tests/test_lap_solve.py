@@ -193,13 +193,13 @@ def test_lap_policy_never_retries_cold_against_a_cheap_warm_start(monkeypatch):
     from pyrebasin.matching import lap
 
     starts = []
-    real = lap.solve_lap
+    real = lap._solve_jv  # the policy's jv solves (it negates into its own buffer, then calls this)
 
-    def recording(cost, **kw):
-        starts.append(kw.get("warm_start") is not None)
-        return real(cost, **kw)
+    def recording(negated, warm_start):
+        starts.append(warm_start is not None)
+        return real(negated, warm_start)
 
-    monkeypatch.setattr(lap, "solve_lap", recording)
+    monkeypatch.setattr(lap, "_solve_jv", recording)
     cost = torch.randn(48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     policy = lap.LapPolicy(["p"], solver="jv")
     perms = {tuple(policy.solve("p", cost).tolist()) for _ in range(40)}
@@ -228,3 +228,37 @@ def test_lap_solve_lanes_and_duplicate_columns(n):
     bad[n - 1, n - 1] = float("nan")
     with pytest.raises(RuntimeError, match=rf"cost\[{n - 1}, {n - 1}\]"):
         torch.ops.pyrebasin.lap_solve(bad, None, None)
+
+
+@pytest.mark.parametrize("warm_paths, retries", [(12, False), (30, True)])
+def test_lap_policy_skips_cold_retries_against_a_warm_start_twice_as_cheap(monkeypatch, warm_paths, retries):
+    # Cold starts needing 40 paths (48 with COLD_OVERHEAD): a warm start needing 12 (under half) is
+    # never re-tried cold; one needing 30 still is, after `explore` solves.
+    from pyrebasin.matching import lap
+
+    starts = []
+
+    def fake(negated, warm_start):
+        starts.append(warm_start is not None)
+        perm = torch.arange(negated.shape[0])
+        return perm, lap.LapState(perm, torch.zeros(negated.shape[0], dtype=torch.float64),
+                                  warm_paths if warm_start is not None else 40)
+
+    monkeypatch.setattr(lap, "_solve_jv", fake)
+    policy = lap.LapPolicy(["p"], solver="jv", explore=4)
+    for _ in range(30):
+        policy.solve("p", torch.zeros(6, 6, dtype=torch.float64))
+    assert starts[:2] == [False, True]
+    assert (not all(starts[2:])) == retries, starts
+
+
+@needs_native
+def test_lap_solve_warm_start_refuses_a_non_finite_cost_by_index():
+    # A warm start checks finiteness within its row minima (one pass over the cost): same message.
+    cost = torch.randn(9, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    col, v, _ = torch.ops.pyrebasin.lap_solve(cost, None, None)
+    for pos in [(0, 0), (4, 7), (8, 8)]:
+        bad = cost.clone()
+        bad[pos] = float("inf") if pos[0] % 2 else float("nan")
+        with pytest.raises(RuntimeError, match=rf"cost\[{pos[0]}, {pos[1]}\]"):
+            torch.ops.pyrebasin.lap_solve(bad, v, col)

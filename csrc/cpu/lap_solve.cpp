@@ -125,17 +125,28 @@ typedef Lanes<2>::D d4;
 typedef Lanes<2>::I i4;
 inline d4 load4(const double* p) { return load<d4>(p); }
 
-// min_j (row[j] - v[j]) (exact in any order: two lanes, then the tail).
-double row_min(int64_t n, const double* row, const double* v) {
+// min_j (row[j] - v[j]) (exact in any order: two lanes, then the tail); *finite is cleared when an
+// entry of the row is NaN or infinite (x - x is 0 exactly for finite x, NaN otherwise), so a warm
+// start reads the cost once for both.
+double row_min(int64_t n, const double* row, const double* v, bool* finite) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   d4 low = {inf, inf};
+  i4 bad = {0, 0};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const d4 r = load4(row + j) - load4(v + j);
+    const d4 x = load4(row + j);
+    const d4 z = x - x;
+    bad |= z != z;
+    const d4 r = x - load4(v + j);
     low = r < low ? r : low;
   }
   double best = std::min(low[0], low[1]);
-  for (; j < n; ++j) best = std::min(best, row[j] - v[j]);
+  bool ok = (bad[0] | bad[1]) == 0;
+  for (; j < n; ++j) {
+    ok &= std::isfinite(row[j]);
+    best = std::min(best, row[j] - v[j]);
+  }
+  *finite &= ok;
   return best;
 }
 
@@ -283,9 +294,11 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
   if (prev != nullptr) {
     // u_i = min_j (c_ij - v_j) keeps every reduced cost >= 0; a row keeps its old column only if
     // that column attains the minimum (complementary slackness), so the result stays optimal.
+    bool finite = true;
     for (int64_t i = 0; i < n; ++i) {
       const double* row = cost + i * n;
-      const double best = row_min(n, row, v);
+      const double best = row_min(n, row, v, &finite);
+      if (!finite) check_lap_cost_finite(cost, n);  // names the first bad entry (its caller checked none)
       w.u[i] = best;
       const int64_t j = prev[i];
       // Ties of the previous solve come back within rounding: accept the old column within a
@@ -332,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   const int64_t n = cost_in.size(0);
   const int64_t* prev = warm ? prev_t.const_data_ptr<int64_t>() : nullptr;
   const auto cost_t = cost_in.contiguous();
-  if (!all_finite(cost_t.const_data_ptr<double>(), n * n)) {
+  if (!warm && !all_finite(cost_t.const_data_ptr<double>(), n * n)) {  // a warm start checks in its row minima
     check_lap_cost_finite(cost_t.const_data_ptr<double>(), n);  // names the first bad entry
   }
   at::Tensor col4row_t = at::full({n}, -1, at::kLong);

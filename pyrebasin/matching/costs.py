@@ -148,6 +148,7 @@ class WeightCosts:
         self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
         self.cache_left = cache_bytes
         self._a_cache: dict[tuple, torch.Tensor] = {}  # (param, axis, perm) -> A's unit matrix (A never changes)
+        self._b_cache: dict[tuple, torch.Tensor] = {}  # (param, axis, perm) -> B's strided unit-first view, copied
         fixed_terms = {p: [t for t in ts if not t.deps] for p, ts in self.terms.items()}
         for p in sizes:
             self.constant[p] = None
@@ -195,6 +196,24 @@ class WeightCosts:
                                              self.spec.factor(t.param, t.axis, t.perm))
                     views.append((t, self._a_units(t, a[t.param]), view))
             yield b, views
+
+    def _b_rows(self, t: _Term, b: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """`view` (B's tensor `b` with term `t`'s units first) as a source of `index_select`. When B is
+        held in memory (`hold`; B never changes, its perms are applied by gathers) and the view is
+        strided, a contiguous copy is kept within the cost cache's byte budget: `index_select` of a
+        strided view copies the whole view first, at every rank-|S| update (same values either way)."""
+        key = (t.param, t.axis, t.perm)
+        hit = self._b_cache.get(key)
+        if hit is not None:
+            return hit
+        if getattr(self, "b", {}).get(t.param) is not b or view.is_contiguous():
+            return view
+        nbytes = view.numel() * view.element_size()
+        if nbytes > self.cache_left:
+            return view
+        self.cache_left -= nbytes
+        self._b_cache[key] = view = view.contiguous()
+        return view
 
     def _a_units(self, t: _Term, a: torch.Tensor) -> torch.Tensor:
         """A's unit matrix of term `t`. Kept when A is held in memory (`hold`): a view as it is, a
@@ -306,11 +325,12 @@ class WeightCosts:
             plans.append((t, d, pos, io, inew, [(d2, i2) for d2, i2 in nw if d2 != d]))
         drift = 0.0
         plan_of = {id(plan[0]): plan for plan in plans}
-        for _, views in self._views([plan[0] for plan in plans]):
+        for block, views in self._views([plan[0] for plan in plans]):
             for t, a_units, b_view in views:
                 _, d, pos, io, inew, others = plan_of[id(t)]
                 n = b_view.shape[0]
                 a_s = a_units.reshape(b_view.shape).index_select(d, pos).reshape(n, -1)
+                b_view = self._b_rows(t, block[t.param], b_view)
                 diff = self._gather(b_view.index_select(d, inew[pos]), others) - \
                     self._gather(b_view.index_select(d, io[pos]), others)
                 diff = diff.reshape(n, -1)

@@ -148,6 +148,7 @@ class LapPolicy:
         self.count = dict.fromkeys(names, 0)
         self.wait = dict.fromkeys(names, explore)
         self.solves = 0
+        self._negated: dict[int, torch.Tensor] = {}  # n -> a reused buffer for the jv kernel's negated cost
 
     def _warm(self, p: str) -> tuple[bool, bool]:
         """(start warm?, is this a re-try of the start that lost last time?)"""
@@ -156,9 +157,15 @@ class LapPolicy:
             return w is None, False  # try each once (the very first solve has no state: it runs cold)
         self.count[p] += 1
         better = w <= c + COLD_OVERHEAD
-        # A cold start counts at least COLD_OVERHEAD: no re-try can beat a warm start that needed fewer paths.
+        # A cold start counts at least COLD_OVERHEAD: no re-try can beat a warm start that needed fewer paths;
+        # nor, likely, one that needed under half of what the last cold start did (trained weights: warm
+        # solves need fewer paths as the descent settles, cold ones about as many; a losing cold re-try
+        # costs ~10 warm solves). Skipped, it counts as a re-try lost: the wait doubles.
         if self.count[p] >= self.wait[p] and not (better and w <= COLD_OVERHEAD):
             self.count[p] = 0
+            if better and 2 * w < c + COLD_OVERHEAD:
+                self.wait[p] = min(2 * self.wait[p], 8 * self.explore)
+                return True, False
             return not better, True
         return better, False
 
@@ -166,8 +173,17 @@ class LapPolicy:
         """The permutation maximising Σ_i cost[i, perm[i]] for group `p` (int64, CPU)."""
         self.solves += 1
         warm, retry = (self._warm(p) if self.warm_start and self.states[p] is not None else (False, False))
-        perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True,
-                                         warm_start=self.states[p] if warm else None)
+        start = self.states[p] if warm else None
+        if self.solver == "jv" and isinstance(cost, torch.Tensor) and cost.dim() == 2 and cost.shape[0] == cost.shape[1]:
+            # solve_lap's jv path, negating into a buffer kept per size (the kernel keeps no reference
+            # to it): no fresh n×n allocation per solve; the same numbers.
+            n = cost.shape[0]
+            buf = self._negated.get(n)
+            if buf is None:
+                buf = self._negated[n] = torch.empty(n, n, dtype=torch.float64)
+            perm, self.states[p] = _solve_jv(torch.neg(cost.detach().to("cpu", torch.float64), out=buf), start)
+        else:
+            perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True, warm_start=start)
         if self.states[p] is not None:
             paths = self.paths[p]
             paths[warm] = self.states[p].augmentations

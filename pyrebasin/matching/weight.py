@@ -35,6 +35,14 @@ METHODS = {
     "thorough": dict(schedule=COUPLING_SCHEDULE, restarts=4, refine=2, settle=1e-3),
 }
 KICK = 0.1  # share of a group's units that a refinement visit shuffles
+# The default tries SMALL_RESTARTS group orders (instead of 1) on a problem whose permuted tensors hold at
+# most SMALL_SIZE elements (mnist1d MLPs up to 40-256x3), where another basin is cheap to look for
+# (docs/matchers.md: MLP runs within 0.5% of the best known 24/27 -> 25/27; the benchmarked models are larger).
+SMALL_RESTARTS, SMALL_SIZE = 2, 1 << 18
+# Above LARGE_SIZE permuted elements (MLP 784-2048x3: 10 M) the refinement's budget is LARGE_BUDGET x the
+# schedule's LAP solves instead of REFINE_BUDGET: each LAP and cost update costs ~n^3 there, and the
+# refinement's extra objective is small (784-2048x3: 174.37 vs 174.86; docs/matchers.md).
+LARGE_BUDGET, LARGE_SIZE = 0.5, 1 << 23
 REFINE_BUDGET = 1.0  # refinement stops once it has solved as many LAPs as the schedule did (or after its passes)
 UNCERTIFIED = frozenset({"textbook"})  # methods that run to their own stop by default (Git Re-Basin's loop as published)
 
@@ -115,14 +123,14 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
 
 
 def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: int, max_iter: int, tol: float,
-            history: list[float], bar, capped: list) -> int:
+            history: list[float], bar, capped: list, budget_share: float | None = None) -> int:
     """Iterated local search after the descent: each pass visits the groups in a random order; a
     visit shuffles a share `KICK` of that group's units, descends on the true objective, and keeps
     the result only when it ends higher (then its final objective joins `history`). No visit starts
-    once the refinement has solved `REFINE_BUDGET` x the LAPs of the descent before it (a
-    deterministic bound on its cost; 1x was chosen in docs/matchers.md). Returns the sweeps run."""
+    once the refinement has solved `budget_share` (default `REFINE_BUDGET`) x the LAPs of the descent
+    before it (a deterministic bound on its cost; 1x was chosen in docs/matchers.md). Returns the sweeps run."""
     sweeps, names = 0, list(costs.sizes)
-    start, budget = lap.solves, REFINE_BUDGET * lap.solves
+    start, budget = lap.solves, (REFINE_BUDGET if budget_share is None else budget_share) * lap.solves
     for _ in range(passes):
         for i in torch.randperm(len(names), generator=gen).tolist():
             if lap.solves - start >= budget:
@@ -146,6 +154,24 @@ def _certified(bar, cert: Certificate, sweeps: int) -> None:
     if not bar.disable:
         bar.write(f"weight matching: certified optimal after {sweeps} sweep(s): objective {cert.exact:.9g} reaches "
                   f"the Cauchy-Schwarz bound {cert.bound:.9g} (rtol {cert.rtol:g})")
+
+
+def _permuted_size(costs: WeightCosts, state_b) -> int:
+    meta = costs.describe(state_b, costs.spec)
+    return sum(math.prod(meta[k].shape) for k in costs.keys)
+
+
+def _small_restarts(method: str, restarts, size: int) -> int | None:
+    """`SMALL_RESTARTS` for the default method on a small problem (`SMALL_SIZE`) when `restarts` was not
+    given, else None (the method's own count stands)."""
+    if restarts is not None or method != "default":
+        return None
+    return SMALL_RESTARTS if size <= SMALL_SIZE else None
+
+
+def _refine_budget(size: int) -> float:
+    """The refinement's budget, as a multiple of the schedule's LAP solves, for `size` permuted elements."""
+    return LARGE_BUDGET if size > LARGE_SIZE else REFINE_BUDGET
 
 
 def _check_options(method, schedule, restarts, refine, max_iter, seed):
@@ -189,7 +215,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     `refine`: passes of iterated local search after the schedule (each visit shuffles a share `KICK`
     of one group's units, re-descends, and keeps the result only if the objective rose).
     `restarts`: group-order seeds seed, seed+1, ... tried; the run with the best final objective is
-    kept (the first on ties).
+    kept (the first on ties). The default tries `SMALL_RESTARTS` on problems of at most `SMALL_SIZE`
+    permuted elements (1 otherwise; docs/matchers.md).
 
     Each sweep visits the groups in a seeded random order and solves one LAP per group (cost on the
     tensors' device, LAP on the CPU, `solver` and `warm_start` as in `LapPolicy`); a group whose
@@ -217,6 +244,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     `result.certified`, matching/certify.py): B is then A permuted (up to per-tensor scale) and no
     permutation can do better, so refinement and restarts are skipped. Never fires on a noisy pair.
     """
+    restarts_arg = restarts
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
     if nested not in ("staged", "joint", "shared"):
         raise ValueError(f"weight_matching: nested={nested!r}; expected 'staged', 'joint' or 'shared'")
@@ -238,6 +266,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                                                       solver=solver, progress=progress, tol=tol, group=group)
         return MatchResult(perms, history, sweeps, [0], s, stage="joint")
     costs = (provider or WeightCosts)(spec, state_a, state_b, group=group)
+    size = _permuted_size(costs, state_b)
+    restarts = _small_restarts(method, restarts_arg, size) or restarts
     if init is not None:
         check_permutations(spec, init, costs.sizes)
     check_same((costs.sizes, schedule, restarts, refine, max_iter, seed, tol, solver, warm_start,
@@ -261,7 +291,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                                    settle=METHODS[method]["settle"] if k < len(schedule) - 1 else 0.0)
                 done = cert is not None and cert.certified
         if not done:
-            sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped)
+            sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped, _refine_budget(size))
         if best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
             best = MatchResult(perms, history, sweeps, phase_starts, s, bool(done), None if cert is None else cert.bound)

@@ -62,7 +62,7 @@ def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: 
     from transformers import LlamaConfig
 
     from pyrebasin import hf
-    from pyrebasin.shards import ShardedState, parse_size
+    from pyrebasin.shards import ShardedState, parse_size, shard_plan
     from pyrebasin.spec import apply_permutation, random_permutation
 
     shape = dict(PRESETS[preset])
@@ -74,15 +74,7 @@ def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: 
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_config(config)
     meta = {k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta") for k, v in model.state_dict().items()}
-    plan, size = [[]], 0
-    for k, m in meta.items():
-        n = m.numel() * m.element_size()
-        if plan[-1] and size + n > shard:
-            plan.append([])
-            size = 0
-        plan[-1].append(k)
-        size += n
-    plan = [(f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors", ks) for i, ks in enumerate(plan)]
+    plan = shard_plan(meta, shard)
     keys = list(meta)
 
     def init(k):

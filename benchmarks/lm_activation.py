@@ -107,17 +107,9 @@ def compare_dtypes(model, spec, state_b, ids, batch) -> dict:
 
 def write_dir(out: Path, config, meta: dict, shard_bytes: int, tensor) -> None:
     """A sharded model directory from `tensor(key)`, one tensor in memory at a time."""
-    from pyrebasin.shards import save_safetensors_streamed
+    from pyrebasin.shards import save_safetensors_streamed, shard_plan
 
-    plan, size = [[]], 0
-    for k, m in meta.items():
-        n = m.numel() * m.element_size()
-        if plan[-1] and size + n > shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(k)
-        size += n
-    plan = [(f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors", ks) for i, ks in enumerate(plan)]
+    plan = shard_plan(meta, shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     for name, keys in plan:

@@ -18,7 +18,7 @@ from .fileio import atomic_write, atomic_write_text
 from .spec import PermutationSpec, apply_permutation, check_permutations
 
 __all__ = ["shard_files", "ShardedState", "permute_safetensors", "save_safetensors_streamed",
-           "parse_size", "INDEX_NAME"]
+           "parse_size", "shard_plan", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -202,13 +202,12 @@ def save_safetensors_streamed(path: str | os.PathLike, meta: Mapping[str, torch.
     return atomic_write(path, write)
 
 
-def _plan(state: ShardedState, max_shard_size: int | None) -> list[tuple[str, list[str]]]:
-    """(output file name, keys) per output shard: the input's layout, or key order cut by size."""
-    if max_shard_size is None:
-        return [(f.name, ks) for f, ks in state.layout().items()]
-    meta, groups, size = state.meta(), [[]], 0
-    for k in state:
-        n = meta[k].numel() * meta[k].element_size()
+def shard_plan(meta: Mapping[str, torch.Tensor], max_shard_size: int) -> list[tuple[str, list[str]]]:
+    """(output file name, keys) per shard: the keys in order, cut before a tensor that would take a
+    shard past `max_shard_size` bytes (Hugging Face names; one shard is "model.safetensors")."""
+    groups, size = [[]], 0
+    for k, m in meta.items():
+        n = m.numel() * m.element_size()
         if groups[-1] and size + n > max_shard_size:
             groups.append([])
             size = 0
@@ -217,6 +216,14 @@ def _plan(state: ShardedState, max_shard_size: int | None) -> list[tuple[str, li
     if len(groups) == 1:
         return [("model.safetensors", groups[0])]
     return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", ks) for i, ks in enumerate(groups)]
+
+
+def _plan(state: ShardedState, max_shard_size: int | None) -> list[tuple[str, list[str]]]:
+    """(output file name, keys) per output shard: the input's layout, or key order cut by size."""
+    if max_shard_size is None:
+        return [(f.name, ks) for f, ks in state.layout().items()]
+    meta = state.meta()
+    return shard_plan({k: meta[k] for k in state}, max_shard_size)
 
 
 def permute_safetensors(spec: PermutationSpec, perms: Mapping[str, torch.Tensor],

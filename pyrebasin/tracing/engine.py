@@ -67,7 +67,7 @@ class Graph:
     frontend: str
 
 
-def _hashable(x) -> bool:
+def hashable(x) -> bool:
     try:
         hash(x)
     except TypeError:
@@ -194,7 +194,7 @@ class Engine:
                 a = self.ax(x)
                 if a is not None:
                     found.append(a)
-                multi = self.vals.get(x) if isinstance(a, type(None)) and _hashable(x) else None
+                multi = self.vals.get(x) if isinstance(a, type(None)) and hashable(x) else None
                 if isinstance(multi, Multi):  # a tuple-valued op's outputs
                     found.extend(m for m in multi if m is not None)
         walk(c.args)
@@ -210,12 +210,12 @@ class Engine:
             if isinstance(x, (list, tuple)):
                 for y in x:
                     walk(y)
-            elif _hashable(x) and x in self.pointers:
+            elif hashable(x) and x in self.pointers:
                 found.append(x)
         walk(c.args)
         walk(tuple(c.kwargs.values()))
         key = tuple(c.args[:2])
-        if c.name == "getitem" and len(key) == 2 and _hashable(key) and key in self.pointers:
+        if c.name == "getitem" and len(key) == 2 and hashable(key) and key in self.pointers:
             self.pointers[c.out] = self.pointers[key]  # the indices output of a top-k
         if not found:
             return
@@ -271,7 +271,7 @@ class Engine:
                 self.params[key] = self.fresh(self.state_shapes[key], f"passed to {where}, "
                                               f"which does not permute it")
         for v in self.g.outputs:
-            if _hashable(v) and v in self.pointers:
+            if hashable(v) and v in self.pointers:
                 self.freeze([self.pointers[v]], "indices into the axis reach the model output")
             out = self.vals.get(v) if not isinstance(v, Ref) else self.param(str(v))
             if out is None and v in self.g.refs:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .engine import Engine, Multi
+from .engine import Engine, Multi, hashable
 
 
 def nested_groups(E: Engine, names: dict[int, str]) -> dict[str, str]:
@@ -49,7 +49,7 @@ def nested_groups(E: Engine, names: dict[int, str]) -> dict[str, str]:
         return n
 
     def values(v) -> list:
-        got = E.vals.get(v) if _hashable(v) else None
+        got = E.vals.get(v) if hashable(v) else None
         if isinstance(got, Multi):
             return [x for x in got if x is not None]
         return [got] if got is not None else []
@@ -102,11 +102,3 @@ def nested_groups(E: Engine, names: dict[int, str]) -> dict[str, str]:
         nested[names[g]] = names[q]
         outers.add(q)
     return nested
-
-
-def _hashable(x) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True

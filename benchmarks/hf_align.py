@@ -29,6 +29,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    from ._hfdirs import write_dir
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from _hfdirs import write_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {  # TinyLlama-1.1B and LLaMA-2-7B shapes (and a tiny one to try the script)
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -38,21 +43,6 @@ PRESETS = {  # TinyLlama-1.1B and LLaMA-2-7B shapes (and a tiny one to try the s
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000, shard="5GB"),
 }
-
-
-def write_dir(out: Path, config, meta: dict, plan: list, tensor) -> None:
-    """A model directory from `tensor(key) -> Tensor`, one tensor in memory at a time."""
-    from pyrebasin.fileio import atomic_write_text
-    from pyrebasin.shards import save_safetensors_streamed
-
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    for name, keys in plan:
-        save_safetensors_streamed(out / name, {k: meta[k] for k in keys}, ((k, tensor(k)) for k in keys),
-                                  metadata={"format": "pt"})
-    total = sum(m.numel() * m.element_size() for m in meta.values())
-    atomic_write_text(out / "model.safetensors.index.json", json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in plan for k in ks}}, indent=2))
 
 
 def build_pair(work: Path, preset: str, layers: int | None, noise: float, seed: int = 0,

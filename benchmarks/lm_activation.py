@@ -35,6 +35,12 @@ import torch
 
 import pyrebasin as prb
 from pyrebasin.fileio import atomic_write_text
+from pyrebasin.shards import shard_plan
+
+try:
+    from ._hfdirs import write_dir
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from _hfdirs import write_dir
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
@@ -105,21 +111,6 @@ def compare_dtypes(model, spec, state_b, ids, batch) -> dict:
     return {"sites": len(moments), "max_abs_corr_diff_f32_vs_f64": worst}
 
 
-def write_dir(out: Path, config, meta: dict, shard_bytes: int, tensor) -> None:
-    """A sharded model directory from `tensor(key)`, one tensor in memory at a time."""
-    from pyrebasin.shards import save_safetensors_streamed, shard_plan
-
-    plan = shard_plan(meta, shard_bytes)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    for name, keys in plan:
-        save_safetensors_streamed(out / name, {k: meta[k] for k in keys}, ((k, tensor(k)) for k in keys),
-                                  metadata={"format": "pt"})
-    total = sum(m.numel() * m.element_size() for m in meta.values())
-    atomic_write_text(out / "model.safetensors.index.json", json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": {k: n for n, ks in plan for k in ks}}, indent=2))
-
-
 def build_dirs(work: Path, config: dict, seed: int = 0):
     """Directories A and B = π(A) under `work`; returns (planted perms, model bytes)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -140,7 +131,7 @@ def build_dirs(work: Path, config: dict, seed: int = 0):
             0.02 * torch.randn(meta[k].shape, generator=g)
         return t.to(torch.bfloat16)
 
-    write_dir(work / "a", cfg, meta, 10**9, init)
+    write_dir(work / "a", cfg, meta, shard_plan(meta, 10**9), init)
     spec, state_a = hf.load_hf_spec(work / "a")
     planted = prb.random_permutation(spec, state_a.meta(), generator=torch.Generator().manual_seed(seed + 1))
 
@@ -150,7 +141,7 @@ def build_dirs(work: Path, config: dict, seed: int = 0):
         return prb.apply_permutation(sub, {p: planted[p] for p in sub.perm_to_axes}, {k: t})[k] \
             if sub.perm_to_axes else t
 
-    write_dir(work / "b", cfg, meta, 10**9, permuted)
+    write_dir(work / "b", cfg, meta, shard_plan(meta, 10**9), permuted)
     return planted, state_a.nbytes()
 
 

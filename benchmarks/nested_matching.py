@@ -61,7 +61,9 @@ def flat(perms, outer: str, inner: str, k: int, nested: bool) -> torch.Tensor:
     return (perms[outer].view(k, 1) * m + p.view(1, m)).reshape(-1)
 
 
-def gqa_case(seed: int, noise: float, model_kwargs) -> dict:
+def noisy_planted(seed: int, noise: float, **model_kwargs):
+    """A tiny LLaMA A, its nested and shared traced specs, and a nested plant of A + noise·std (B before
+    permuting): (model, nested spec, shared spec, state A, noisy A, planted perms)."""
     model = llama(seed=seed, **model_kwargs)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
     traced = prb.trace_spec(model, ids)
@@ -71,6 +73,11 @@ def gqa_case(seed: int, noise: float, model_kwargs) -> dict:
     noisy = {k: v + noise * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v.clone()
              for k, v in a.items()}
     planted = prb.random_permutation(nspec, a, 7 + seed)
+    return model, nspec, sspec, a, noisy, planted
+
+
+def gqa_case(seed: int, noise: float, model_kwargs) -> dict:
+    model, nspec, sspec, a, noisy, planted = noisy_planted(seed, noise, **model_kwargs)
     b = prb.apply_permutation(nspec, planted, noisy)
     truth = prb.invert_permutation(planted)
     k = model.config.num_key_value_heads
@@ -102,15 +109,7 @@ def gqa_case(seed: int, noise: float, model_kwargs) -> dict:
 
 def gqa_activation_case(seed: int, noise: float) -> dict:
     """As `gqa_case`, by activation matching on 4096 random tokens (objective: Σ matched correlations)."""
-    model = llama(seed=seed)
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
-    traced = prb.trace_spec(model, ids)
-    nspec, sspec = nested_form(traced), shared_form(traced)
-    a = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1000 + seed)
-    noisy = {k: v + noise * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v.clone()
-             for k, v in a.items()}
-    planted = prb.random_permutation(nspec, a, 7 + seed)
+    model, nspec, sspec, a, noisy, planted = noisy_planted(seed, noise)
     model_b = llama(seed=seed)
     model_b.load_state_dict(prb.apply_permutation(nspec, planted, noisy))
     truth = prb.invert_permutation(planted)

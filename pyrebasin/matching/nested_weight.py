@@ -34,6 +34,8 @@ __all__ = ["NestedCosts", "Problem", "descend", "refine_families", "nested_desce
 
 KICK = 0.1  # share of a family's blocks that a refinement visit shuffles (as weight.KICK)
 REFINE_BUDGET = 0.5  # refinement stops after this share of the schedule's family visits (as weight.REFINE_BUDGET)
+REFINE_WORK = 0.5  # on lazy checkpoints, also after this share of the work done before it (NestedCosts.work)
+TOTAL_GROUPS = 4  # a member with at least this many cost groups keeps its total, updated by the groups that moved
 VISIT_BYTES = 256 << 20  # a family visit reads its tensors once when they total at most this (per model, converted)
 
 
@@ -87,6 +89,12 @@ class NestedCosts:
         self.visit: dict[str, tuple] = {}   # key -> (A, B) read once for the current family visit
         self.dots: dict[str, list] = {}     # key -> [(perms its gather read, <A_k, π(B_k)>)], the last two
         self.reads = 0                      # tensor pairs read (or converted) on use so far
+        self.work = 0                       # multiply-adds of cost products and elements of objective dots so far
+        # member totals (member, own) -> [coupling, {group: (its terms, perms read)}, float64 total]: a member
+        # with at least TOTAL_GROUPS cost groups (a residual stream's perm, read by every layer) is rebuilt by
+        # subtracting each moved group at its old perms and adding it at the new ones, within `totals_left`
+        self.totals: dict[tuple, list] = {}
+        self.totals_left = cache_bytes
         if self.held[0] is not None:
             self.held[1] = {k: v.to(self.held[0][k].device) for k, v in self.held[1].items()}
         self.keys_of = {p: list(dict.fromkeys(k for k, _ in pairs)) for p, pairs in spec.perm_to_axes.items()}
@@ -158,6 +166,7 @@ class NestedCosts:
         n = self.sizes[member]
         au = self._factor_view(a, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
         bu = self._factor_view(b, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
+        self.work += au.numel() * n
         return (au @ bu.T).to("cpu", torch.float64)
 
     def cost(self, member: str, perms: Mapping[str, torch.Tensor], *, own: bool = False,
@@ -165,30 +174,51 @@ class NestedCosts:
         """The member's cost [n, n] (float64, CPU), B's unit index in source order (module docstring),
         coupled tensors weighted by `coupling`; None when it has no term. Terms are summed in groups
         by the perms their gathers read; a group whose perms are unchanged since it was last built is
-        taken from the cache (within `cache_bytes`): a visit rebuilds only what moved."""
+        taken from the cache (within `cache_bytes`): a visit rebuilds only what moved. A member of
+        many groups keeps its total and updates it by the groups that moved (`self.totals`)."""
         groups: dict[tuple, list] = {}
         for key, i in self.terms(member, own=own):
             unit, mod = self._term(member, key, i, perms)
             deps = {self.slots[key][j].perm: mod[self.slots[key][j].perm]
                     for j in range(len(self.slots[key])) if j not in unit}
             groups.setdefault((member, own, tuple(sorted(deps))), []).append((key, unit, mod, deps))
+        if not groups:
+            return None
+        held = self.totals.get((member, own))
+        if held is not None and held[0] == coupling and held[1].keys() == groups.keys():
+            moved = [g for g, terms in groups.items() if not _same(held[1][g][1], terms[0][3])]
+            if 2 * len(moved) < len(groups):   # cheaper than a rebuild: each moved group at old and new perms
+                total = held[2]
+                for g in moved:
+                    w = coupling if g[2] else 1.0
+                    total.sub_(self._group(member, g, held[1][g][0], held[1][g][1]), alpha=w)
+                    total.add_(self._group(member, g, groups[g], groups[g][0][3]), alpha=w)
+                    held[1][g] = _frozen(groups[g])
+                return total.clone()
         total = None
         for gkey, terms in groups.items():
-            deps = terms[0][3]
-            hit = self.cache.get(gkey)
-            if hit is not None and all(torch.equal(hit[0][d], v) for d, v in deps.items()):
-                c = hit[1]
-            else:
-                c = None
-                for key, unit, mod, _ in terms:
-                    x = self._product(member, key, unit, mod)
-                    c = x if c is None else c.add_(x)
-                if hit is not None or c.numel() * 8 <= self.cache_left:
-                    self.cache_left -= 0 if hit is not None else c.numel() * 8
-                    self.cache[gkey] = ({d: v.clone() for d, v in deps.items()}, c)
+            c = self._group(member, gkey, terms, terms[0][3])
             w = coupling if gkey[2] else 1.0   # a group reading other perms is coupled
             total = c * w if total is None else total.add_(c, alpha=w)
+        if len(groups) >= TOTAL_GROUPS and (held is not None or total.numel() * 8 <= self.totals_left):
+            self.totals_left -= 0 if held is not None else total.numel() * 8
+            self.totals[(member, own)] = [coupling, {g: _frozen(t) for g, t in groups.items()}, total.clone()]
         return total
+
+    def _group(self, member: str, gkey: tuple, terms: list, deps: dict) -> torch.Tensor:
+        """One cost group's sum (float64) for the perms `deps` its terms were built with: from the
+        cache when it holds them, else built (and cached within `cache_left`); never modified by callers."""
+        hit = self.cache.get(gkey)
+        if hit is not None and _same(hit[0], deps):
+            return hit[1]
+        c = None
+        for key, unit, mod, _ in terms:
+            x = self._product(member, key, unit, mod)
+            c = x if c is None else c.add_(x)
+        if hit is not None or c.numel() * 8 <= self.cache_left:
+            self.cache_left -= 0 if hit is not None else c.numel() * 8
+            self.cache[gkey] = ({d: v.clone() for d, v in deps.items()}, c)
+        return c
 
     def objective(self, perms: Mapping[str, torch.Tensor], keys=None, coupling: float = 1.0) -> float:
         """Σ <A_k, π(B_k)> over `keys` (default every permuted tensor), float64-accumulated, coupled
@@ -206,11 +236,22 @@ class NestedCosts:
             if all(torch.equal(v, read[p]) for p, v in was.items()):
                 return dot
         a, b = self.pair(key)
+        self.work += a.numel()
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=a.device) for _ in range(2))
         dot = dot64(a, gather_slots(b, self.spec.axes_to_perm[key], self.slots[key], perms), buffers)
         seen.insert(0, ({p: v.clone() for p, v in read.items()}, dot))
         del seen[2:]
         return dot
+
+
+def _same(was: Mapping[str, torch.Tensor], now: Mapping[str, torch.Tensor]) -> bool:
+    return was.keys() == now.keys() and all(torch.equal(v, now[d]) for d, v in was.items())
+
+
+def _frozen(terms: list) -> tuple[list, dict]:
+    """A group's terms and the perms they read, copied (the caller's perms may be replaced later)."""
+    return ([(key, unit, {p: v.clone() for p, v in mod.items()}, None) for key, unit, mod, _ in terms],
+            {d: v.clone() for d, v in terms[0][3].items()})
 
 
 def _value(cost: torch.Tensor | None, perm: torch.Tensor) -> float:
@@ -340,12 +381,17 @@ def refine_families(prob: Problem, perms: dict, history: list, gen: torch.Genera
                     track: tuple | None = None) -> tuple[dict, int]:
     """Iterated local search: each visit shuffles a share `KICK` of one family's blocks, re-descends
     and keeps the result only when the objective rose (appended to `history`), within `REFINE_BUDGET`
-    x the family visits made before it. With `track` (as `descend`'s, for `perms`), a trial revisits
-    only the families that the kick reaches. Returns (perms, sweeps run)."""
+    x the family visits made before it. On lazy checkpoints (each visit reads its tensors from the
+    shards) also within `REFINE_WORK` x the work done before it (`NestedCosts.work`: multiply-adds
+    and elements read), so a kick whose re-descent costs a pass over the model is counted as such.
+    With `track` (as `descend`'s, for `perms`), a trial revisits only the families that the kick
+    reaches. Returns (perms, sweeps run)."""
     budget, start, sweeps = REFINE_BUDGET * prob.stats["visits"], prob.stats["visits"], 0
+    lazy = prob.costs.held[0] is None and is_lazy(prob.costs.sources[0])
+    work_budget, work0 = REFINE_WORK * prob.costs.work, prob.costs.work
     for _ in range(passes):
         for i in torch.randperm(len(prob.fams), generator=gen).tolist():
-            if prob.stats["visits"] - start >= budget:
+            if prob.stats["visits"] - start >= budget or (lazy and prob.costs.work - work0 >= work_budget):
                 break
             q, kids = prob.fams[i]
             trial = perms | _kick(perms, q, kids, KICK, gen)

@@ -12,30 +12,16 @@ that hold parameters and children) are alive during a forward.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from ._heap import release_heap
+
 __all__ = ["empty_parameters", "stream_weights_", "streamed_weights", "StreamedWeights", "release_heap"]
 
 _ATTR = "_pyrebasin_streamed_weights"
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-except OSError:  # not glibc (macOS, Windows): nothing to hand back
-    _LIBC = None
-
-
-def release_heap() -> None:
-    """Hand glibc's freed heap back to the system (`malloc_trim(0)`), so weights read and dropped
-    module by module do not stay in the process's resident set as free heap; a no-op elsewhere."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 @contextlib.contextmanager
 def empty_parameters() -> Iterator[None]:
     """Build modules with their parameters on the meta device (shapes and dtypes, no storage, their

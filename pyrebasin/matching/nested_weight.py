@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from .._heap import release_heap
 from ..distributed import is_distributed
 from ..nested import gather_slots, tensor_slots
 from ..spec import Blocked, PermutationSpec, check_permutations
@@ -123,6 +124,8 @@ class NestedCosts:
         finally:
             for k in keys:
                 self.visit.pop(k, None)
+            if keys and self.held[0] is None:
+                release_heap()
 
     def _factor_view(self, t: torch.Tensor, key: str) -> torch.Tensor:
         return t.reshape([n for a, e in enumerate(self.spec.axes_to_perm[key])
@@ -167,7 +170,7 @@ class NestedCosts:
         au = self._factor_view(a, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
         bu = self._factor_view(b, key).movedim(dims, list(range(len(dims)))).reshape(n, -1)
         self.work += au.numel() * n
-        return (au @ bu.T).to("cpu", torch.float64)
+        return (au @ bu.T).to("cpu")   # in the matching dtype: the group sums it in float64 (_group)
 
     def cost(self, member: str, perms: Mapping[str, torch.Tensor], *, own: bool = False,
              coupling: float = 1.0) -> torch.Tensor | None:
@@ -214,7 +217,10 @@ class NestedCosts:
         c = None
         for key, unit, mod, _ in terms:
             x = self._product(member, key, unit, mod)
-            c = x if c is None else c.add_(x)
+            c = x.to(torch.float64) if c is None else c.add_(x)   # converted as it is added: no float64 copy
+            del x
+            if self.held[0] is None and key not in self.visit:
+                release_heap()   # the tensors read for it are freed: their heap goes back (lazy sources)
         if hit is not None or c.numel() * 8 <= self.cache_left:
             self.cache_left -= 0 if hit is not None else c.numel() * 8
             self.cache[gkey] = ({d: v.clone() for d, v in deps.items()}, c)
@@ -239,6 +245,9 @@ class NestedCosts:
         self.work += a.numel()
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=a.device) for _ in range(2))
         dot = dot64(a, gather_slots(b, self.spec.axes_to_perm[key], self.slots[key], perms), buffers)
+        if self.held[0] is None and key not in self.visit:
+            del a, b
+            release_heap()
         seen.insert(0, ({p: v.clone() for p, v in read.items()}, dot))
         del seen[2:]
         return dot

@@ -3,14 +3,13 @@ safetensors shards block by block, converts each block to float32 and frees it, 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import os
 from collections.abc import Mapping
 
 import torch
 
+from .._heap import release_heap
 from ..shards import ShardedState
 from ..spec import PermutationSpec
 from .costs import WeightCosts, dot64
@@ -115,7 +114,7 @@ class StreamedCosts(WeightCosts):
             if k not in self.norms:
                 self.norms[k] = (dot64(a, a, buffers), dot64(b, b, buffers))
             del a, b
-        _trim()
+        release_heap()
         return out
 
     def objective(self, perms: Mapping[str, torch.Tensor] | None = None) -> float:
@@ -165,18 +164,7 @@ class StreamedCosts(WeightCosts):
             self.blocks_read += 1
             yield a, b
             del a, b
-            _trim()
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-
-
-def _trim() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps freed blocks under its mmap threshold, which
-    a stream of same-sized tensors inflates); a no-op elsewhere."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+            release_heap()
 
 
 def streamed_weight_matching(spec: PermutationSpec, source_a, source_b, *, cache_bytes: int = CACHE_BYTES,

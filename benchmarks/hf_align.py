@@ -106,7 +106,7 @@ t0 = time.perf_counter()
 r = hf.align_hf(a, b, out, method=method, progress=progress == "1")
 open(perms, "w").write(json.dumps({p: v.tolist() for p, v in r.perms.items()}))
 print(json.dumps(dict(seconds=round(time.perf_counter() - t0, 2), sweeps=r.iterations, objective=r.objective,
-                      phase_starts=r.phase_starts, certified=r.certified, bound=r.bound)))
+                      phase_starts=r.phase_starts, certified=r.certified, bound=r.bound, stage=r.stage)))
 """
 
 

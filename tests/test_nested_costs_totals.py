@@ -1,11 +1,12 @@
 """NestedCosts' member totals (a residual stream's perm, read by every layer, is updated by the cost groups
-that moved instead of rebuilt) and the work-bounded refinement on lazy checkpoints (matching/nested_weight.py)."""
+that moved instead of rebuilt) and the work-bounded refinement on lazy checkpoints (matching/nested_costs.py, matching/nested_weight.py)."""
 import pytest
 import torch
 
 import pyrebasin as prb
 from pyrebasin.matching import nested_weight
-from pyrebasin.matching.nested_weight import NestedCosts, Problem, descend, refine_families
+from pyrebasin.matching.nested_costs import NestedCosts
+from pyrebasin.matching.nested_weight import Problem, descend, refine_families
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,20 +83,20 @@ def _refined(spec, sa, sb):
     return costs.work - work0, work0, prob.stats["visits"] - visits0, visits0
 
 
-def test_refinement_on_lazy_checkpoints_is_bounded_by_the_work_done_before(tmp_path, monkeypatch):
+def test_refinement_is_bounded_by_the_work_done_before_alike_in_memory_and_streamed(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from pyrebasin.shards import ShardedState
     spec, a, b = _pair(layers=3)
-    # a visits' budget far above the work's: in memory the kicks run on, from shards the work stops them
-    monkeypatch.setattr(nested_weight, "REFINE_BUDGET", 5.0)
-    monkeypatch.setattr(nested_weight, "REFINE_WORK", 0.05)
     for name, state in (("a", a), ("b", b)):
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
-    lazy = _refined(spec, ShardedState(tmp_path / "a.safetensors"), ShardedState(tmp_path / "b.safetensors"))
-    held = _refined(spec, a, b)
-    # in memory only the visits' budget bounds the kicks (each trial's re-descent may overshoot it);
-    # read from shards, the work too: one trial past REFINE_WORK x the work before it at most
-    assert held[2] >= 5.0 * held[3] or held[2] >= 50 * len(spec.perm_names)
-    assert held[0] > 0.05 * held[1] * 4
-    assert 0.05 * lazy[1] <= lazy[0] < held[0] / 2 and lazy[2] < held[2] / 2
+    lazy = lambda: (ShardedState(tmp_path / "a.safetensors"), ShardedState(tmp_path / "b.safetensors"))  # noqa: E731
+    # a visits' budget far above the work's: the work stops the kicks, after one trial past it at most
+    monkeypatch.setattr(nested_weight, "REFINE_BUDGET", 5.0)
+    monkeypatch.setattr(nested_weight, "REFINE_WORK", 100.0)
+    free = _refined(spec, a, b)
+    monkeypatch.setattr(nested_weight, "REFINE_WORK", 0.05)
+    held, streamed = _refined(spec, a, b), _refined(spec, *lazy())
+    assert held == streamed   # the budget counts work, not time or reads: the same in memory and streamed
+    assert free[0] > 2 * held[0] and free[2] > 2 * held[2]   # measured: work 3.997e6 vs 0.939e6, visits 87 vs 14
+    assert 0.05 * held[1] <= held[0] < free[0]

@@ -22,6 +22,8 @@ from ._heap import release_heap
 __all__ = ["empty_parameters", "stream_weights_", "streamed_weights", "StreamedWeights", "release_heap"]
 
 _ATTR = "_pyrebasin_streamed_weights"
+
+
 @contextlib.contextmanager
 def empty_parameters() -> Iterator[None]:
     """Build modules with their parameters on the meta device (shapes and dtypes, no storage, their

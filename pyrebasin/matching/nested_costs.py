@@ -61,6 +61,7 @@ class NestedCosts:
         self.sources = (state_a, state_b)
         self.held = [None if is_lazy(s) or not hold else {k: s[k].detach().to(self.dtype) for k in self.keys}
                      for s in self.sources]
+        self.streamed = is_lazy(state_a)   # read from shards: freed heap is handed back after each read
         self.visit: dict[str, tuple] = {}   # key -> (A, B) read once for the current family visit
         self.dots: dict[str, list] = {}     # key -> [(perms its gather read, <A_k, π(B_k)>)], the last two
         self.reads = 0                      # tensor pairs read (or converted) on use so far
@@ -98,7 +99,7 @@ class NestedCosts:
         finally:
             for k in keys:
                 self.visit.pop(k, None)
-            if keys and self.held[0] is None:
+            if keys and self.streamed:
                 release_heap()
 
     def _factor_view(self, t: torch.Tensor, key: str) -> torch.Tensor:
@@ -193,8 +194,8 @@ class NestedCosts:
             x = self._product(member, key, unit, mod)
             c = x.to(torch.float64) if c is None else c.add_(x)   # converted as it is added: no float64 copy
             del x
-            if self.held[0] is None and key not in self.visit:
-                release_heap()   # the tensors read for it are freed: their heap goes back (lazy sources)
+            if self.streamed and key not in self.visit:
+                release_heap()   # the tensors read for it are freed: their heap goes back
         if hit is not None or c.numel() * 8 <= self.cache_left:
             self.cache_left -= 0 if hit is not None else c.numel() * 8
             self.cache[gkey] = ({d: v.clone() for d, v in deps.items()}, c)
@@ -219,7 +220,7 @@ class NestedCosts:
         self.work += a.numel()
         buffers = tuple(torch.empty(1 << 17, dtype=torch.float64, device=a.device) for _ in range(2))
         dot = dot64(a, gather_slots(b, self.spec.axes_to_perm[key], self.slots[key], perms), buffers)
-        if self.held[0] is None and key not in self.visit:
+        if self.streamed and key not in self.visit:
             del a, b
             release_heap()
         seen.insert(0, ({p: v.clone() for p, v in read.items()}, dot))

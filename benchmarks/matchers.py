@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -31,39 +32,53 @@ MATCHERS = {
     "schedule+restarts4": dict(method="schedule", restarts=4),
     "default": dict(),
     "thorough": dict(method="thorough"),
+    # the default's data-aware choice: select.DATA_RESTARTS group orders, the one with the lowest midpoint
+    # loss on the training set kept (the barrier is measured on the test set)
+    "default+data": dict(data="train"),
 }
 TS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def barriers(model, a, b, test, stat_x):
-    """(test-accuracy barrier, test-loss barrier) of the straight path, endpoint-mean convention; BN
-    nets get their statistics reset at every t (RESET), as matched BN nets are evaluated."""
+    """(test-accuracy barrier, test-loss barrier, lowest test accuracy on the path) of the straight path,
+    endpoint-mean convention; BN nets get their statistics reset at every t (RESET), as matched BN nets
+    are evaluated."""
     bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     curve = prb.interpolate(model, a, b, test, ts=TS, buffers="reset" if bn else "interpolate",
                             stat_data=stat_x if bn else None)
-    return prb.barrier(curve, "accuracy"), prb.barrier(curve, "loss")
+    return prb.barrier(curve, "accuracy"), prb.barrier(curve, "loss"), min(curve.values("accuracy"))
+
+
+def noise(acc: float, n: int) -> float:
+    """Binomial standard error of an accuracy `acc` measured on `n` test examples: the resolution of a
+    barrier estimate (two matchers' barriers on one test set differ by less than ~2 of these by chance)."""
+    return math.sqrt(max(acc * (1 - acc), 0.0) / n)
 
 
 def run(seeds: int, only: str | None, matchers: list[str]):
     _, _, xt, yt = prb.data.mnist1d()
-    x, _, _, _ = prb.data.mnist1d()
+    x, y, _, _ = prb.data.mnist1d()
     stat_x = x[:1000]
     rows = []
     for pair, model, a, b in pairs(only):
         spec = model.permutation_spec()
-        naive = barriers(model, a, b, (xt, yt), stat_x)
+        naive = barriers(model, a, b, (xt, yt), stat_x)[:2]
         print(f"{pair}: naive accuracy barrier {naive[0]:.3f}", flush=True)
         for name in matchers:
             for s in range(seeds):
                 t0, c0 = time.perf_counter(), time.process_time()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    res = prb.weight_matching(spec, a, b, seed=1000 * s, **MATCHERS[name])
+                    kw = dict(MATCHERS[name])
+                    if kw.pop("data", None):
+                        kw.update(model=model, data=(x, y))
+                    res = prb.weight_matching(spec, a, b, seed=1000 * s, **kw)
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-                acc, loss = barriers(model, a, prb.apply_permutation(spec, res.perms, b), (xt, yt), stat_x)
+                acc, loss, low = barriers(model, a, prb.apply_permutation(spec, res.perms, b), (xt, yt), stat_x)
                 rows.append(dict(pair=pair, matcher=name, seed=s, objective=res.objective[-1], sweeps=res.iterations,
                                  time_s=dt, cpu_s=cpu, acc_barrier=acc, loss_barrier=loss, naive_acc_barrier=naive[0],
-                                 naive_loss_barrier=naive[1], max_iter_warnings=len(caught)))
+                                 naive_loss_barrier=naive[1], max_iter_warnings=len(caught), acc_path_min=low,
+                                 n_test=len(yt), kept_seed=res.seed))
     return rows
 
 
@@ -92,7 +107,7 @@ def summarise(rows):
     for m, per_pair in by.items():
         runs = [r for rs in per_pair.values() for r in rs]
         mlp = [r for r in runs if r["pair"].startswith("mlp")]
-        above, above_worst, excess, loss_above, ratios = [], [], [], [], []
+        above, above_worst, excess, loss_above, ratios, above_noise = [], [], [], [], [], []
         for pair, rs in per_pair.items():
             if pair in tb:
                 tmed = statistics.median(r["acc_barrier"] for r in tb[pair])
@@ -100,6 +115,9 @@ def summarise(rows):
                 excess.append(worst - tmed)
                 if worst > tmed + 1e-9:
                     above.append(pair)
+                wr = max(rs, key=lambda r: r["acc_barrier"])
+                if "acc_path_min" in wr and worst > tmed + 2 * math.sqrt(2) * noise(wr["acc_path_min"], wr["n_test"]):
+                    above_noise.append(pair)
                 if worst > max(r["acc_barrier"] for r in tb[pair]) + 1e-9:
                     above_worst.append(pair)
                 lmed = statistics.median(r["loss_barrier"] for r in tb[pair])
@@ -118,6 +136,8 @@ def summarise(rows):
             acc_barrier_worst=max(r["acc_barrier"] for r in runs),
             pairs_worst_above_textbook_median=above, pairs_worst_loss_above_textbook_median=loss_above,
             pairs_worst_above_textbook_worst=above_worst,
+            # above by more than 2 standard errors of a difference of two test accuracies (2*sqrt(2)*SE)
+            pairs_worst_above_textbook_median_beyond_noise=above_noise,
             worst_minus_textbook_median_max=max(excess) if excess else None,
             time_vs_textbook=statistics.median(ratios) if ratios else None,
             time_vs_textbook_worst=max(ratios) if ratios else None,
@@ -137,14 +157,15 @@ def print_table(rows, summary):
             line += f"{statistics.median(rs):11.3f} ({max(rs):.3f})" if rs else " " * 20
         print(line)
     print("\nmatcher".ljust(22) + " gap med/worst %  MLP<=0.5%  acc barrier med/worst  pairs worst>tb median"
-          " (max excess)  pairs worst>tb worst  time/textbook (worst)")
+          " (max excess; beyond noise)  pairs worst>tb worst  time/textbook (worst)")
     for n, s in summary.items():
         mlp = f"{100 * s['mlp_within_half_pct']:5.0f}%" if s["mlp_within_half_pct"] is not None else "    -"
         tv = f"{s['time_vs_textbook']:.2f}x ({s['time_vs_textbook_worst']:.2f}x)" if s["time_vs_textbook"] else "-"
         excess = "-" if s["worst_minus_textbook_median_max"] is None else f"{s['worst_minus_textbook_median_max']:+.3f}"
         print(f"{n:21s} {s['gap_median_pct']:7.3f} / {s['gap_worst_pct']:6.3f}   {mlp}     {s['acc_barrier_median']:.3f} / "
               f"{s['acc_barrier_worst']:.3f}        {len(s['pairs_worst_above_textbook_median']):2d} / {len(pairs_)} "
-              f"({excess})     {len(s['pairs_worst_above_textbook_worst']):2d} / "
+              f"({excess}; {len(s['pairs_worst_above_textbook_median_beyond_noise'])})     "
+              f"{len(s['pairs_worst_above_textbook_worst']):2d} / "
               f"{len(pairs_)}             {tv}")
 
 

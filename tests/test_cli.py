@@ -178,3 +178,24 @@ def test_interpolate_reset_on_a_net_without_batchnorm(ckpts, tmp_path, capsys):
             "--b", ckpts / "B.pt", "--out", tmp_path, "--buffers", "reset", "--ts", 3, "--no-progress")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no BatchNorm" in r.stderr
     assert not (tmp_path / "curve.json").exists()
+
+
+def test_align_chooses_by_data_as_the_api_does(ckpts, tmp_path, capsys):
+    from pyrebasin.commands import _common
+
+    perms = tmp_path / "perms.json"
+    r = cli_inprocess(capsys, "align", "--arch", "mlp", "--arch-kwargs", MLP_KW, "--a", ckpts / "A.safetensors",
+                      "--b", ckpts / "B.pt", "--out", tmp_path / "o.pt", "--data", "mnist1d", "--samples", 300,
+                      "--choose-by-data", "--perms", perms, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    model = prb.zoo.MLP(width=128, depth=3)
+    a, b = load_state(ckpts / "A.safetensors"), load_state(ckpts / "B.pt")
+    train = _common.load_splits("mnist1d", 300)["train"]
+    res = prb.weight_matching(model.permutation_spec(), a, b, model=model, data=train)
+    assert len(res.scores) == prb.matching.select.DATA_RESTARTS
+    assert json.loads(perms.read_text()) == {p: v.tolist() for p, v in res.perms.items()}
+    for extra, message in ((["--method", "activation", "--data", "mnist1d"], "needs --method weight"),
+                           ([], "needs --method weight and --data")):
+        r = cli_inprocess(capsys, "align", "--arch", "mlp", "--arch-kwargs", MLP_KW, "--a", ckpts / "A.safetensors",
+                          "--b", ckpts / "B.pt", "--out", tmp_path / "o2.pt", "--choose-by-data", *extra)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

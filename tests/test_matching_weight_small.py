@@ -1,5 +1,5 @@
-"""The default's size-dependent choices: restarts (weight.SMALL_RESTARTS on problems of at most
-SMALL_SIZE permuted elements: the explicit restarts run there, one run above, an explicit `restarts`
+"""The default's size-dependent choices: restarts (weight.SMALL_RESTARTS: by the problem's permuted
+elements, the first tier it fits; the explicit restarts run there, one run above, an explicit `restarts`
 always wins) and the refinement budget (LARGE_BUDGET above LARGE_SIZE elements)."""
 import pytest
 import torch
@@ -21,20 +21,17 @@ def same(x, y):
     return x.objective == y.objective and x.seed == y.seed and all(torch.equal(x.perms[p], y.perms[p]) for p in x.perms)
 
 
-@pytest.mark.parametrize("small", [True, False])
-def test_default_restarts_follow_the_problem_size(monkeypatch, small):
-    spec, a, b = mlps(64)  # 40*64 + 2*64*64 + 64*10 + biases: ~11.5k elements, under SMALL_SIZE
-    if not small:
-        monkeypatch.setattr(weight, "SMALL_SIZE", 1000)
+@pytest.mark.parametrize("tier", [0, 1, 2])
+def test_default_restarts_follow_the_problem_size(monkeypatch, tier):
+    spec, a, b = mlps(64)  # 40*64 + 2*64*64 + 64*10: ~11.5k permuted elements, in the first tier (4 orders)
+    tiers = {0: weight.SMALL_RESTARTS, 1: ((1000, 4), (1 << 18, 2)), 2: ((1000, 4), (2000, 2))}[tier]
+    monkeypatch.setattr(weight, "SMALL_RESTARTS", tiers)
+    orders = {0: 4, 1: 2, 2: 1}[tier]
     default = prb.weight_matching(spec, a, b, seed=3)
-    explicit = prb.weight_matching(spec, a, b, seed=3, restarts=weight.SMALL_RESTARTS if small else 1)
-    assert same(default, explicit)
-    one = prb.weight_matching(spec, a, b, seed=3, restarts=1)
-    if small:  # the kept run is the better of seeds 3 and 4
-        four = prb.weight_matching(spec, a, b, seed=4, restarts=1)
-        assert default.objective[-1] == max(one.objective[-1], four.objective[-1])
-    else:
-        assert same(default, one)
+    assert same(default, prb.weight_matching(spec, a, b, seed=3, restarts=orders))
+    alone = [prb.weight_matching(spec, a, b, seed=s, restarts=1) for s in range(3, 3 + orders)]
+    assert default.objective[-1] == max(r.objective[-1] for r in alone)  # the best of seeds 3, 4, ...
+    assert same(default, next(r for r in alone if r.objective[-1] == default.objective[-1]))
 
 
 def test_textbook_never_restarts_on_small_problems():
@@ -45,7 +42,7 @@ def test_textbook_never_restarts_on_small_problems():
 
 def test_large_problems_refine_with_the_large_budget(monkeypatch):
     spec, a, b = mlps(96)
-    monkeypatch.setattr(weight, "SMALL_SIZE", 0)
+    monkeypatch.setattr(weight, "SMALL_RESTARTS", ())
     monkeypatch.setattr(weight, "LARGE_SIZE", 1000)  # this problem now counts as large
     large = prb.weight_matching(spec, a, b, seed=1)
     monkeypatch.setattr(weight, "LARGE_SIZE", 1 << 40)

@@ -297,13 +297,16 @@ def spec_of(model: torch.nn.Module, example):
 
 
 def align(model, spec, state_a, state_b, method: str, x, *, seed: int = 0,
-          max_iter: int = 100, progress: bool = False):
+          max_iter: int = 100, progress: bool = False, choose_on=None):
     """MatchResult aligning B to A by "weight" or "activation" matching (token ids: batches of about
-    8192 tokens, so a language model's activations per batch stay bounded)."""
+    8192 tokens, so a language model's activations per batch stay bounded). `choose_on`: data for weight
+    matching's data-aware choice between group orders (its midpoint loss there decides)."""
     from .. import matching
 
     if method == "weight":
-        return matching.weight_matching(spec, state_a, state_b, seed=seed, max_iter=max_iter, progress=progress)
+        select = {} if choose_on is None else dict(model=model, data=choose_on)
+        return matching.weight_matching(spec, state_a, state_b, seed=seed, max_iter=max_iter, progress=progress,
+                                        **select)
     if x is None:
         raise ValueError("activation matching needs --data")
     batch_size = 512

@@ -55,6 +55,9 @@ def run_directories(args: argparse.Namespace) -> int:
         raise ValueError("--arch is not used with model directories (the model comes from their config.json)")
     if args.method == "weight" and args.data is not None:
         raise ValueError("--data is not used by weight matching of model directories (add --method activation)")
+    if args.choose_by_data:
+        raise ValueError("--choose-by-data is for checkpoint files (model directories are weight-matched from "
+                         "their shards)")
     if args.method == "activation" and args.data is None:
         raise ValueError("--method activation needs --data (token ids or a text file)")
     _common.check_outputs({"--perms": args.perms}, {"--a": args.a, "--b": args.b,
@@ -94,18 +97,22 @@ def run(args: argparse.Namespace) -> int:
     state_suffix(Path(args.out))
     _common.check_outputs({"--out": args.out, "--perms": args.perms},
                           {"--a": args.a, "--b": args.b, "--data": _common.data_file(args.data)})
+    if args.choose_by_data and (args.method != "weight" or args.data is None):
+        raise ValueError("--choose-by-data needs --method weight and --data (the group orders' midpoints are "
+                         "compared on that data)")
     model, state_a, state_b = _common.load_pair(args)
-    x = None
+    x, choose_on = None, None
     if args.method == "activation" or args.data is not None:
         name = args.data or "mnist1d"
         splits = _common.check_data(model, state_a, _common.load_splits(name, args.samples, seq_len=args.seq_len,
                                                                         tokenizer=args.tokenizer), f"--data {name}")
         x = _common.inputs_of(splits["train"])   # token ids (or their dict) of an LM, x of an (x, y) pair
+        choose_on = splits["train"] if args.choose_by_data else None
     spec = _common.spec_of(model, x)
     spec.perm_sizes(state_a)  # names any key the spec and checkpoint disagree on
     t0 = time.perf_counter()
     result = _common.align(model, spec, state_a, state_b, args.method, x, seed=args.seed,
-                           max_iter=args.max_iter, progress=not args.no_progress)
+                           max_iter=args.max_iter, progress=not args.no_progress, choose_on=choose_on)
     seconds = time.perf_counter() - t0
     aligned = apply_permutation(spec, result.perms, state_b)
     before, after = weight_l2(state_a, state_b), weight_l2(state_a, aligned)
@@ -126,6 +133,9 @@ def register(sub) -> None:
     _common.add_data_args(p, default=None)
     p.add_argument("--perms", default=None, help="also write the permutations as JSON here")
     p.add_argument("--seed", type=_common.SEED, default=0, help="weight matching's sweep order")
+    p.add_argument("--choose-by-data", action="store_true",
+                   help="weight matching: run several group orders and keep the one whose midpoint has the lowest "
+                        "loss on --data (a data-aware choice; docs/matchers.md)")
     p.add_argument("--max-iter", type=_common.int_at_least(1), default=100)
     p.add_argument("--max-shard-size", default=None,
                    help="model directories: cut the output into shards of at most this size ('5GB', '500MB'); "

@@ -18,6 +18,7 @@ from .certify import Certificate
 from .costs import WeightCosts
 from .lap import LapPolicy
 from .perturb import perturb_permutation
+from .select import DATA_RESTARTS, MidpointScore
 
 __all__ = ["MatchResult", "weight_matching", "METHODS", "COUPLING_SCHEDULE"]
 
@@ -35,10 +36,11 @@ METHODS = {
     "thorough": dict(schedule=COUPLING_SCHEDULE, restarts=4, refine=2, settle=1e-3),
 }
 KICK = 0.1  # share of a group's units that a refinement visit shuffles
-# The default tries SMALL_RESTARTS group orders (instead of 1) on a problem whose permuted tensors hold at
-# most SMALL_SIZE elements (mnist1d MLPs up to 40-256x3), where another basin is cheap to look for
-# (docs/matchers.md: MLP runs within 0.5% of the best known 24/27 -> 25/27; the benchmarked models are larger).
-SMALL_RESTARTS, SMALL_SIZE = 2, 1 << 18
+# The default tries more group orders on small problems, where another basin is cheap to look for:
+# SMALL_RESTARTS holds (at most this many permuted elements, orders), first match wins: 4 orders up to
+# 2^16 elements (mnist1d MLP 40-128x3, VGG), 2 up to 2^18 (MLP 40-256x3, ResNet20 x1, the transformer),
+# 1 above (docs/matchers.md: the MLP 40-128x3 runs within 0.5% of the best known 5/9 -> 8/9 with 4 orders).
+SMALL_RESTARTS = ((1 << 16, 4), (1 << 18, 2))
 # Above LARGE_SIZE permuted elements (MLP 784-2048x3: 10 M) the refinement's budget is LARGE_BUDGET x the
 # schedule's LAP solves instead of REFINE_BUDGET: each LAP and cost update costs ~n^3 there, and the
 # refinement's extra objective is small (784-2048x3: 174.37 vs 174.86; docs/matchers.md).
@@ -58,7 +60,9 @@ class MatchResult:
     `certified`: the objective reached the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖B_k‖ (`bound`, see
     matching/certify.py), so no permutation scores higher and the search stopped there (the phases
     not run then start, and end, at that sweep). `stage`, for a spec with nested perms: what ended the
-    search ("shared", "families" or "descent" for the staged solve, matching/staged.py; "joint")."""
+    search ("shared", "families" or "descent" for the staged solve, matching/staged.py; "joint").
+    `scores`, for a data-aware choice (`model=`, `data=`): each run's seed -> its midpoint loss on the
+    data (the kept run has the lowest; a certified run stops the search unscored)."""
 
     perms: dict[str, torch.Tensor]
     objective: list[float] = field(default_factory=list)
@@ -68,6 +72,7 @@ class MatchResult:
     certified: bool = False
     bound: float | None = None
     stage: str | None = None
+    scores: dict[int, float] | None = None
 
 
 def _step(costs: WeightCosts, lap: LapPolicy, p: str, coupling: float, tol: float) -> torch.Tensor | None:
@@ -149,6 +154,26 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
     return sweeps
 
 
+def _selector(model, data, spec, provider) -> MidpointScore | None:
+    """The data-aware choice's scorer, or None without `data`; clear errors for half-given or unsupported uses."""
+    if data is None and model is None:
+        return None
+    if data is None or model is None:
+        raise ValueError("weight_matching: model and data go together (the midpoint is evaluated on data); got only "
+                         + ("model" if data is None else "data"))
+    if getattr(spec, "nested", None) or provider is not None:
+        raise ValueError("weight_matching: data-aware choice (model=, data=) needs in-memory states and a spec "
+                         "without nested perms")
+    return MidpointScore(model, data)
+
+
+def _score(select: MidpointScore, seed: int, costs: WeightCosts, spec, state_a, state_b) -> float:
+    from ..spec import apply_permutation
+
+    perms = {p: v.to("cpu") for p, v in costs.perms.items()}
+    return select(seed, state_a, apply_permutation(spec, perms, state_b))
+
+
 def _certified(bar, cert: Certificate, sweeps: int) -> None:
     bar.set_postfix(certified=True, objective=f"{cert.exact:.9g}", bound=f"{cert.bound:.9g}")
     if not bar.disable:
@@ -162,11 +187,11 @@ def _permuted_size(costs: WeightCosts, state_b) -> int:
 
 
 def _small_restarts(method: str, restarts, size: int) -> int | None:
-    """`SMALL_RESTARTS` for the default method on a small problem (`SMALL_SIZE`) when `restarts` was not
-    given, else None (the method's own count stands)."""
+    """The group orders `SMALL_RESTARTS` gives the default method on a problem of `size` permuted elements
+    when `restarts` was not given, else None (the method's own count stands)."""
     if restarts is not None or method != "default":
         return None
-    return SMALL_RESTARTS if size <= SMALL_SIZE else None
+    return next((n for limit, n in SMALL_RESTARTS if size <= limit), None)
 
 
 def _refine_budget(size: int) -> float:
@@ -204,7 +229,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                     progress: bool = False, tol: float = 1e-12, warm_start: bool = True,
                     schedule: Sequence[float] | None = None, restarts: int | None = None,
                     refine: int | None = None, group=None, provider=None, certify: bool | None = None,
-                    nested: str = "staged") -> MatchResult:
+                    nested: str = "staged", model: torch.nn.Module | None = None, data=None) -> MatchResult:
     """Permutations of B's units that maximise Σ <W_A, π(W_B)> (Git Re-Basin weight matching).
 
     `method`: a name in `METHODS` ("textbook" is the paper's loop, "default" the matcher chosen in
@@ -215,8 +240,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     `refine`: passes of iterated local search after the schedule (each visit shuffles a share `KICK`
     of one group's units, re-descends, and keeps the result only if the objective rose).
     `restarts`: group-order seeds seed, seed+1, ... tried; the run with the best final objective is
-    kept (the first on ties). The default tries `SMALL_RESTARTS` on problems of at most `SMALL_SIZE`
-    permuted elements (1 otherwise; docs/matchers.md).
+    kept (the first on ties). The default tries more orders on small problems (`SMALL_RESTARTS`: 4 up
+    to 2^16 permuted elements, 2 up to 2^18, 1 otherwise; docs/matchers.md).
 
     Each sweep visits the groups in a seeded random order and solves one LAP per group (cost on the
     tensors' device, LAP on the CPU, `solver` and `warm_start` as in `LapPolicy`); a group whose
@@ -243,9 +268,19 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     the Cauchy–Schwarz bound Σ_k ‖A_k‖·‖B_k‖ (checked after each sweep of the schedule and at the start;
     `result.certified`, matching/certify.py): B is then A permuted (up to per-tensor scale) and no
     permutation can do better, so refinement and restarts are skipped. Never fires on a noisy pair.
+
+    `model` and `data` (some of the training data: an (x, y) pair, batches, a DataLoader or token
+    batches; one split): a data-aware choice between runs. `restarts` group orders (default
+    `select.DATA_RESTARTS`) are run and the kept one is the run whose midpoint ½·(θ_A + π(θ_B)) has the
+    lowest loss on `data` (BatchNorm statistics recomputed there), not the highest objective: near-optimal
+    permutations tie on the objective but not on the barrier (docs/matchers.md). `result.scores` holds
+    each run's midpoint loss. Under torch.distributed every rank must pass the same data.
     """
     restarts_arg = restarts
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
+    select = _selector(model, data, spec, provider)
+    if select is not None and restarts_arg is None:
+        restarts, restarts_arg = DATA_RESTARTS, DATA_RESTARTS
     if nested not in ("staged", "joint", "shared"):
         raise ValueError(f"weight_matching: nested={nested!r}; expected 'staged', 'joint' or 'shared'")
     if getattr(spec, "nested", None) and nested != "joint":  # the shared subgroup first (matching/staged.py)
@@ -276,7 +311,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
              for p, n in costs.sizes.items()}
     bar = tqdm(total=max_iter * (len(schedule) + refine * len(costs.sizes)) * restarts, desc="weight matching",
                disable=not progress, leave=False)
-    best, capped = None, []
+    best, capped, best_score = None, [], None
     cert = Certificate(costs) if (method not in UNCERTIFIED if certify is None else certify) else None
     for s in range(seed, seed + restarts):
         for p, v in start.items():
@@ -292,13 +327,17 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                 done = cert is not None and cert.certified
         if not done:
             sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped, _refine_budget(size))
-        if best is None or history[-1] > best.objective[-1]:
+        score = None if select is None or done else _score(select, s, costs, spec, state_a, state_b)
+        if best is None or (history[-1] > best.objective[-1] if score is None else score < best_score):
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
             best = MatchResult(perms, history, sweeps, phase_starts, s, bool(done), None if cert is None else cert.bound)
+            best_score = score
         if done:
             _certified(bar, cert, sweeps)
             break  # no restart can score higher
     bar.close()
+    if select is not None:
+        best.scores = dict(select.scores)
     if capped:
         coupling, change = capped[0]
         warnings.warn(f"weight_matching: {len(capped)} descent(s) stopped at max_iter={max_iter} sweeps while still "

@@ -20,6 +20,7 @@ MEASURES = {
     "weight_mlp": (test_matching.measure_weight_mlp, _pairs.seed_pairs),
     "weight_resnet20_ln": (test_matching.measure_weight_resnet, lambda: _pairs.seed_pairs(3)),
     "activation_mlp": (test_matching.measure_activation_mlp, _pairs.seed_pairs),
+    "data_choice_vgg_bn": (test_matching.measure_data_choice_vgg, _pairs.seed_pairs),
     "repair_mlp": (test_repair.measure_repair, _pairs.seed_pairs),
     "cka": (test_similarity.measure_cka, _pairs.seed_pairs),
     "combinability": (lambda p: test_combinability.measure_combinability(p, Path(tempfile.mkdtemp())),

@@ -98,7 +98,9 @@ def test_bn_models_with_combined_and_reset_statistics():
     fixed = {n: v for n, v in a.items() if not v.is_floating_point()}
     mixed = {n: torch.stack([b[n] + lam * (a[n] - b[n]) for lam in lams]) for n in p}
     combined = prb.evaluate_combinations(model, a, b, lams, (x, y), return_logits=True)
-    torch.testing.assert_close(combined.logits, _loop(model, mixed, fixed, x), rtol=1e-4, atol=1e-5)
+    # float32 through a BN ResNet: the engine mixes λ·a + (1-λ)·b in its own order, so logits differ by
+    # rounding (measured up to 7.2e-5 on AVX2 kernels, at one of 300 logits; under 1e-5 on AVX-512)
+    torch.testing.assert_close(combined.logits, _loop(model, mixed, fixed, x), rtol=1e-4, atol=2e-4)
     reset = prb.evaluate_combinations(model, a, b, lams, (x, y), return_logits=True,
                                       correction=ResetCorrection(model, (x, y), batch_size=5))
     fresh = [prb.reset_bn(model, {**{n: v[i] for n, v in mixed.items()}, **fixed}, (x, y), batch_size=5)

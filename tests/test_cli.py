@@ -192,7 +192,7 @@ def test_align_chooses_by_data_as_the_api_does(ckpts, tmp_path, capsys):
     a, b = load_state(ckpts / "A.safetensors"), load_state(ckpts / "B.pt")
     train = _common.load_splits("mnist1d", 300)["train"]
     res = prb.weight_matching(model.permutation_spec(), a, b, model=model, data=train)
-    assert len(res.scores) == prb.matching.select.DATA_RESTARTS
+    assert 1 <= len(res.scores) <= prb.matching.select.DATA_RESTARTS
     assert json.loads(perms.read_text()) == {p: v.tolist() for p, v in res.perms.items()}
     for extra, message in ((["--method", "activation", "--data", "mnist1d"], "needs --method weight"),
                            ([], "needs --method weight and --data")):

@@ -23,7 +23,8 @@ def midpoint_loss(model, a, b, data, **kw):
     return prb.interpolate(model, a, b, data, ts=[0.5], **kw).values("loss")[0]
 
 
-def test_the_run_with_the_lowest_midpoint_loss_is_kept():
+def test_the_run_with_the_lowest_midpoint_loss_is_kept(monkeypatch):
+    monkeypatch.setattr(select, "TIE", float("inf"))  # every run compared on the data
     model, a, b, data = mlp_pair()
     spec = model.permutation_spec()
     res = prb.weight_matching(spec, a, b, seed=10, model=model, data=data)
@@ -39,7 +40,22 @@ def test_the_run_with_the_lowest_midpoint_loss_is_kept():
     assert by_objective.objective[-1] == max(r.objective[-1] for r in alone.values())
 
 
-def test_explicit_restarts_win_and_one_restart_is_the_plain_run():
+@pytest.mark.parametrize("tie", [0.0, 0.0025, 0.02])
+def test_only_runs_tied_on_the_objective_are_compared(monkeypatch, tie):
+    monkeypatch.setattr(select, "TIE", tie)
+    model, a, b, data = mlp_pair(width=40, seed=5)
+    spec = model.permutation_spec()
+    res = prb.weight_matching(spec, a, b, seed=0, model=model, data=data)
+    alone = {s: prb.weight_matching(spec, a, b, seed=s, restarts=1).objective[-1] for s in range(select.DATA_RESTARTS)}
+    top = max(alone.values())
+    assert sorted(res.scores) == [s for s, v in alone.items() if v >= top - tie * abs(top)]
+    assert res.seed == min(res.scores, key=res.scores.get) and res.objective[-1] == alone[res.seed]
+    if tie == 0.0:  # the plain best-objective choice
+        assert res.seed == prb.weight_matching(spec, a, b, seed=0, restarts=select.DATA_RESTARTS).seed
+
+
+def test_explicit_restarts_win_and_one_restart_is_the_plain_run(monkeypatch):
+    monkeypatch.setattr(select, "TIE", float("inf"))
     model, a, b, data = mlp_pair(width=32, seed=3)
     spec = model.permutation_spec()
     two = prb.weight_matching(spec, a, b, seed=0, restarts=2, model=model, data=data)
@@ -49,7 +65,8 @@ def test_explicit_restarts_win_and_one_restart_is_the_plain_run():
     assert list(one.scores) == [5] and all(torch.equal(one.perms[p], plain.perms[p]) for p in one.perms)
 
 
-def test_batchnorm_nets_are_scored_with_reset_statistics():
+def test_batchnorm_nets_are_scored_with_reset_statistics(monkeypatch):
+    monkeypatch.setattr(select, "TIE", float("inf"))
     torch.manual_seed(0)
     model = prb.zoo.build("vgg", norm="bn").eval()
     a = {k: v.clone() for k, v in model.state_dict().items()}

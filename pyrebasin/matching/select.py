@@ -3,8 +3,9 @@
 Weight matching's objective Σ <W_A, π(W_B)> is a proxy: near-optimal permutations found from different
 group orders score within a fraction of a percent of each other, yet their interpolation barriers can
 differ by a third (VGG, ResNet20 LayerNorm, the transformer of the matcher study). Given the model and
-some of its training data, `weight_matching(..., model=, data=)` runs several group orders and keeps the
-one whose midpoint θ(½) = ½·(θ_A + π(θ_B)) has the lowest loss on that data; this module scores them.
+some of its training data, `weight_matching(..., model=, data=)` runs several group orders and, of those
+within `TIE` of the best objective, keeps the one whose midpoint θ(½) = ½·(θ_A + π(θ_B)) has the lowest
+loss on that data; this module scores and chooses them.
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from torch import nn
 
 from ..batches import splits
 
-__all__ = ["MidpointScore", "DATA_RESTARTS"]
+__all__ = ["MidpointScore", "DATA_RESTARTS", "TIE"]
 
-# Group orders tried when `data` is given and `restarts` is not (chosen in docs/matchers.md).
+# Group orders tried when `data` is given and `restarts` is not, and the tie: runs whose objective is
+# within TIE x |best objective| of the best run's are compared on the data (chosen in docs/matchers.md;
+# read at call time; math.inf compares every run).
 DATA_RESTARTS = 4
+TIE = 0.0025
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -60,3 +64,13 @@ class MidpointScore:
                              "data or the model's outputs are not finite")
         self.scores[seed] = value
         return value
+
+    def choose(self, runs, spec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor]):
+        """The run (a `MatchResult`) with the lowest midpoint loss among `runs` whose final objective is
+        within `TIE` of the best one's (the first on equal losses); only those are evaluated."""
+        from ..spec import apply_permutation
+
+        top = max(r.objective[-1] for r in runs)
+        tied = [r for r in runs if r.objective[-1] >= top - TIE * abs(top)]
+        losses = [self(r.seed, state_a, apply_permutation(spec, r.perms, state_b)) for r in tied]
+        return tied[losses.index(min(losses))]

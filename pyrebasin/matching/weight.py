@@ -167,13 +167,6 @@ def _selector(model, data, spec, provider) -> MidpointScore | None:
     return MidpointScore(model, data)
 
 
-def _score(select: MidpointScore, seed: int, costs: WeightCosts, spec, state_a, state_b) -> float:
-    from ..spec import apply_permutation
-
-    perms = {p: v.to("cpu") for p, v in costs.perms.items()}
-    return select(seed, state_a, apply_permutation(spec, perms, state_b))
-
-
 def _certified(bar, cert: Certificate, sweeps: int) -> None:
     bar.set_postfix(certified=True, objective=f"{cert.exact:.9g}", bound=f"{cert.bound:.9g}")
     if not bar.disable:
@@ -270,11 +263,11 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     permutation can do better, so refinement and restarts are skipped. Never fires on a noisy pair.
 
     `model` and `data` (some of the training data: an (x, y) pair, batches, a DataLoader or token
-    batches; one split): a data-aware choice between runs. `restarts` group orders (default
-    `select.DATA_RESTARTS`) are run and the kept one is the run whose midpoint ½·(θ_A + π(θ_B)) has the
-    lowest loss on `data` (BatchNorm statistics recomputed there), not the highest objective: near-optimal
-    permutations tie on the objective but not on the barrier (docs/matchers.md). `result.scores` holds
-    each run's midpoint loss. Under torch.distributed every rank must pass the same data.
+    batches; one split): a data-aware tie-break between runs. `restarts` group orders (default
+    `select.DATA_RESTARTS`) are run; of those whose objective is within `select.TIE` (relative) of the
+    best one's, the kept run is the one whose midpoint ½·(θ_A + π(θ_B)) has the lowest loss on `data`
+    (BatchNorm statistics recomputed there): near-optimal permutations tie on the objective but not on
+    the barrier (docs/matchers.md). `result.scores` holds each scored run's midpoint loss. Under torch.distributed every rank must pass the same data.
     """
     restarts_arg = restarts
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
@@ -311,7 +304,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
              for p, n in costs.sizes.items()}
     bar = tqdm(total=max_iter * (len(schedule) + refine * len(costs.sizes)) * restarts, desc="weight matching",
                disable=not progress, leave=False)
-    best, capped, best_score = None, [], None
+    best, capped, runs = None, [], []
     cert = Certificate(costs) if (method not in UNCERTIFIED if certify is None else certify) else None
     for s in range(seed, seed + restarts):
         for p, v in start.items():
@@ -327,16 +320,21 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                 done = cert is not None and cert.certified
         if not done:
             sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped, _refine_budget(size))
-        score = None if select is None or done else _score(select, s, costs, spec, state_a, state_b)
-        if best is None or (history[-1] > best.objective[-1] if score is None else score < best_score):
+        run = None
+        if select is not None or best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
-            best = MatchResult(perms, history, sweeps, phase_starts, s, bool(done), None if cert is None else cert.bound)
-            best_score = score
+            run = MatchResult(perms, history, sweeps, phase_starts, s, bool(done), None if cert is None else cert.bound)
+        if best is None or history[-1] > best.objective[-1]:
+            best = run
+        if select is not None and not done:
+            runs.append(run)
         if done:
             _certified(bar, cert, sweeps)
             break  # no restart can score higher
     bar.close()
     if select is not None:
+        if not best.certified:  # a certified run is optimal: B is A permuted, nothing to choose
+            best = select.choose(runs, spec, state_a, state_b)
         best.scores = dict(select.scores)
     if capped:
         coupling, change = capped[0]

@@ -148,7 +148,7 @@ class WeightCosts:
         self.cache: dict[str, tuple] = {}  # perm -> (float64 cost, per-term indices, drift, coupling weight)
         self.cache_left = cache_bytes
         self._a_cache: dict[tuple, torch.Tensor] = {}  # (param, axis, perm) -> A's unit matrix (A never changes)
-        self._b_cache: dict[tuple, torch.Tensor] = {}  # (param, axis, perm) -> B's strided unit-first view, copied
+        self._moved_cache: dict[tuple, tuple] = {}  # (param, axis, perm, dim) -> A's and B's views, dim first, copied
         fixed_terms = {p: [t for t in ts if not t.deps] for p, ts in self.terms.items()}
         for p in sizes:
             self.constant[p] = None
@@ -197,23 +197,23 @@ class WeightCosts:
                     views.append((t, self._a_units(t, a[t.param]), view))
             yield b, views
 
-    def _b_rows(self, t: _Term, b: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """`view` (B's tensor `b` with term `t`'s units first) as a source of `index_select`. When B is
-        held in memory (`hold`; B never changes, its perms are applied by gathers) and the view is
-        strided, a contiguous copy is kept within the cost cache's byte budget: `index_select` of a
-        strided view copies the whole view first, at every rank-|S| update (same values either way)."""
-        key = (t.param, t.axis, t.perm)
-        hit = self._b_cache.get(key)
+    def _moved(self, t: _Term, d: int, a_units: torch.Tensor, b: torch.Tensor, view: torch.Tensor):
+        """(A's unit matrix, B's `view`) of term `t`, each viewed as `view`'s shape with dim `d` moved first.
+        Copied contiguous and kept (within the cost cache's byte budget) when A and B are held in memory
+        (`hold`; they never change, their perms are applied by gathers): a rank-|S| update along `d` then
+        gathers whole rows, not strided columns (~3x faster on n = 512). Else the views themselves."""
+        key = (t.param, t.axis, t.perm, d)
+        hit = self._moved_cache.get(key)
         if hit is not None:
             return hit
-        if getattr(self, "b", {}).get(t.param) is not b or view.is_contiguous():
-            return view
-        nbytes = view.numel() * view.element_size()
-        if nbytes > self.cache_left:
-            return view
+        pair = (a_units.reshape(view.shape).movedim(d, 0), view.movedim(d, 0))
+        nbytes = 2 * view.numel() * view.element_size()
+        if getattr(self, "b", {}).get(t.param) is not b or self._a_cache.get(key[:3]) is not a_units or \
+                nbytes > self.cache_left:
+            return pair
         self.cache_left -= nbytes
-        self._b_cache[key] = view = view.contiguous()
-        return view
+        hit = self._moved_cache[key] = tuple(x.contiguous() for x in pair)
+        return hit
 
     def _a_units(self, t: _Term, a: torch.Tensor) -> torch.Tensor:
         """A's unit matrix of term `t`. Kept when A is held in memory (`hold`): a view as it is, a
@@ -329,13 +329,18 @@ class WeightCosts:
             for t, a_units, b_view in views:
                 _, d, pos, io, inew, others = plan_of[id(t)]
                 n = b_view.shape[0]
-                a_s = a_units.reshape(b_view.shape).index_select(d, pos).reshape(n, -1)
-                b_view = self._b_rows(t, block[t.param], b_view)
-                diff = self._gather(b_view.index_select(d, inew[pos]), others) - \
-                    self._gather(b_view.index_select(d, io[pos]), others)
-                diff = diff.reshape(n, -1)
-                if a_s.shape[1] <= 512:  # thin update: float64 GEMM straight into the cache, no n×n temporary
-                    total.addmm_(a_s.to(torch.float64), diff.to(torch.float64).T, alpha=weight)
+                thin = pos.numel() * (b_view.numel() // (n * b_view.shape[d])) <= 512
+                # rows of A's and B's views with dim d first (kept contiguous: `_moved`), laid out back as
+                # [n, ...] contiguous: the GEMM's operands as gathered along dim d of the views themselves
+                a_d, b_d = self._moved(t, d, a_units, block[t.param], b_view)
+                dtype = torch.float64 if thin else a_d.dtype
+                a_s = a_d.index_select(0, pos).movedim(0, d).to(dtype, memory_format=torch.contiguous_format)
+                diff = b_d.index_select(0, inew[pos]) - b_d.index_select(0, io[pos])
+                diff = self._gather(diff, [(d2 + 1 if d2 < d else d2, i2) for d2, i2 in others])
+                a_s = a_s.reshape(n, -1)
+                diff = diff.movedim(0, d).to(dtype, memory_format=torch.contiguous_format).reshape(n, -1)
+                if thin:  # thin update: float64 GEMM straight into the cache, no n×n temporary
+                    total.addmm_(a_s, diff.T, alpha=weight)
                 else:
                     total.add_(a_s @ diff.T, alpha=weight)
                 drift += pos.numel() / io.numel()

@@ -36,6 +36,11 @@ __attribute__((target("avx2"))) void two_min_avx2(int64_t n, const double* row, 
                                                   int64_t* j1, double* u2, int64_t* j2) {
   lap::two_min_lanes<4, Max>(n, row, v, u1, j1, u2, j2);
 }
+__attribute__((target("avx2"))) void tie_break_avx2(int64_t n, const double* spc, const double* gate, double lowest,
+                                                    const int64_t* pos, const int64_t* row4col, int64_t* first,
+                                                    int64_t* last_free) {
+  lap::tie_break_lanes<4>(n, spc, gate, lowest, pos, row4col, first, last_free);
+}
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 #define PRB_LAP_AVX2 1
 #else
@@ -49,6 +54,15 @@ double scan_row(int64_t n, const double* row, double mv, double ui, const double
   if (kHasAvx2) return scan_row_avx2<Max>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
 #endif
   return lap::scan_row_lanes<2, Max>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+}
+
+// The Dijkstra's tie break (lap_lanes.h: the scalar scan's columns).
+void tie_break(int64_t n, const double* spc, const double* gate, double lowest, const int64_t* pos,
+               const int64_t* row4col, int64_t* first, int64_t* last_free) {
+#ifdef PRB_LAP_AVX2
+  if (kHasAvx2) return tie_break_avx2(n, spc, gate, lowest, pos, row4col, first, last_free);
+#endif
+  lap::tie_break_lanes<2>(n, spc, gate, lowest, pos, row4col, first, last_free);
 }
 
 // The augmenting row reduction's two cheapest reduced costs of a row (lap_lanes.h: the scalar scan's).
@@ -142,11 +156,7 @@ int64_t augmenting_path(int64_t n, const double* cost, const double* u, const do
       // scipy's scan over the open columns in `remaining` order takes the first column attaining
       // the minimum, unless a free one attains it: then the last free one. pos[] gives that order.
       int64_t first = -1, last_free = -1;
-      for (int64_t k = 0; k < n; ++k) {
-        if (spc[k] + gate[k] != lowest) continue;
-        if (first < 0 || pos[k] < pos[first]) first = k;
-        if (row4col[k] == -1 && (last_free < 0 || pos[k] > pos[last_free])) last_free = k;
-      }
+      tie_break(n, spc, gate, lowest, pos, row4col, &first, &last_free);  // in vector lanes (lap_lanes.h)
       j = last_free >= 0 ? last_free : first;
     }
     mv = spc[j];  // == lowest (also in the sign of a zero)

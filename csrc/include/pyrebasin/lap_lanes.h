@@ -141,5 +141,46 @@ __attribute__((always_inline)) inline void two_min_lanes(int64_t n, const double
   *u1 = x1; *j1 = k1; *u2 = x2; *j2 = k2;
 }
 
+// The Dijkstra's tie break over the open columns attaining `lowest` (spc[k] + gate[k] == lowest):
+// *first the one of least position pos[k] (scipy's `remaining` order), *last_free the free one
+// (row4col[k] == -1) of greatest position, -1 when none. Positions are distinct, so the lanes'
+// minima and maxima merge to exactly the scalar scan's columns.
+template <int L>
+__attribute__((always_inline)) inline void tie_break_lanes(int64_t n, const double* spc, const double* gate,
+                                                           double lowest, const int64_t* pos,
+                                                           const int64_t* row4col, int64_t* first,
+                                                           int64_t* last_free) {
+  using D = typename Lanes<L>::D;
+  using I = typename Lanes<L>::I;
+  D low;
+  I fp, fk, lp, lk, jv, step, none;
+  for (int l = 0; l < L; ++l) {
+    low[l] = lowest; fp[l] = INT64_MAX; fk[l] = -1; lp[l] = -1; lk[l] = -1; jv[l] = l; step[l] = L; none[l] = -1;
+  }
+  int64_t j = 0;
+  for (; j + L <= n; j += L, jv += step) {
+    const I hit = load<D>(spc + j) + load<D>(gate + j) == low;
+    const I p = load<I>(pos + j);
+    const I f = hit & (p < fp);
+    fp = f ? p : fp;
+    fk = f ? jv : fk;
+    const I g = hit & (load<I>(row4col + j) == none) & (p > lp);
+    lp = g ? p : lp;
+    lk = g ? jv : lk;
+  }
+  int64_t bf = INT64_MAX, kf = -1, bl = -1, kl = -1;
+  for (int l = 0; l < L; ++l) {
+    if (fk[l] >= 0 && fp[l] < bf) { bf = fp[l]; kf = fk[l]; }
+    if (lk[l] >= 0 && lp[l] > bl) { bl = lp[l]; kl = lk[l]; }
+  }
+  for (; j < n; ++j) {
+    if (spc[j] + gate[j] != lowest) continue;
+    if (pos[j] < bf) { bf = pos[j]; kf = j; }
+    if (row4col[j] == -1 && pos[j] > bl) { bl = pos[j]; kl = j; }
+  }
+  *first = kf;
+  *last_free = kl;
+}
+
 }  // namespace lap
 }  // namespace pyrebasin

@@ -28,5 +28,7 @@ TORCH_LIBRARY(pyrebasin, m) {
   // No CUDA kernel: shortest augmenting paths are sequential (one Dijkstra per free row, each step
   // depending on the last), weight matching builds its costs on any device and solves them on the CPU,
   // and at n <= a few thousand a solve costs less than the GEMMs that build the cost.
-  m.def("lap_solve(Tensor cost, Tensor? v, Tensor? col4row) -> (Tensor col4row, Tensor v, Tensor augmentations)");
+  // maximize=True solves -cost without a negated copy (duals are those of -cost).
+  m.def("lap_solve(Tensor cost, Tensor? v, Tensor? col4row, bool maximize=False) -> "
+        "(Tensor col4row, Tensor v, Tensor augmentations)");
 }

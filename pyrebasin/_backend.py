@@ -71,14 +71,23 @@ def use_backend(name: str):
         _current.reset(token)
 
 
+_KERNELS: set[tuple[str, str]] = set()  # (op, device type) found registered: a registration is never undone
+
+
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether `pyrebasin::<op>` has a native kernel for a device type ("cpu", "cuda")."""
+    """Whether `pyrebasin::<op>` has a native kernel for a device type ("cpu", "cuda"). A kernel found is
+    remembered (the dispatcher query costs ~50 us, and every op wrapper asks at each call)."""
+    if (op, device_type) in _KERNELS:
+        return True
     if not native_available():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyrebasin::{op}", key)
+    found = torch._C._dispatch_has_kernel_for_dispatch_key(f"pyrebasin::{op}", key)
+    if found:
+        _KERNELS.add((op, device_type))
+    return found
 
 
 def use_native(op: str, device: torch.device) -> bool:

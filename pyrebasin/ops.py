@@ -177,19 +177,21 @@ def _corr_accumulate_fake(x, y, channel_dim, count, sum_x, sum_y, sum_xx, sum_yy
 
 
 def lap_solve(
-    cost: torch.Tensor, v: torch.Tensor | None = None, col4row: torch.Tensor | None = None
+    cost: torch.Tensor, v: torch.Tensor | None = None, col4row: torch.Tensor | None = None, maximize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimum-cost assignment of a square float64 CPU cost: (col4row int64 [n], column duals v
     float64 [n], number of augmenting paths). Passing a previous (v, col4row) warm-starts the solve:
     rows whose old column is still tight keep it and only the others are augmented (same optimum).
+    `maximize`: the maximum-value assignment, solved as the minimum of -cost read in place (bit for bit
+    the result of passing `-cost`; the duals are those of -cost).
     CPU only (no CUDA kernel: see csrc/ops.cpp); the one LAP wrapper every solver choice calls."""
     if use_native("lap_solve", cost.device):
-        return torch.ops.pyrebasin.lap_solve(cost, v, col4row)
-    return reference.lap_solve(cost, v, col4row)
+        return torch.ops.pyrebasin.lap_solve(cost, v, col4row, maximize)
+    return reference.lap_solve(cost, v, col4row, maximize)
 
 
 @_register_fake("lap_solve")
-def _lap_solve_fake(cost, v, col4row):
+def _lap_solve_fake(cost, v, col4row, maximize=False):
     torch._check(cost.dtype == torch.float64, lambda: f"lap_solve: cost must be float64, got {cost.dtype}")
     torch._check(cost.dim() == 2 and cost.shape[0] == cost.shape[1], lambda: (
         f"lap_solve: cost must be a square [n, n] matrix, got {list(cost.shape)}"))

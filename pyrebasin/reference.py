@@ -131,15 +131,18 @@ def _augmenting_row_reduction(cost, u, v, c4r, r4c):
         del free[kept:]
 
 
-def lap_solve(cost, v=None, col4row=None):
+def lap_solve(cost, v=None, col4row=None, maximize=False):
     """The same shortest-augmenting-path solver (scipy's algorithm, warm start included), with the
-    inner Dijkstra scan vectorised in torch: slow, but step for step what the native kernel does."""
+    inner Dijkstra scan vectorised in torch: slow, but step for step what the native kernel does.
+    `maximize`: solves -cost (the native kernel reads the entries negated, the same numbers)."""
     if cost.dim() != 2 or cost.shape[0] != cost.shape[1] or cost.dtype != torch.float64:
         raise ValueError(f"lap_solve: cost must be a square float64 matrix, got {cost.dtype} {list(cost.shape)}")
     if (v is None) != (col4row is None):
         raise ValueError("lap_solve: pass both v and col4row for a warm start, or neither")
     if not bool(torch.isfinite(cost).all()):
         raise ValueError("lap_solve: cost has NaN or infinite entries")
+    if maximize:
+        cost = -cost
     n = cost.shape[0]
     inf = float("inf")
     v = torch.zeros(n, dtype=torch.float64) if v is None else v.clone()

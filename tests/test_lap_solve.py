@@ -193,11 +193,11 @@ def test_lap_policy_never_retries_cold_against_a_cheap_warm_start(monkeypatch):
     from pyrebasin.matching import lap
 
     starts = []
-    real = lap._solve_jv  # the policy's jv solves (it negates into its own buffer, then calls this)
+    real = lap._solve_jv  # the policy's jv solves (the kernel maximises the cost in place)
 
-    def recording(negated, warm_start):
+    def recording(cost, warm_start, maximize=False):
         starts.append(warm_start is not None)
-        return real(negated, warm_start)
+        return real(cost, warm_start, maximize)
 
     monkeypatch.setattr(lap, "_solve_jv", recording)
     cost = torch.randn(48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -238,10 +238,10 @@ def test_lap_policy_skips_cold_retries_against_a_warm_start_twice_as_cheap(monke
 
     starts = []
 
-    def fake(negated, warm_start):
+    def fake(cost, warm_start, maximize=False):
         starts.append(warm_start is not None)
-        perm = torch.arange(negated.shape[0])
-        return perm, lap.LapState(perm, torch.zeros(negated.shape[0], dtype=torch.float64),
+        perm = torch.arange(cost.shape[0])
+        return perm, lap.LapState(perm, torch.zeros(cost.shape[0], dtype=torch.float64),
                                   warm_paths if warm_start is not None else 40)
 
     monkeypatch.setattr(lap, "_solve_jv", fake)
@@ -262,3 +262,28 @@ def test_lap_solve_warm_start_refuses_a_non_finite_cost_by_index():
         bad[pos] = float("inf") if pos[0] % 2 else float("nan")
         with pytest.raises(RuntimeError, match=rf"cost\[{pos[0]}, {pos[1]}\]"):
             torch.ops.pyrebasin.lap_solve(bad, v, col)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9, 17, 130])
+def test_lap_solve_maximize_reads_the_cost_negated(n):
+    # maximize=True is bit for bit the solve of -cost (assignment, duals, path count), cold and warm,
+    # on random costs, integer ties and duplicated columns (the row reduction's two cheapest columns
+    # are found in vector lanes: ties must fall as in a scan in column order); the twin agrees.
+    g = torch.Generator().manual_seed(300 + n)
+    base = torch.randn(n, n, generator=g, dtype=torch.float64)
+    dup = base.clone()
+    dup[:, n // 2:] = dup[:, :1]
+    for cost in (base, torch.randint(0, 3, (n, n), generator=g).double(), dup):
+        cold = torch.ops.pyrebasin.lap_solve(-cost, None, None)
+        got = torch.ops.pyrebasin.lap_solve(cost, None, None, True)
+        assert all(torch.equal(x, y) for x, y in zip(got, cold))
+        shifted = cost + 0.01 * torch.randn(n, n, generator=g, dtype=torch.float64)
+        warm = torch.ops.pyrebasin.lap_solve(-shifted, cold[1], cold[0])
+        assert all(torch.equal(x, y) for x, y in zip(torch.ops.pyrebasin.lap_solve(shifted, cold[1], cold[0], True), warm))
+        ref = reference.lap_solve(cost, None, None, True)
+        assert all(torch.equal(x, y) for x, y in zip(ref, reference.lap_solve(-cost, None, None)))
+        if cost is base:
+            assert torch.equal(ref[0], got[0]) and int(ref[2]) == int(got[2])
+    torch.library.opcheck(torch.ops.pyrebasin.lap_solve, (base, None, None, True))
+    assert torch.equal(ops.lap_solve(base, maximize=True)[0], solve_lap(base, solver="jv"))

@@ -15,119 +15,75 @@
 #include <tuple>
 #include <vector>
 
+#include "pyrebasin/lap_lanes.h"
 #include "pyrebasin/lap_solve_checks.h"
 
 namespace pyrebasin {
 namespace {
 
-// The row scan in vector lanes: GCC/Clang vector extensions, the same operations in the same
-// order per element as a scalar loop (no FMA contraction), so every lane width gives bit-identical
-// results. Two lanes (SSE2) everywhere; four (AVX2) where the CPU has it.
-#pragma GCC diagnostic ignored "-Wpsabi"  // wide vectors stay inside always-inline helpers: no ABI crossed
-template <int L> struct Lanes {
-  typedef double D __attribute__((vector_size(8 * L)));
-  typedef int64_t I __attribute__((vector_size(8 * L)));
-};
-template <class V, class T> __attribute__((always_inline)) inline V load(const T* p) {
-  V x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-template <class V, class T> __attribute__((always_inline)) inline void store(T* p, V x) {
-  std::memcpy(p, &x, sizeof x);
-}
-
-// One row scan of the Dijkstra: for every column j, r = mv + c_ij - u_i - v_j lowers spc[j] (and
-// sets path[j] = i) unless j is scanned (gate[j] = +inf). Returns the minimum of spc over the open
-// columns (+inf when none is reachable); *argmin is a column attaining it and *count how many do.
-template <int L>
-__attribute__((always_inline)) inline double scan_row_lanes(int64_t n, const double* row, double mv, double ui,
-                                                            const double* v, const double* gate, double* spc,
-                                                            int64_t* path, int64_t i, int64_t* argmin,
-                                                            int64_t* count) {
-  using D = typename Lanes<L>::D;
-  using I = typename Lanes<L>::I;
-  constexpr double inf = std::numeric_limits<double>::infinity();
-  D mvv, uiv, low;
-  I iv, one, step, at, cnt, jv;
-  for (int l = 0; l < L; ++l) {
-    mvv[l] = mv; uiv[l] = ui; low[l] = inf;
-    iv[l] = i; one[l] = 1; step[l] = L; at[l] = -1; cnt[l] = 0; jv[l] = l;
-  }
-  int64_t j = 0;
-  for (; j + L <= n; j += L, jv += step) {
-    const D r = mvv + load<D>(row + j) - uiv - load<D>(v + j);
-    const D g = load<D>(gate + j);
-    D s = load<D>(spc + j);
-    const I better = r < s - g;
-    s = better ? r : s;
-    store(spc + j, s);
-    store(path + j, better ? iv : load<I>(path + j));
-    const D key = s + g;
-    const I lower = key < low, same = key == low;
-    cnt = lower ? one : (same ? cnt + one : cnt);
-    at = lower ? jv : at;
-    low = lower ? key : low;
-  }
-  double lowest = inf;
-  int64_t best = -1, ties = 0;
-  for (int l = 0; l < L; ++l) {
-    if (low[l] < lowest) {
-      lowest = low[l];
-      best = at[l];
-      ties = cnt[l];
-    } else if (low[l] == lowest) {
-      ties += cnt[l];
-    }
-  }
-  for (; j < n; ++j) {
-    const double r = mv + row[j] - ui - v[j];
-    if (r < spc[j] - gate[j]) {
-      spc[j] = r;
-      path[j] = i;
-    }
-    const double key = spc[j] + gate[j];
-    if (key < lowest) {
-      lowest = key;
-      best = j;
-      ties = 1;
-    } else if (key == lowest) {
-      ++ties;
-    }
-  }
-  *argmin = best;
-  *count = ties;
-  return lowest;
-}
+using lap::entry;
+using lap::load;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <bool Max>
 __attribute__((target("avx2"))) double scan_row_avx2(int64_t n, const double* row, double mv, double ui,
                                                      const double* v, const double* gate, double* spc,
                                                      int64_t* path, int64_t i, int64_t* argmin, int64_t* count) {
-  return scan_row_lanes<4>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+  return lap::scan_row_lanes<4, Max>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+}
+template <bool Max>
+__attribute__((target("avx2"))) void two_min_avx2(int64_t n, const double* row, const double* v, double* u1,
+                                                  int64_t* j1, double* u2, int64_t* j2) {
+  lap::two_min_lanes<4, Max>(n, row, v, u1, j1, u2, j2);
+}
+__attribute__((target("avx2"))) void tie_break_avx2(int64_t n, const double* spc, const double* gate, double lowest,
+                                                    const int64_t* pos, const int64_t* row4col, int64_t* first,
+                                                    int64_t* last_free) {
+  lap::tie_break_lanes<4>(n, spc, gate, lowest, pos, row4col, first, last_free);
 }
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#define PRB_LAP_AVX2 1
 #else
 const bool kHasAvx2 = false;
 #endif
 
+template <bool Max>
 double scan_row(int64_t n, const double* row, double mv, double ui, const double* v, const double* gate,
                 double* spc, int64_t* path, int64_t i, int64_t* argmin, int64_t* count) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (kHasAvx2) return scan_row_avx2(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+#ifdef PRB_LAP_AVX2
+  if (kHasAvx2) return scan_row_avx2<Max>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
 #endif
-  return scan_row_lanes<2>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+  return lap::scan_row_lanes<2, Max>(n, row, mv, ui, v, gate, spc, path, i, argmin, count);
+}
+
+// The Dijkstra's tie break (lap_lanes.h: the scalar scan's columns).
+void tie_break(int64_t n, const double* spc, const double* gate, double lowest, const int64_t* pos,
+               const int64_t* row4col, int64_t* first, int64_t* last_free) {
+#ifdef PRB_LAP_AVX2
+  if (kHasAvx2) return tie_break_avx2(n, spc, gate, lowest, pos, row4col, first, last_free);
+#endif
+  lap::tie_break_lanes<2>(n, spc, gate, lowest, pos, row4col, first, last_free);
+}
+
+// The augmenting row reduction's two cheapest reduced costs of a row (lap_lanes.h: the scalar scan's).
+template <bool Max>
+void two_min(int64_t n, const double* row, const double* v, double* u1, int64_t* j1, double* u2, int64_t* j2) {
+#ifdef PRB_LAP_AVX2
+  if (kHasAvx2) return two_min_avx2<Max>(n, row, v, u1, j1, u2, j2);
+#endif
+  lap::two_min_lanes<2, Max>(n, row, v, u1, j1, u2, j2);
 }
 
 // Two lanes for the passes over whole rows whose result does not depend on the element order.
 constexpr int64_t kLanes = 2;
-typedef Lanes<2>::D d4;
-typedef Lanes<2>::I i4;
+typedef lap::Lanes<2>::D d4;
+typedef lap::Lanes<2>::I i4;
 inline d4 load4(const double* p) { return load<d4>(p); }
 
 // min_j (row[j] - v[j]) (exact in any order: two lanes, then the tail); *finite is cleared when an
 // entry of the row is NaN or infinite (x - x is 0 exactly for finite x, NaN otherwise), so a warm
 // start reads the cost once for both.
+template <bool Max>
 double row_min(int64_t n, const double* row, const double* v, bool* finite) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   d4 low = {inf, inf};
@@ -137,14 +93,14 @@ double row_min(int64_t n, const double* row, const double* v, bool* finite) {
     const d4 x = load4(row + j);
     const d4 z = x - x;
     bad |= z != z;
-    const d4 r = x - load4(v + j);
+    const d4 r = entry<Max>(x) - load4(v + j);
     low = r < low ? r : low;
   }
   double best = std::min(low[0], low[1]);
   bool ok = (bad[0] | bad[1]) == 0;
   for (; j < n; ++j) {
     ok &= std::isfinite(row[j]);
-    best = std::min(best, row[j] - v[j]);
+    best = std::min(best, entry<Max>(row[j]) - v[j]);
   }
   *finite &= ok;
   return best;
@@ -173,6 +129,7 @@ bool all_finite(const double* cost, int64_t m) {
 // scan over the open columns in `remaining` order (the first column attaining the minimum, or the
 // last free one that does): when one column attains the minimum it is that column, and on a tie
 // the `remaining` order (kept with `pos`, positions by column) decides as it always did.
+template <bool Max>
 int64_t augmenting_path(int64_t n, const double* cost, const double* u, const double* v,
                         int64_t* path, const int64_t* row4col, double* spc, double* gate, char* SR,
                         char* SC, int64_t* remaining, int64_t* pos, int64_t i, double* min_val) {
@@ -193,17 +150,13 @@ int64_t augmenting_path(int64_t n, const double* cost, const double* u, const do
     const double* row = cost + i * n;
     const double ui = u[i];
     int64_t j = -1, ties = 0;
-    const double lowest = scan_row(n, row, mv, ui, v, gate, spc, path, i, &j, &ties);
+    const double lowest = scan_row<Max>(n, row, mv, ui, v, gate, spc, path, i, &j, &ties);
     if (!std::isfinite(lowest)) return -1;
     if (ties > 1) {
       // scipy's scan over the open columns in `remaining` order takes the first column attaining
       // the minimum, unless a free one attains it: then the last free one. pos[] gives that order.
       int64_t first = -1, last_free = -1;
-      for (int64_t k = 0; k < n; ++k) {
-        if (spc[k] + gate[k] != lowest) continue;
-        if (first < 0 || pos[k] < pos[first]) first = k;
-        if (row4col[k] == -1 && (last_free < 0 || pos[k] > pos[last_free])) last_free = k;
-      }
+      tie_break(n, spc, gate, lowest, pos, row4col, &first, &last_free);  // in vector lanes (lap_lanes.h)
       j = last_free >= 0 ? last_free : first;
     }
     mv = spc[j];  // == lowest (also in the sign of a zero)
@@ -232,6 +185,7 @@ struct LapWork {
 // price of its second cheapest (lowering that column's dual), evicting the row that held it. Each
 // step costs one row scan and keeps every reduced cost >= 0 and assigned edges tight, so the
 // Dijkstra phase afterwards starts with far fewer free rows. Two passes, as in JV.
+template <bool Max>
 void augmenting_row_reduction(LapWork& w) {
   const int64_t n = w.n;
   std::vector<int64_t> free_rows;
@@ -247,18 +201,9 @@ void augmenting_row_reduction(LapWork& w) {
       const int64_t i = free_rows[current++];
       ++steps;
       const double* row = w.cost + i * n;
-      double u1 = std::numeric_limits<double>::infinity(), u2 = u1;
-      int64_t j1 = -1, j2 = -1;
-      for (int64_t j = 0; j < n; ++j) {
-        const double r = row[j] - w.v[j];
-        if (r < u2) {
-          if (r < u1) {
-            u2 = u1; j2 = j1; u1 = r; j1 = j;
-          } else {
-            u2 = r; j2 = j;
-          }
-        }
-      }
+      double u1, u2;
+      int64_t j1, j2;
+      two_min<Max>(n, row, w.v, &u1, &j1, &u2, &j2);  // the two cheapest r_j = c_ij - v_j, first columns first
       int64_t i0 = w.row4col[j1];
       const bool lowers = j2 >= 0 && u1 < u2;
       if (steps < limit) {
@@ -278,12 +223,13 @@ void augmenting_row_reduction(LapWork& w) {
       }
       w.col4row[i] = j1;
       w.row4col[j1] = i;
-      w.u[i] = row[j1] - w.v[j1];  // tight; <= every other reduced cost of row i
+      w.u[i] = entry<Max>(row[j1]) - w.v[j1];  // tight; <= every other reduced cost of row i
     }
     free_rows.resize(kept);
   }
 }
 
+template <bool Max>
 void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
   const int64_t n = w.n;
   const double* cost = w.cost;
@@ -297,24 +243,24 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
     bool finite = true;
     for (int64_t i = 0; i < n; ++i) {
       const double* row = cost + i * n;
-      const double best = row_min(n, row, v, &finite);
+      const double best = row_min<Max>(n, row, v, &finite);
       if (!finite) check_lap_cost_finite(cost, n);  // names the first bad entry (its caller checked none)
       w.u[i] = best;
       const int64_t j = prev[i];
       // Ties of the previous solve come back within rounding: accept the old column within a
       // relative 1e-13 of the minimum (made exactly tight; others' reduced costs >= -1e-13|u|).
-      if (j >= 0 && w.row4col[j] == -1 && row[j] - v[j] <= best + 1e-13 * (std::abs(best) + 1.0)) {
-        w.u[i] = row[j] - v[j];
+      if (j >= 0 && w.row4col[j] == -1 && entry<Max>(row[j]) - v[j] <= best + 1e-13 * (std::abs(best) + 1.0)) {
+        w.u[i] = entry<Max>(row[j]) - v[j];
         w.col4row[i] = j;
         w.row4col[j] = i;
       }
     }
   }
-  augmenting_row_reduction(w);
+  augmenting_row_reduction<Max>(w);
   for (int64_t cur = 0; cur < n; ++cur) {
     if (w.col4row[cur] != -1) continue;
     double min_val = 0;
-    const int64_t sink = augmenting_path(n, cost, w.u.data(), v, path.data(), w.row4col.data(), spc.data(),
+    const int64_t sink = augmenting_path<Max>(n, cost, w.u.data(), v, path.data(), w.row4col.data(), spc.data(),
                                          gate.data(), SR.data(), SC.data(), remaining.data(), pos.data(),
                                          cur, &min_val);
     TORCH_CHECK(sink >= 0, "lap_solve: the assignment problem is infeasible");
@@ -336,10 +282,12 @@ void solve(LapWork& w, const int64_t* prev, int64_t* augmentations) {
 
 }  // namespace
 
-// Returns (col4row int64 [n], v float64 [n] column duals, augmentations int64 scalar).
+// Returns (col4row int64 [n], v float64 [n] column duals, augmentations int64 scalar). `maximize`: the
+// minimum of -cost, read negated in place (the same numbers as solving a negated copy).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& cost_in,
                                                              const std::optional<at::Tensor>& v_in,
-                                                             const std::optional<at::Tensor>& col4row_in) {
+                                                             const std::optional<at::Tensor>& col4row_in,
+                                                             bool maximize) {
   const at::Tensor prev_t = check_lap_solve_args(cost_in, v_in, col4row_in);
   const bool warm = prev_t.defined();
   const int64_t n = cost_in.size(0);
@@ -353,7 +301,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lap_solve_cpu(const at::Tensor& c
   LapWork w{n, cost_t.const_data_ptr<double>(), v_t.data_ptr<double>(), col4row_t.data_ptr<int64_t>(),
             std::vector<double>(n, 0.0), std::vector<int64_t>(n, -1)};
   int64_t augmentations = 0;
-  solve(w, prev, &augmentations);
+  if (maximize) {
+    solve<true>(w, prev, &augmentations);
+  } else {
+    solve<false>(w, prev, &augmentations);
+  }
   return {col4row_t, v_t, at::scalar_tensor(augmentations, at::kLong)};
 }
 

@@ -52,11 +52,12 @@ def _as_float64(cost) -> np.ndarray:
     return cost
 
 
-def _solve_jv(negated: torch.Tensor, warm_start) -> tuple[torch.Tensor, LapState | None]:
-    """`ops.lap_solve` on the negated cost (it minimises; negation is exact in float64), started from
-    `warm_start` (a `LapState`, or a bare assignment with zero duals); the kernel checks finiteness in
-    its own pass, and its refusal becomes solve_lap's ValueError."""
-    n = negated.shape[0]
+def _solve_jv(cost: torch.Tensor, warm_start, maximize: bool = False) -> tuple[torch.Tensor, LapState | None]:
+    """`ops.lap_solve` on a float64 CPU cost (it minimises; `maximize`: it minimises -cost, reading the
+    entries negated, which is exact: no negated copy), started from `warm_start` (a `LapState` of the
+    same sense, or a bare assignment with zero duals); the kernel checks finiteness in its own pass,
+    and its refusal becomes solve_lap's ValueError."""
+    n = cost.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long), None
     v = col = None
@@ -67,7 +68,7 @@ def _solve_jv(negated: torch.Tensor, warm_start) -> tuple[torch.Tensor, LapState
             raise ValueError(f"solve_lap: warm_start has shape {list(warm_start.perm.shape)}, expected [{n}]")
         v, col = warm_start.duals.to(torch.float64), warm_start.perm.to(torch.long)
     try:
-        perm, duals, aug = ops.lap_solve(negated, v, col)
+        perm, duals, aug = ops.lap_solve(cost, v, col, maximize)
     except (RuntimeError, ValueError) as e:
         if "NaN or infinite" not in str(e):
             raise
@@ -91,7 +92,7 @@ def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.T
     if solver not in available_solvers():
         raise ValueError(f"solve_lap: unknown solver {solver!r}; expected one of {available_solvers()}")
     if solver == "jv" and isinstance(cost, torch.Tensor) and cost.dim() == 2 and cost.shape[0] == cost.shape[1]:
-        perm, state = _solve_jv(cost.detach().to("cpu", torch.float64).neg(), warm_start)
+        perm, state = _solve_jv(cost.detach().to("cpu", torch.float64), warm_start, True)
         return (perm, state) if return_state else perm
     c = _as_float64(cost)
     n = c.shape[0]
@@ -99,7 +100,7 @@ def solve_lap(cost, *, solver: str | None = None, warm_start: LapState | torch.T
     if n == 0:
         perm = torch.zeros(0, dtype=torch.long)
     elif solver == "jv":
-        perm, state = _solve_jv(torch.from_numpy(-c), warm_start)
+        perm, state = _solve_jv(torch.from_numpy(c), warm_start, True)
     else:
         order = None
         if warm_start is not None:
@@ -148,7 +149,6 @@ class LapPolicy:
         self.count = dict.fromkeys(names, 0)
         self.wait = dict.fromkeys(names, explore)
         self.solves = 0
-        self._negated: dict[int, torch.Tensor] = {}  # n -> a reused buffer for the jv kernel's negated cost
 
     def _warm(self, p: str) -> tuple[bool, bool]:
         """(start warm?, is this a re-try of the start that lost last time?)"""
@@ -175,13 +175,8 @@ class LapPolicy:
         warm, retry = (self._warm(p) if self.warm_start and self.states[p] is not None else (False, False))
         start = self.states[p] if warm else None
         if self.solver == "jv" and isinstance(cost, torch.Tensor) and cost.dim() == 2 and cost.shape[0] == cost.shape[1]:
-            # solve_lap's jv path, negating into a buffer kept per size (the kernel keeps no reference
-            # to it): no fresh n×n allocation per solve; the same numbers.
-            n = cost.shape[0]
-            buf = self._negated.get(n)
-            if buf is None:
-                buf = self._negated[n] = torch.empty(n, n, dtype=torch.float64)
-            perm, self.states[p] = _solve_jv(torch.neg(cost.detach().to("cpu", torch.float64), out=buf), start)
+            # solve_lap's jv path: the kernel reads the cost negated in place (no n×n copy per solve)
+            perm, self.states[p] = _solve_jv(cost.detach().to("cpu", torch.float64), start, True)
         else:
             perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True, warm_start=start)
         if self.states[p] is not None:

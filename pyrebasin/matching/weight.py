@@ -122,8 +122,8 @@ def _descend(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, coupling:
             return sweep  # a phase that leads into another has settled: its tail barely moves the true objective
     if not every_sweep:
         history.append(costs.objective())
-    if max_iter:  # every sweep improved, the last one too
-        capped.append((coupling, history[-1] - history[-2]))
+    if max_iter:  # every sweep improved, the last one too (a refinement's start value may be computed lazily)
+        capped.append((coupling, history[-1] - (history[-2]() if callable(history[-2]) else history[-2])))
     return max_iter
 
 
@@ -143,7 +143,8 @@ def _refine(costs: WeightCosts, lap: LapPolicy, gen: torch.Generator, passes: in
             p = names[i]
             kept = {q: v.clone() for q, v in costs.perms.items()}
             costs.set_perm(p, perturb_permutation({p: kept[p].cpu()}, KICK, seed=gen)[p])
-            trial = [costs.objective()]
+            kicked = {**kept, p: costs.perms[p]}  # its objective is read only by a capped descent's warning:
+            trial = [lambda: costs.objective(kicked)]  # computed then (the same number), not at every visit
             sweeps += _descend(costs, lap, gen, 1.0, max_iter, tol, trial, bar, capped, every_sweep=False)
             if trial[-1] > history[-1] + tol * max(1.0, abs(history[-1])):
                 history.append(trial[-1])

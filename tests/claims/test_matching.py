@@ -109,7 +109,8 @@ def test_mlp_activation_matching_lowers_the_barrier():
 
 def measure_data_choice_vgg(seeds) -> dict:
     """Test barriers (midpoint, BN statistics reset) of the default weight matcher and of its data-aware
-    choice (4 group orders, the lowest midpoint loss on 2000 training examples kept) on a BN VGG pair."""
+    tie-break (4 group orders; of those within select.TIE of the best objective, the lowest midpoint loss
+    on 2000 training examples kept) on a BN VGG pair."""
     model, sa, sb = trained_pair("vgg_bn", seeds)
     x, y, xt, yt = prb.data.mnist1d()
     spec = model.permutation_spec()
@@ -123,13 +124,13 @@ def measure_data_choice_vgg(seeds) -> dict:
 
 
 def test_data_aware_choice_lowers_the_barrier_of_bn_vggs_on_average():
-    # Weight matching's objective ties between group orders while the barrier does not: keeping the order
-    # whose midpoint has the lowest training loss lowers the test barrier. Measured gains (default - data),
-    # pairs (0,1) (2,3) (4,5) (6,7), AVX2 | DEFAULT kernels: accuracy .077 .123 -.001 .162 | .165 .089 .000
-    # .234 (means .090 | .122); loss 1.23 1.40 -.004 .61 | .78 .93 .000 1.61 (means .81 | .83). On a pair
-    # where both keep the same order (4,5 under DEFAULT) the gain is exactly 0.
+    # Weight matching's objective ties between group orders while the barrier does not: keeping the tied
+    # order whose midpoint has the lowest training loss lowers the test barrier. Measured gains (default -
+    # data), pairs (0,1) (2,3) (4,5) (6,7), AVX2 | DEFAULT kernels: accuracy .037 .103 -.001 .000 | .165 .089
+    # .000 .000 (means .035 | .064); loss .77 1.26 -.004 .000 | .78 .93 .000 .000 (means .51 | .43). Where
+    # the best-objective order also has the lowest training loss both keep it and the gain is exactly 0.
     rows = [measure_data_choice_vgg(p) for p in seed_pairs()]
     gains = [(r["default"][0] - r["data"][0], r["default"][1] - r["data"][1]) for r in rows]
-    assert mean(g[0] for g in gains) > 0.3, gains
-    assert mean(g[1] for g in gains) > 0.04, gains
+    assert mean(g[0] for g in gains) > 0.2, gains
+    assert mean(g[1] for g in gains) > 0.015, gains
     assert all(g[0] > -0.1 and g[1] > -0.03 for g in gains), gains  # never clearly worse on one pair

@@ -61,8 +61,9 @@ class MatchResult:
     matching/certify.py), so no permutation scores higher and the search stopped there (the phases
     not run then start, and end, at that sweep). `stage`, for a spec with nested perms: what ended the
     search ("shared", "families" or "descent" for the staged solve, matching/staged.py; "joint").
-    `scores`, for a data-aware choice (`model=`, `data=`): each run's seed -> its midpoint loss on the
-    data (the kept run has the lowest; a certified run stops the search unscored)."""
+    `scores`, for a data-aware choice (`model=`, `data=`): the seed of each run tied with the best
+    objective (within `select.TIE`) -> its midpoint loss on the data (the kept run has the lowest; a
+    certified run stops the search unscored)."""
 
     perms: dict[str, torch.Tensor]
     objective: list[float] = field(default_factory=list)
@@ -268,7 +269,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     `select.DATA_RESTARTS`) are run; of those whose objective is within `select.TIE` (relative) of the
     best one's, the kept run is the one whose midpoint ½·(θ_A + π(θ_B)) has the lowest loss on `data`
     (BatchNorm statistics recomputed there): near-optimal permutations tie on the objective but not on
-    the barrier (docs/matchers.md). `result.scores` holds each scored run's midpoint loss. Under torch.distributed every rank must pass the same data.
+    the barrier (docs/matchers.md). `result.scores` holds each scored run's midpoint loss. Under
+    torch.distributed every rank must pass the same data.
     """
     restarts_arg = restarts
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)

@@ -174,11 +174,7 @@ class LapPolicy:
         self.solves += 1
         warm, retry = (self._warm(p) if self.warm_start and self.states[p] is not None else (False, False))
         start = self.states[p] if warm else None
-        if self.solver == "jv" and isinstance(cost, torch.Tensor) and cost.dim() == 2 and cost.shape[0] == cost.shape[1]:
-            # solve_lap's jv path: the kernel reads the cost negated in place (no n×n copy per solve)
-            perm, self.states[p] = _solve_jv(cost.detach().to("cpu", torch.float64), start, True)
-        else:
-            perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True, warm_start=start)
+        perm, self.states[p] = solve_lap(cost, solver=self.solver, return_state=True, warm_start=start)
         if self.states[p] is not None:
             paths = self.paths[p]
             paths[warm] = self.states[p].augmentations

@@ -274,8 +274,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
     """
     restarts_arg = restarts
     schedule, restarts, refine = _check_options(method, schedule, restarts, refine, max_iter, seed)
-    select = _selector(model, data, spec, provider)
-    if select is not None and restarts_arg is None:
+    chooser = _selector(model, data, spec, provider)
+    if chooser is not None and restarts_arg is None:
         restarts, restarts_arg = DATA_RESTARTS, DATA_RESTARTS
     if nested not in ("staged", "joint", "shared"):
         raise ValueError(f"weight_matching: nested={nested!r}; expected 'staged', 'joint' or 'shared'")
@@ -324,21 +324,21 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
         if not done:
             sweeps += _refine(costs, lap, gen, refine, max_iter, tol, history, bar, capped, _refine_budget(size))
         run = None
-        if select is not None or best is None or history[-1] > best.objective[-1]:
+        if chooser is not None or best is None or history[-1] > best.objective[-1]:
             perms = {p: v.to("cpu").clone() for p, v in costs.perms.items()}
             run = MatchResult(perms, history, sweeps, phase_starts, s, bool(done), None if cert is None else cert.bound)
         if best is None or history[-1] > best.objective[-1]:
             best = run
-        if select is not None and not done:
+        if chooser is not None and not done:
             runs.append(run)
         if done:
             _certified(bar, cert, sweeps)
             break  # no restart can score higher
     bar.close()
-    if select is not None:
+    if chooser is not None:
         if not best.certified:  # a certified run is optimal: B is A permuted, nothing to choose
-            best = select.choose(runs, spec, state_a, state_b)
-        best.scores = dict(select.scores)
+            best = chooser.choose(runs, spec, state_a, state_b)
+        best.scores = dict(chooser.scores)
     if capped:
         coupling, change = capped[0]
         warnings.warn(f"weight_matching: {len(capped)} descent(s) stopped at max_iter={max_iter} sweeps while still "
